@@ -1,0 +1,124 @@
+"""qgraph's custom ops, defined once with torch.library.
+
+Each op has a reference implementation (the math kernels in :mod:`qgraph.kernels.quant`), a
+fake kernel for tracing, and a straight-through autograd. Their ONNX lowerings live in
+:mod:`qgraph.backends.onnx_lowering`. Importing this module registers the ops.
+
+Weight layout: ``qlinear`` stores weight codes as ``[in, out]`` (``K × N``), the layout of an
+ONNX ``MatMul`` right operand, so that the ONNX lowering is a plain
+``DequantizeLinear → MatMul`` that ONNX Runtime fuses into ``MatMulNBits``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import quant as qk
+
+LIB = "qgraph"
+
+
+@torch.library.custom_op(f"{LIB}::qlinear", mutates_args=())
+def qlinear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    bits: int,
+) -> torch.Tensor:
+    """``x @ W + bias`` with ``W[k, n] = (codes[k, n] - zero[g, n]) * scale[g, n]``, ``g = k // group_size``."""
+    weight = dequantize_kn(codes, scale, zero, group_size).to(x.dtype)
+    out = x @ weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+@qlinear.register_fake
+def _qlinear_fake(x, codes, scale, zero, bias, group_size, bits):
+    return x.new_empty((*x.shape[:-1], codes.shape[1]))
+
+
+def _qlinear_setup(ctx, inputs, output):
+    x, codes, scale, zero, bias, group_size, bits = inputs
+    ctx.save_for_backward(codes, scale, zero)
+    ctx.group_size = group_size
+    ctx.has_bias = bias is not None
+
+
+def _qlinear_backward(ctx, grad):
+    codes, scale, zero = ctx.saved_tensors
+    weight = dequantize_kn(codes, scale, zero, ctx.group_size).to(grad.dtype)
+    grad_x = grad @ weight.T
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, grad_bias, None, None
+
+
+qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
+
+
+def dequantize_kn(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Dequantize ``[K, N]`` codes whose scale/zero rows cover ``group_size`` input rows each."""
+    rows = (codes.to(scale.dtype) - zero.to(scale.dtype).repeat_interleave(group_size, 0)[: codes.shape[0]])
+    return rows * scale.repeat_interleave(group_size, 0)[: codes.shape[0]]
+
+
+@torch.library.custom_op(f"{LIB}::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Dynamic per-token (last-dim row) fake quantization of activations."""
+    return qk.fake_quantize_per_token(x, bits, symmetric)
+
+
+@quantize_per_token.register_fake
+def _quantize_per_token_fake(x, bits, symmetric):
+    return torch.empty_like(x)
+
+
+def _ste_setup(ctx, inputs, output):
+    pass
+
+
+def _ste_backward_per_token(ctx, grad):
+    return grad, None, None
+
+
+quantize_per_token.register_autograd(_ste_backward_per_token, setup_context=_ste_setup)
+
+
+@torch.library.custom_op(f"{LIB}::quantize_static", mutates_args=())
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static per-tensor fake quantization with calibrated ``scale``/``zero`` (0-d tensors)."""
+    return qk.fake_quantize_static(x, scale, zero, bits)
+
+
+@quantize_static.register_fake
+def _quantize_static_fake(x, scale, zero, bits):
+    return torch.empty_like(x)
+
+
+def _static_setup(ctx, inputs, output):
+    x, scale, zero, bits = inputs
+    lo, hi = qk.qrange(bits)
+    ctx.save_for_backward(x, scale, zero)
+    ctx.lo, ctx.hi = lo, hi
+
+
+def _static_backward(ctx, grad):
+    # Straight-through inside the representable range, zero where the value was clipped.
+    x, scale, zero = ctx.saved_tensors
+    q = torch.round(x / scale) + zero
+    inside = (q >= ctx.lo) & (q <= ctx.hi)
+    return grad * inside, None, None, None
+
+
+quantize_static.register_autograd(_static_backward, setup_context=_static_setup)
+
+OPS = {
+    "qlinear": torch.ops.qgraph.qlinear.default,
+    "quantize_per_token": torch.ops.qgraph.quantize_per_token.default,
+    "quantize_static": torch.ops.qgraph.quantize_static.default,
+}

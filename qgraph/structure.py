@@ -1,0 +1,496 @@
+"""The structure view: what rewrites need to know about a traced graph, derived from dataflow.
+
+Nothing here looks at module names or model families: linear layers are ``aten.linear`` nodes
+with constant weights, norms are matched by their arithmetic (``x * rsqrt(mean(x²) + eps)`` or
+``aten.layer_norm``), and the residual stream is everything reachable from the embedding
+outputs through residual adds and shape-only ops. A new architecture with the same dataflow
+works without an adapter; a structure that is not safe to rewrite is listed in ``issues``
+with the node that makes it unsafe.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+LINEAR = aten.linear.default
+EMBEDDING = aten.embedding.default
+SDPA = aten.scaled_dot_product_attention.default
+LAYER_NORM = aten.layer_norm.default
+RMS_NORM = aten.rms_norm.default
+
+# Ops that pass a tensor through without mixing its last (feature) dimension.
+_CASTS = {
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.alias.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.detach.default,
+    aten.dropout.default,
+    aten._to_copy.default,
+}
+_SHAPE_OPS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.flatten.using_ints,
+}
+# Head-layout ops allowed between v_proj, attention and o_proj (they move whole heads).
+_HEAD_OPS = _SHAPE_OPS | _CASTS | {
+    aten.transpose.int,
+    aten.permute.default,
+    aten.expand.default,
+    aten.repeat_interleave.self_int,
+}
+_IGNORED = {aten._assert_tensor_metadata.default}
+
+
+def _val(node: fx.Node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def last_dim(node: fx.Node) -> int | None:
+    v = _val(node)
+    if isinstance(v, torch.Tensor) and v.dim() > 0:
+        size = v.shape[-1]
+        return int(size) if isinstance(size, int) else None
+    return None
+
+
+def is_feature_transparent(node: fx.Node) -> bool:
+    """True for ops that keep the last dimension's features as they are (casts, views, slices)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _CASTS:
+        return True
+    if node.target in _SHAPE_OPS:
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or last_dim(src) is None:
+            return False
+        if last_dim(node) != last_dim(src):
+            return False
+        if node.target in (aten.slice.Tensor, aten.select.int):
+            dim = node.args[1] if len(node.args) > 1 else 0
+            rank = _val(src).dim()
+            return dim % rank != rank - 1
+        return True
+    return False
+
+
+def users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not (u.op == "call_function" and u.target in _IGNORED)]
+
+
+def weight_name(target: str) -> str:
+    """A readable layer name from a parameter path (``m.model.layers.0.q_proj.weight`` → ``model.layers.0.q_proj``)."""
+    name = re.sub(r"\.(weight|bias)$", "", target)
+    return re.sub(r"^m\.", "", name)
+
+
+@dataclass(eq=False)
+class Linear:
+    node: fx.Node
+    weight: str  # get_attr target of the weight [out, in]
+    bias: str | None
+    in_features: int
+    out_features: int
+    role: str = "other"
+    layer: int | None = None
+
+    @property
+    def name(self) -> str:
+        return weight_name(self.weight)
+
+
+@dataclass(eq=False)
+class Norm:
+    kind: str  # "rms" or "layer"
+    input: fx.Node  # the tensor the norm reads
+    output: fx.Node  # the node whose users are the norm's readers
+    gamma: str | None
+    beta: str | None
+    eps: float
+    gamma_node: fx.Node | None  # the ``mul(γ, x̂)`` node of a matched RMSNorm, if any
+    nodes: list[fx.Node] = field(default_factory=list)
+    readers: list[Linear] = field(default_factory=list)
+    other_readers: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return weight_name(self.gamma) if self.gamma else self.output.name
+
+
+@dataclass(eq=False)
+class Embedding:
+    node: fx.Node
+    weight: str
+    tied_linears: list[Linear] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Attention:
+    node: fx.Node
+    q: Linear | None
+    k: Linear | None
+    v: Linear | None
+    o: Linear | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_path_ok: bool
+    reason: str = ""
+
+
+@dataclass
+class Residual:
+    embeddings: list[Embedding]
+    values: set[fx.Node]
+    writers: list[Linear]
+    norms: list[Norm]  # norms that read the stream
+    direct_readers: list[Linear]  # linears reading the stream without a norm
+    hidden: int | None
+    issues: list[str]
+
+
+class StructureView:
+    """Linear layers, norms, embeddings, attention and the residual stream of an FX graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.linears: list[Linear] = []
+        self.norms: list[Norm] = []
+        self.embeddings: list[Embedding] = []
+        self.attention: list[Attention] = []
+        self.issues: list[str] = []
+        self._linear_by_node: dict[fx.Node, Linear] = {}
+        self._find_linears()
+        self._find_embeddings()
+        self._find_norms()
+        self._find_attention()
+        self.residual = self._walk_residual()
+        self._assign_roles()
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _find_linears(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function" or node.target is not LINEAR:
+                continue
+            w = node.args[1]
+            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                continue
+            if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+                continue
+            shape = _val(w).shape
+            lin = Linear(node, w.target, b.target if b is not None else None, int(shape[1]), int(shape[0]))
+            m = re.search(r"\.(\d+)\.", lin.weight)
+            lin.layer = int(m.group(1)) if m else None
+            self.linears.append(lin)
+            self._linear_by_node[node] = lin
+
+    def _find_embeddings(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "call_function" and node.target is EMBEDDING:
+                w = node.args[0]
+                if isinstance(w, fx.Node) and w.op == "get_attr":
+                    emb = Embedding(node, w.target)
+                    emb.tied_linears = [lin for lin in self.linears if lin.weight == w.target]
+                    self.embeddings.append(emb)
+
+    def _find_norms(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            norm = None
+            if node.target is aten.rsqrt.default:
+                norm = self._match_rms(node)
+            elif node.target is LAYER_NORM:
+                w, b = (list(node.args) + [None, None, None])[2:4]
+                eps = node.args[4] if len(node.args) > 4 else 1e-5
+                norm = Norm("layer", node.args[0], node, _attr(w), _attr(b), float(eps), None, [node])
+            elif node.target is RMS_NORM:
+                w = node.args[2] if len(node.args) > 2 else None
+                eps = node.args[3] if len(node.args) > 3 else None
+                norm = Norm("rms", node.args[0], node, _attr(w), None, eps or 0.0, None, [node])
+            if norm is not None:
+                self._collect_readers(norm)
+                self.norms.append(norm)
+
+    def _match_rms(self, rsqrt: fx.Node) -> Norm | None:
+        add = rsqrt.args[0]
+        if not _is(add, aten.add.Tensor) or not isinstance(add.args[1], (int, float)):
+            return None
+        mean = add.args[0]
+        if not _is(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [_rank(mean) - 1]):
+            return None
+        sq = mean.args[0]
+        if _is(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:
+            x = sq.args[0]
+        elif _is(sq, aten.mul.Tensor) and sq.args[0] is sq.args[1]:
+            x = sq.args[0]
+        else:
+            return None
+        normed = next(
+            (u for u in users(rsqrt) if _is(u, aten.mul.Tensor) and x in u.args), None
+        )
+        if normed is None or len(users(rsqrt)) != 1:
+            return None
+        nodes = [sq, mean, add, rsqrt, normed]
+        out = normed
+        while len(users(out)) == 1 and _is(users(out)[0], *_CASTS):
+            out = users(out)[0]
+            nodes.append(out)
+        gamma_node = None
+        gamma = None
+        if len(users(out)) == 1 and _is(users(out)[0], aten.mul.Tensor):
+            cand = users(out)[0]
+            other = cand.args[0] if cand.args[1] is out else cand.args[1]
+            if isinstance(other, fx.Node) and other.op == "get_attr" and _val(other).dim() == 1:
+                gamma_node, gamma = cand, other.target
+                nodes.append(cand)
+                out = cand
+        return Norm("rms", x, out, gamma, None, float(add.args[1]), gamma_node, nodes)
+
+    def _collect_readers(self, norm: Norm) -> None:
+        for reader, via in _forward_through(norm.output, is_feature_transparent):
+            lin = self._linear_by_node.get(reader)
+            if lin is not None and reader.args[0] is via:
+                norm.readers.append(lin)
+            else:
+                norm.other_readers.append(reader)
+
+    def _find_attention(self) -> None:
+        for node in self.gm.graph.nodes:
+            if not _is(node, SDPA):
+                continue
+            q_val, k_val, v_val = (_val(a) for a in node.args[:3])
+            num_heads, head_dim = int(q_val.shape[1]), int(v_val.shape[-1])
+            v_lin, v_ok, reason = self._trace_back_linear(node.args[2], head_dim)
+            o_lin, o_ok, o_reason = self._trace_forward_linear(node, head_dim)
+            num_kv = v_lin.out_features // head_dim if v_lin else int(k_val.shape[1])
+            att = Attention(node, None, None, v_lin, o_lin, num_heads, num_kv, head_dim,
+                            v_ok and o_ok, reason or o_reason)
+            if v_lin is not None:
+                for lin in self.linears:
+                    if lin is v_lin or lin.node.args[0] is not v_lin.node.args[0]:
+                        continue
+                    if _reaches(lin.node, node.args[0]):
+                        att.q = lin
+                    elif _reaches(lin.node, node.args[1]):
+                        att.k = lin
+            self.attention.append(att)
+
+    def _trace_back_linear(self, node: fx.Node, head_dim: int) -> tuple[Linear | None, bool, str]:
+        cur = node
+        while isinstance(cur, fx.Node) and cur not in self._linear_by_node:
+            if not _is(cur, *_HEAD_OPS):
+                return None, False, f"value path passes through {cur.name} ({_target(cur)})"
+            if last_dim(cur) not in (head_dim, None) and cur.target not in _SHAPE_OPS:
+                return None, False, f"value path changes the head dim at {cur.name}"
+            cur = cur.args[0]
+        lin = self._linear_by_node.get(cur)
+        if lin is None:
+            return None, False, "no v projection found"
+        if len(users(lin.node)) != 1:
+            return lin, False, f"{lin.name} output has other readers"
+        return lin, True, ""
+
+    def _trace_forward_linear(self, node: fx.Node, head_dim: int) -> tuple[Linear | None, bool, str]:
+        cur = node
+        while True:
+            us = users(cur)
+            if len(us) != 1:
+                return None, False, f"attention output {cur.name} has {len(us)} readers"
+            nxt = us[0]
+            if nxt in self._linear_by_node and nxt.args[0] is cur:
+                lin = self._linear_by_node[nxt]
+                if lin.in_features % head_dim:
+                    return lin, False, f"{lin.name} input is not a whole number of heads"
+                return lin, True, ""
+            if not _is(nxt, *_HEAD_OPS):
+                return None, False, f"attention output passes through {nxt.name} ({_target(nxt)})"
+            cur = nxt
+
+    def _walk_residual(self) -> Residual:
+        issues: list[str] = []
+        norm_nodes: dict[fx.Node, Norm] = {}
+        for norm in self.norms:
+            for n in norm.nodes:
+                norm_nodes[n] = norm
+        embeds = [e for e in self.embeddings if last_dim(e.node)]
+        values: set[fx.Node] = {e.node for e in embeds}
+        writers: list[Linear] = []
+        readers: list[Norm] = []
+        direct: list[Linear] = []
+        hidden = last_dim(embeds[0].node) if embeds else None
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        frontier = sorted(values, key=order.get)
+        while frontier:
+            val = frontier.pop(0)
+            for u in users(val):
+                if u in values:
+                    continue
+                if is_feature_transparent(u):
+                    values.add(u)
+                    frontier.append(u)
+                elif _is(u, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in u.args):
+                    other = u.args[1] if u.args[0] is val else u.args[0]
+                    if other in values:
+                        values.add(u)
+                        frontier.append(u)
+                        continue
+                    src = _back_through(other, is_feature_transparent)
+                    if src in self._linear_by_node:
+                        writers.append(self._linear_by_node[src])
+                        values.add(u)
+                        frontier.append(u)
+                    else:
+                        blame = "a norm" if src in norm_nodes else f"{_target(src)}"
+                        issues.append(
+                            f"residual add {u.name} adds {src.name} ({blame}), not a linear layer's "
+                            "output: a rotation of the stream would not be undone there"
+                        )
+                        values.add(u)
+                        frontier.append(u)
+                elif u in norm_nodes and norm_nodes[u].input is val:
+                    norm = norm_nodes[u]
+                    if norm not in readers:
+                        readers.append(norm)
+                elif u in self._linear_by_node and u.args[0] is val:
+                    direct.append(self._linear_by_node[u])
+                elif u.op == "output":
+                    continue
+                else:
+                    issues.append(
+                        f"residual stream value {val.name} is read by {u.name} ({_target(u)}), "
+                        "which is neither a norm, a linear layer nor a residual add"
+                    )
+        writers.sort(key=lambda lin: order[lin.node])
+        readers.sort(key=lambda n: order[n.output])
+        return Residual(embeds, values, writers, readers, direct, hidden, issues)
+
+    def _assign_roles(self) -> None:
+        for att in self.attention:
+            for role, lin in (("attn_q", att.q), ("attn_k", att.k), ("attn_v", att.v), ("attn_o", att.o)):
+                if lin is not None:
+                    lin.role = role
+        writer_set = set(self.residual.writers)
+        for norm in self.residual.norms:
+            for lin in norm.readers:
+                if lin.role == "other":
+                    lin.role = "mlp_in"
+        for lin in self.residual.writers:
+            if lin.role == "other":
+                lin.role = "mlp_out"
+        final = [n for n in self.residual.norms if any(r.out_features > (self.residual.hidden or 0) * 8 for r in n.readers)]
+        for norm in final:
+            for lin in norm.readers:
+                if lin not in writer_set and lin.out_features == max(x.out_features for x in self.linears):
+                    lin.role = "lm_head"
+        for emb in self.embeddings:
+            for lin in emb.tied_linears:
+                lin.role = "lm_head"
+        for lin in self.residual.direct_readers:
+            if lin.role == "other":
+                lin.role = "lm_head"
+        self.issues = list(self.residual.issues)
+
+    # -- queries -----------------------------------------------------------------------------
+    def linear(self, node: fx.Node) -> Linear | None:
+        return self._linear_by_node.get(node)
+
+    def stream_readers(self) -> list[Linear]:
+        """Linear layers that read the residual stream (through a norm or directly)."""
+        out = [lin for norm in self.residual.norms for lin in norm.readers]
+        return out + [lin for lin in self.residual.direct_readers if lin not in out]
+
+    def summary(self) -> dict:
+        roles: dict[str, int] = {}
+        for lin in self.linears:
+            roles[lin.role] = roles.get(lin.role, 0) + 1
+        att = self.attention[0] if self.attention else None
+        return {
+            "linears": len(self.linears),
+            "roles": roles,
+            "norms": {k: sum(n.kind == k for n in self.norms) for k in ("rms", "layer")},
+            "embeddings": [
+                {"weight": e.weight, "tied": [lin.name for lin in e.tied_linears]}
+                for e in self.embeddings
+            ],
+            "hidden": self.residual.hidden,
+            "residual_writers": len(self.residual.writers),
+            "residual_norms": len(self.residual.norms),
+            "attention": (
+                {"layers": len(self.attention), "heads": att.num_heads, "kv_heads": att.num_kv_heads,
+                 "head_dim": att.head_dim}
+                if att else None
+            ),
+            "issues": self.issues,
+        }
+
+
+def _attr(node) -> str | None:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _rank(node: fx.Node) -> int:
+    v = _val(node)
+    return v.dim() if isinstance(v, torch.Tensor) else -1
+
+
+def _target(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_function" and hasattr(t, "__name__"):
+        return getattr(t, "__name__", str(t)) if t is not operator.getitem else "getitem"
+    return f"{node.op}:{t}"
+
+
+def _back_through(node: fx.Node, transparent) -> fx.Node:
+    while isinstance(node, fx.Node) and transparent(node):
+        node = node.args[0]
+    return node
+
+
+def _forward_through(node: fx.Node, transparent) -> list[tuple[fx.Node, fx.Node]]:
+    """(reader, value it reads) pairs past transparent ops."""
+    out: list[tuple[fx.Node, fx.Node]] = []
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        for u in users(cur):
+            if transparent(u) and u.args[0] is cur:
+                stack.append(u)
+            else:
+                out.append((u, cur))
+    return out
+
+
+def _reaches(src: fx.Node, dst: fx.Node, limit: int = 40) -> bool:
+    """Whether ``dst`` is reachable from ``src`` within ``limit`` steps (for q/k identification)."""
+    frontier, seen = [src], {src}
+    for _ in range(limit):
+        nxt = []
+        for n in frontier:
+            if n is dst:
+                return True
+            for u in n.users:
+                if u not in seen:
+                    seen.add(u)
+                    nxt.append(u)
+        frontier = nxt
+    return False
