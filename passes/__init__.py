@@ -1,0 +1,3 @@
+"""Built-in passes; importing this package registers them (``qgraph passes`` lists them)."""
+
+from . import fuse_norms, quantize, rotate  # noqa: F401

@@ -1,0 +1,39 @@
+"""qgraph: a compiler-style graph rewriting toolkit for quantizing neural networks."""
+
+from .api import calibration_windows, eval_windows, from_hf, from_module, load, run_pipeline
+from .errors import (
+    DataError,
+    ExportError,
+    ModelFileError,
+    PipelineError,
+    QGraphError,
+    StructureError,
+    TraceError,
+    VerificationError,
+)
+from .model import Model
+from .pass_manager import Option, Pass, PassManager, parse_pipeline, register
+
+__all__ = [
+    "DataError",
+    "ExportError",
+    "Model",
+    "ModelFileError",
+    "Option",
+    "Pass",
+    "PassManager",
+    "PipelineError",
+    "QGraphError",
+    "StructureError",
+    "TraceError",
+    "VerificationError",
+    "calibration_windows",
+    "eval_windows",
+    "from_hf",
+    "from_module",
+    "load",
+    "parse_pipeline",
+    "register",
+    "run_pipeline",
+]
+__version__ = "0.1.0"

@@ -11,6 +11,8 @@ ONNX ``MatMul`` right operand, so that the ONNX lowering is a plain
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .kernels import quant as qk
@@ -29,7 +31,7 @@ def qlinear(
     bits: int,
 ) -> torch.Tensor:
     """``x @ W + bias`` with ``W[k, n] = (codes[k, n] - zero[g, n]) * scale[g, n]``, ``g = k // group_size``."""
-    weight = dequantize_kn(codes, scale, zero, group_size).to(x.dtype)
+    weight = _cached_weight(codes, scale, zero, group_size).to(x.dtype)
     out = x @ weight
     if bias is not None:
         out = out + bias
@@ -57,6 +59,24 @@ def _qlinear_backward(ctx, grad):
 
 
 qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
+
+
+_DEQUANT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_weight(codes, scale, zero, group_size: int) -> torch.Tensor:
+    """Dequantized weight, memoized per codes tensor so evaluation does not redo it every call.
+
+    Keyed weakly on ``codes`` and checked against the versions of all three tensors, so an
+    edited or freed tensor never serves a stale weight.
+    """
+    key = (codes._version, scale._version, zero._version, scale.data_ptr(), zero.data_ptr())
+    hit = _DEQUANT_CACHE.get(codes)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    weight = dequantize_kn(codes, scale, zero, group_size)
+    _DEQUANT_CACHE[codes] = (key, weight)
+    return weight
 
 
 def dequantize_kn(
@@ -110,7 +130,7 @@ def _static_setup(ctx, inputs, output):
 def _static_backward(ctx, grad):
     # Straight-through inside the representable range, zero where the value was clipped.
     x, scale, zero = ctx.saved_tensors
-    q = torch.round(x / scale) + zero
+    q = torch.round(x / scale.clamp_min(qk.SCALE_EPS)) + zero
     inside = (q >= ctx.lo) & (q <= ctx.hi)
     return grad * inside, None, None, None
 

@@ -95,7 +95,7 @@ def users(node: fx.Node) -> list[fx.Node]:
 def weight_name(target: str) -> str:
     """A readable layer name from a parameter path (``m.model.layers.0.q_proj.weight`` → ``model.layers.0.q_proj``)."""
     name = re.sub(r"\.(weight|bias)$", "", target)
-    return re.sub(r"^m\.", "", name)
+    return re.sub(r"^(lm|m)\.", "", name)
 
 
 @dataclass(eq=False)

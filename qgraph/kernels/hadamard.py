@@ -229,7 +229,7 @@ def _primitive_polynomial(p: int, e: int) -> tuple[int, ...]:
                 break
         if order == q - 1:
             return low
-    raise AssertionError(f"no primitive polynomial of degree {e} over GF({p})")  # unreachable
+    raise RuntimeError(f"no primitive polynomial of degree {e} over GF({p})")  # unreachable
 
 
 def _quadratic_character(p: int, e: int) -> np.ndarray:
@@ -300,7 +300,7 @@ def _goethals_seidel(t: int) -> np.ndarray:
     shift = (np.arange(t)[None, :] - np.arange(t)[:, None]) % t
     a, b, c, d = (s[shift] for s in seqs)  # circulant: X[i, j] = x[(j - i) mod t]
     r = np.fliplr(np.eye(t, dtype=np.int64))  # back-diagonal, makes XR symmetric
-    return np.block(
+    h = np.block(
         [
             [a, b @ r, c @ r, d @ r],
             [-b @ r, a, d.T @ r, -c.T @ r],
@@ -308,23 +308,41 @@ def _goethals_seidel(t: int) -> np.ndarray:
             [-d @ r, c.T @ r, -b.T @ r, a],
         ]
     )
-
-
-def _sylvester(m: int) -> np.ndarray:
-    h = np.ones((1, 1), dtype=np.int64)
-    h2 = np.array([[1, 1], [1, -1]], dtype=np.int64)
-    while h.shape[0] < m:
-        h = np.kron(h2, h)
+    # The sequences are data, not math: check them (cheap, t <= 43) so a typo cannot
+    # silently yield a non-orthogonal "rotation".
+    hf = h.astype(np.float64)
+    if not np.array_equal(hf @ hf.T, 4 * t * np.eye(4 * t)):
+        raise RuntimeError(f"internal error: Goethals-Seidel matrix of order {4 * t} is wrong")
     return h
 
 
-@functools.lru_cache(maxsize=64)
-def _base_matrix(k: int) -> torch.Tensor:
-    """Hadamard matrix of known order k (float64, cached: callers must not mutate it)."""
-    kind = _direct_construction(k)
+def _sylvester(m: int) -> torch.Tensor:
+    """Sylvester matrix H_m = H_2 (x) H_{m/2} in float64 (natural order: (-1)^popcount(i & j)).
+
+    Filled in place by doubling, which costs little more than writing the result once.
+    """
+    h = torch.empty(m, m, dtype=torch.float64)
+    h[0, 0] = 1.0
+    k = 1
+    while k < m:
+        top_left = h[:k, :k]
+        h[:k, k : 2 * k] = top_left
+        h[k : 2 * k, :k] = top_left
+        torch.neg(top_left, out=h[k : 2 * k, k : 2 * k])
+        k *= 2
+    return h
+
+
+# Base matrices up to this order are cached (at most 32 MiB each); larger ones are rebuilt.
+_CACHE_MAX_ORDER = 2048
+
+
+def _build_base(k: int) -> torch.Tensor:
+    """Hadamard matrix of known order k as a float64 tensor (uncached)."""
     if _is_power_of_two(k):
-        h = _sylvester(k)
-    elif kind == "paley1":
+        return _sylvester(k)
+    kind = _direct_construction(k)
+    if kind == "paley1":
         h = _paley1(k - 1)
     elif kind == "paley2":
         h = _paley2(k // 2 - 1)
@@ -334,13 +352,19 @@ def _base_matrix(k: int) -> torch.Tensor:
         split = _split(k)
         if split is None:
             raise NoHadamardError(f"no Hadamard matrix of order {k} is known")
-        h = np.kron(_base_matrix(split[0]).numpy(), _base_matrix(split[1]).numpy())
-    # Cheap insurance against a wrong construction or a corrupted sequence table.
-    if k <= 1024 and not _is_power_of_two(k):
-        hf = h.astype(np.float64)  # BLAS; exact since all entries are small integers
-        if not np.array_equal(hf @ hf.T, k * np.eye(k)):
-            raise AssertionError(f"internal error: base matrix of order {k} is not Hadamard")
+        # Mixed-product property: (A (x) B)(A (x) B)^T = (AA^T) (x) (BB^T) = k I.
+        return torch.kron(_base_matrix(split[0]), _base_matrix(split[1]))
     return torch.from_numpy(np.ascontiguousarray(h, dtype=np.float64))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_base(k: int) -> torch.Tensor:
+    return _build_base(k)
+
+
+def _base_matrix(k: int) -> torch.Tensor:
+    """Hadamard matrix of known order k (float64). May be cached: callers must not mutate it."""
+    return _cached_base(k) if k <= _CACHE_MAX_ORDER else _build_base(k)
 
 
 def _no_hadamard(n: int) -> NoHadamardError:
@@ -363,7 +387,7 @@ def hadamard_matrix(n: int) -> torch.Tensor:
         raise _no_hadamard(n)
     k, m = fact
     if k == 1:
-        return _base_matrix(m).clone()
+        return _sylvester(m) if m > _CACHE_MAX_ORDER else _base_matrix(m).clone()
     return torch.kron(_base_matrix(k), _base_matrix(m))
 
 

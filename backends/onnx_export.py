@@ -1,0 +1,286 @@
+"""Export a module that calls qgraph's custom ops to an ONNX file, atomically.
+
+Pipeline: ``torch.onnx.export(dynamo=True, optimize=False)`` with :data:`CUSTOM_TRANSLATIONS` →
+:func:`postprocess` (fold INT4 casts of constants into packed INT4 initializers, range-checked;
+drop dead code) → the exporter's optimizer (constant folding, CSE) → metadata → save
+into a temporary directory next to the target → ``os.replace`` into place. A failure at any step
+raises :class:`~qgraph.errors.ExportError` naming the step and leaves the target untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from qgraph.errors import ExportError
+
+from .onnx_lowering import CUSTOM_TRANSLATIONS
+
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "export_onnx", "op_histogram", "postprocess"]
+
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+"""Initializer bytes above which ``external_data=None`` writes a separate data file (protobuf
+refuses messages over 2 GB; the margin leaves room for the graph itself)."""
+
+_INT4_TYPES: dict[ir.DataType, tuple[Any, int, int]] = {
+    ir.DataType.INT4: (ml_dtypes.int4, -8, 7),
+    ir.DataType.UINT4: (ml_dtypes.uint4, 0, 15),
+}
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's log lines (e.g. 'torchvision is not installed') and its
+    deprecation warnings for the duration of one export; user warnings still pass."""
+    logger = logging.getLogger("torch.onnx")
+    old_level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(old_level)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Export in inference mode, restoring the caller's train/eval flags afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _fold_int4_casts(model: ir.Model) -> int:
+    """Replace ``Cast(to=INT4/UINT4)`` of a constant by an INT4/UINT4 initializer.
+
+    Only main-graph casts are folded (our lowering emits them there). Values outside the 4-bit
+    range raise instead of wrapping: a silent wrap would change the weights.
+    """
+    graph = model.graph
+    folded: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            continue
+        to_attr = node.attributes.get("to")
+        if to_attr is None:
+            continue
+        target = ir.DataType(to_attr.as_int())
+        if target not in _INT4_TYPES or len(node.inputs) != 1 or node.inputs[0] is None:
+            continue
+        source = node.inputs[0]
+        if source.is_graph_input():  # an overridable initializer is not a constant
+            continue
+        tensor = ir.convenience.get_const_tensor(source)
+        if tensor is None:
+            continue
+        key = (source, target)
+        if key not in folded:
+            np_dtype, lo, hi = _INT4_TYPES[target]
+            values = tensor.numpy()
+            if not np.issubdtype(values.dtype, np.integer):
+                raise ExportError(
+                    f"post-processing: Cast to {target.name} of a non-integer constant "
+                    f"{source.name!r} ({values.dtype}) is not folded exactly"
+                )
+            if values.size and (values.min() < lo or values.max() > hi):
+                raise ExportError(
+                    f"post-processing: constant {source.name!r} has values in "
+                    f"[{values.min()}, {values.max()}], "
+                    f"outside the {target.name} range [{lo}, {hi}]"
+                )
+            name = f"{source.name}_{target.name.lower()}"
+            while name in graph.initializers:
+                name += "_"
+            packed = ir.Tensor(values.astype(np_dtype), dtype=target, name=name)
+            new_value = ir.Value(
+                name=name, shape=ir.Shape(values.shape), type=ir.TensorType(target)
+            )
+            new_value.const_value = packed
+            graph.register_initializer(new_value)
+            folded[key] = new_value
+        node.outputs[0].replace_all_uses_with(folded[key], replace_graph_outputs=True)
+        count += 1
+    return count
+
+
+def postprocess(model: ir.Model) -> ir.Model:
+    """Make the exported ``onnx_ir`` model final, in place (and return it).
+
+    * Folds ``Cast(to=INT4/UINT4)`` of constants into packed 4-bit initializers, so the file
+      stores 4-bit weights and ONNX Runtime sees ``DequantizeLinear(int4 const)`` → ``MatMul``,
+      which it fuses into ``MatMulNBits``.
+    * Removes nodes and initializers that no longer feed an output.
+    """
+    _fold_int4_casts(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.RemoveUnusedFunctionsPass()(model)
+    return model
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: tuple,
+    path: str | os.PathLike,
+    *,
+    dynamic_shapes: Any = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    opset: int = 21,
+    external_data: bool | None = None,
+) -> Path:
+    """Export ``module(*example_inputs)`` to ``path`` and return the path.
+
+    ``dynamic_shapes`` is passed to ``torch.export`` (e.g. ``({0: Dim("batch")},)``).
+    ``external_data=None`` stores weights in ``<name>.data`` next to the file only when the
+    initializers exceed :data:`EXTERNAL_DATA_THRESHOLD`; ``True``/``False`` force it. The
+    module is exported in eval mode; its train/eval flags are restored afterwards.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ExportError(f"export to {target}: directory {target.parent} does not exist")
+
+    try:
+        with _quiet_exporter(), _eval_mode(module):
+            program = torch.onnx.export(
+                module,
+                tuple(example_inputs),
+                dynamo=True,
+                opset_version=opset,
+                custom_translation_table=CUSTOM_TRANSLATIONS,
+                dynamic_shapes=dynamic_shapes,
+                input_names=list(input_names) if input_names is not None else None,
+                output_names=list(output_names) if output_names is not None else None,
+                verbose=False,
+                report=False,
+                # Our INT4 fold must see the casts first: the exporter's optimizer also folds
+                # Cast(to=INT4) of small constants, but wraps out-of-range codes silently.
+                optimize=False,
+            )
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"export to {target}: torch.onnx.export failed: {exc}") from exc
+    if program is None:
+        raise ExportError(f"export to {target}: torch.onnx.export returned no program")
+
+    try:
+        postprocess(program.model)
+    except ExportError as exc:
+        raise ExportError(f"export to {target}: {exc}") from exc
+    except Exception as exc:
+        raise ExportError(f"export to {target}: post-processing failed: {exc}") from exc
+    try:
+        with _quiet_exporter():
+            program.optimize()  # onnxscript constant folding / CSE, as export(optimize=True)
+        model = postprocess(program.model)
+    except Exception as exc:
+        raise ExportError(f"export to {target}: graph optimization failed: {exc}") from exc
+
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ExportError(
+                    f"export to {target}: metadata must map str to str, got {key!r}: {value!r}"
+                )
+            model.metadata_props[key] = value
+
+    use_external = (
+        _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        if external_data is None
+        else bool(external_data)
+    )
+    _save_atomically(model, target, use_external)
+    return target
+
+
+def _save_atomically(model: ir.Model, target: Path, use_external: bool) -> None:
+    """Write into a fresh temp dir beside ``target`` (same filesystem), then ``os.replace``.
+
+    With external data, the data file is moved first: until the ``.onnx`` replace, an existing
+    model file keeps pointing at a complete data file of the same name.
+    """
+    data_name = f"{target.name}.data"
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise ExportError(
+            f"export to {target}: cannot create a temporary directory: {exc}"
+        ) from exc
+    try:
+        tmp_model = tmp_dir / target.name
+        try:
+            if use_external:
+                ir.save(model, tmp_model, external_data=data_name)
+            else:
+                ir.save(model, tmp_model)
+        except Exception as exc:
+            raise ExportError(f"export to {target}: saving the model failed: {exc}") from exc
+        try:
+            if use_external:
+                os.replace(tmp_dir / data_name, target.parent / data_name)
+            os.replace(tmp_model, target)
+        except OSError as exc:
+            raise ExportError(
+                f"export to {target}: moving the file into place failed: {exc}"
+            ) from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _qualified(node_domain: str, op_type: str) -> str:
+    return op_type if node_domain in ("", "ai.onnx") else f"{node_domain}::{op_type}"
+
+
+def _proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _proto_nodes(sub)
+
+
+def op_histogram(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> dict[str, int]:
+    """Count op types in the main graph and its subgraphs (not in local function bodies).
+
+    Keys are ``op_type`` for the default ONNX domain and ``domain::op_type`` otherwise,
+    e.g. ``"com.microsoft::MatMulNBits"``. Weights are never loaded from a path.
+    """
+    if isinstance(model, ir.Model):
+        nodes = ir.traversal.RecursiveGraphIterator(model.graph)
+        return dict(Counter(_qualified(n.domain, n.op_type) for n in nodes))
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    return dict(Counter(_qualified(n.domain, n.op_type) for n in _proto_nodes(model.graph)))

@@ -1,0 +1,120 @@
+"""ONNX lowerings of qgraph's custom ops, for ``torch.onnx.export(custom_translation_table=...)``.
+
+Each lowering is a plain Python function of onnxscript opset-21 ops: the dynamo exporter traces
+it eagerly (an ``@onnxscript.script`` function fails as a translation with torch 2.13 +
+onnxscript 0.7). Scalar constants are created with explicit dtypes (the exporter's
+inference of a Python number's dtype depends on whether the op's other input types are known).
+
+* ``qlinear`` becomes ``DequantizeLinear(axis=0, block_size) → MatMul → Add``, the pattern ONNX
+  Runtime fuses into ``com.microsoft::MatMulNBits``. For ``bits <= 4`` codes and zero points are
+  wrapped in ``Cast(to=INT4)``; :func:`qgraph.backends.onnx_export.postprocess` folds those casts
+  of constants into packed INT4 initializers, range-checked (the exporter's own optimizer folds
+  only small tensors, and wraps out-of-range values silently).
+* ``quantize_per_token`` / ``quantize_static`` become standard ops that repeat the torch kernels'
+  arithmetic step by step (same operation order, same eps), so ONNX Runtime and torch agree to
+  float rounding. ONNX ``Round`` rounds half to even, like ``torch.round``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx_ir as ir
+import torch
+from onnxscript import opset21 as op
+
+import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
+from qgraph.kernels import quant as qk
+
+__all__ = ["CUSTOM_TRANSLATIONS", "qlinear", "quantize_per_token", "quantize_static"]
+
+
+def _cast_like_if_needed(value, like):
+    """Insert a CastLike only when dtypes are known to differ (keeps the fusable pattern clean)."""
+    if value.dtype is not None and like.dtype is not None and value.dtype == like.dtype:
+        return value
+    return op.CastLike(value, like)
+
+
+def qlinear(x, codes, scale, zero, bias, group_size: int, bits: int):
+    """``MatMul(x, DequantizeLinear(codes, scale, zero, axis=0, block_size=group_size)) + bias``."""
+    if bits <= 4:
+        codes = op.Cast(codes, to=ir.DataType.INT4)
+        zero = op.Cast(zero, to=ir.DataType.INT4)
+    weight = op.DequantizeLinear(codes, scale, zero, axis=0, block_size=group_size)
+    # torch dequantizes in scale's dtype, then converts to x's dtype: do the same.
+    out = op.MatMul(x, _cast_like_if_needed(weight, x))
+    if bias is not None:
+        out = op.Add(out, bias)
+    return out
+
+
+def _param_dtype(x) -> ir.DataType:
+    """The dtype the torch kernels compute quantization parameters in (float32 or float64)."""
+    return ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+
+
+def _const(value: float, dtype: ir.DataType):
+    """A scalar constant of an explicit dtype: the exporter only infers a Python number's dtype
+    from the op's other inputs when their types are already known, which is not always so."""
+    return op.Constant(value=ir.tensor(value, dtype=dtype))
+
+
+def _cast(value, dtype: ir.DataType):
+    return value if value.dtype == dtype else op.Cast(value, to=dtype)
+
+
+def _fake_quantize(xf, scale, zero, bits: int, dtype: ir.DataType):
+    """``(clamp(round(x / s) + z, qmin, qmax) - z) * s``; ``zero=None`` means z = 0."""
+    qmin, qmax = (_const(float(v), dtype) for v in qk.qrange(bits))
+    q = op.Round(op.Div(xf, scale))
+    if zero is not None:
+        q = op.Add(q, zero)
+    q = op.Clip(q, qmin, qmax)
+    if zero is not None:
+        q = op.Sub(q, zero)
+    return op.Mul(q, scale)
+
+
+def quantize_per_token(x, bits: int, symmetric: bool):
+    """Dynamic per-row fake quantization; mirrors ``qk.fake_quantize_per_token``.
+
+    Parameters are computed in float32 (float64 for float64 inputs) like the kernel; the
+    symmetric case skips ``+ 0`` / ``- 0``, which cannot change a value.
+    """
+    qmin, qmax = qk.qrange(bits)
+    dtype = _param_dtype(x)
+    xf = _cast(x, dtype)
+    axes = op.Constant(value=ir.tensor([-1], dtype=ir.DataType.INT64))
+    eps = _const(qk.SCALE_EPS, dtype)
+    if symmetric:
+        amax = op.ReduceMax(op.Abs(xf), axes, keepdims=1)
+        scale = op.Max(op.Div(amax, _const(float(qmax), dtype)), eps)
+        zero = None
+    else:
+        zero_f = _const(0.0, dtype)
+        lo = op.Min(op.ReduceMin(xf, axes, keepdims=1), zero_f)
+        hi = op.Max(op.ReduceMax(xf, axes, keepdims=1), zero_f)
+        scale = op.Max(op.Div(op.Sub(hi, lo), _const(float(2**bits - 1), dtype)), eps)
+        zero = op.Round(op.Sub(_const(float(qmin), dtype), op.Div(lo, scale)))
+        zero = op.Clip(zero, _const(float(qmin), dtype), _const(float(qmax), dtype))
+    return _cast(_fake_quantize(xf, scale, zero, bits, dtype), x.dtype)
+
+
+def quantize_static(x, scale, zero, bits: int):
+    """Static per-tensor fake quantization; mirrors ``qk.fake_quantize_static``.
+
+    ``zero`` may be int8 or float; both are converted to the parameter dtype first.
+    """
+    dtype = _param_dtype(x)
+    s = op.Max(_cast(scale, dtype), _const(qk.SCALE_EPS, dtype))
+    z = _cast(zero, dtype)
+    return _cast(_fake_quantize(_cast(x, dtype), s, z, bits, dtype), x.dtype)
+
+
+CUSTOM_TRANSLATIONS: dict[Callable, Callable] = {
+    torch.ops.qgraph.qlinear.default: qlinear,
+    torch.ops.qgraph.quantize_per_token.default: quantize_per_token,
+    torch.ops.qgraph.quantize_static.default: quantize_static,
+}
+"""``torch.ops.qgraph.<op>.default`` → ONNX translation, for ``custom_translation_table``."""

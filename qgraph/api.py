@@ -1,0 +1,81 @@
+"""The small public API: load a model, build a pipeline, run it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .data import load_text, token_windows
+from .loaders import load_causal_lm
+from .model import Model
+from .pass_manager import Pass, PassManager
+from .trace import trace, trace_causal_lm
+
+
+def load(spec: str | os.PathLike | None = None) -> Model:
+    """A causal LM as a qgraph Model: a built-in name (default ``smollm2-135m``), a ``.gguf`` file
+    or a Hugging Face directory. The graph maps ``input_ids [batch, seq]`` to ``logits``."""
+    lm = load_causal_lm(spec)
+    gm = trace_causal_lm(lm.model)
+    example = (torch.zeros((2, 16), dtype=torch.long),)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=8192)
+    return Model(
+        gm,
+        example,
+        name=lm.name,
+        source=lm.source,
+        tokenizer=lm.tokenizer,
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+    )
+
+
+def from_module(
+    module: torch.nn.Module,
+    example_inputs: tuple,
+    *,
+    dynamic_shapes=None,
+    name: str | None = None,
+    input_names: tuple[str, ...] | None = None,
+) -> Model:
+    """Trace any ``nn.Module`` (with example inputs) into a Model. The module is not modified."""
+    gm = trace(module, example_inputs, dynamic_shapes)
+    names = input_names or tuple(
+        n.name for n in gm.graph.nodes if n.op == "placeholder"
+    )
+    return Model(
+        gm,
+        example_inputs,
+        name=name or type(module).__name__,
+        dynamic_shapes=dynamic_shapes,
+        input_names=names,
+    )
+
+
+def from_hf(lm: torch.nn.Module, tokenizer=None, name: str | None = None) -> Model:
+    """Wrap an in-memory Hugging Face causal LM (traced with dynamic batch and sequence)."""
+    gm = trace_causal_lm(lm)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=8192)
+    return Model(
+        gm,
+        (torch.zeros((2, 16), dtype=torch.long),),
+        name=name or type(lm).__name__,
+        tokenizer=tokenizer,
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+    )
+
+
+def calibration_windows(model: Model, source=None, windows: int = 16, length: int = 512) -> torch.Tensor:
+    """Token windows of the calibration split (disjoint from the evaluation split)."""
+    return token_windows(model.tokenizer, load_text(source, "calib"), length, windows)
+
+
+def eval_windows(model: Model, source=None, windows: int = 16, length: int = 512) -> torch.Tensor:
+    return token_windows(model.tokenizer, load_text(source, "eval"), length, windows)
+
+
+def run_pipeline(model: Model, pipeline: str | list[Pass], **kw) -> Model:
+    """Apply ``pipeline`` to ``model`` (in place on the qgraph Model, never on the user's module)."""
+    return PassManager(pipeline, **kw).run(model)

@@ -1,0 +1,115 @@
+"""The few graph edits passes are allowed to make. None of them writes into an existing tensor:
+new values are registered as new attributes, so tensors shared with the user's model stay intact."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+
+def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _owner(gm: fx.GraphModule, target: str) -> tuple[torch.nn.Module, str]:
+    *path, leaf = target.split(".")
+    mod = gm
+    for part in path:
+        mod = getattr(mod, part)
+    return mod, leaf
+
+
+def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Rebind attribute ``target`` to ``value`` (the old tensor object is left untouched)."""
+    mod, leaf = _owner(gm, target)
+    value = value.detach()
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    if leaf in mod._buffers:
+        del mod._buffers[leaf]
+    if hasattr(mod, leaf):
+        delattr(mod, leaf)
+    mod.register_buffer(leaf, value)
+
+
+def new_attr(gm: fx.GraphModule, hint: str, value: torch.Tensor) -> str:
+    """Register ``value`` under a fresh top-level name derived from ``hint``; returns the target."""
+    base = "qg_" + re.sub(r"[^0-9a-zA-Z_]", "_", hint)
+    name, i = base, 1
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value.detach())
+    return name
+
+
+def get_attr_node(gm: fx.GraphModule, before: fx.Node, target: str) -> fx.Node:
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = get_tensor(gm, target)
+    return node
+
+
+def set_arg_tensor(gm: fx.GraphModule, user: fx.Node, index: int, value: torch.Tensor, hint: str) -> str:
+    """Give ``user``'s argument ``index`` the tensor ``value``.
+
+    If the current get_attr feeds only ``user`` its attribute is rebound; if it is shared
+    (tied weights) a new attribute is made for ``user`` alone, which unties the pair.
+    Returns the attribute target now used.
+    """
+    args = list(user.args)
+    while len(args) <= index:
+        args.append(None)
+    cur = args[index]
+    if isinstance(cur, fx.Node) and cur.op == "get_attr" and len(cur.users) == 1:
+        set_tensor(gm, cur.target, value)
+        cur.meta["val"] = value
+        return cur.target
+    target = new_attr(gm, hint, value)
+    args[index] = get_attr_node(gm, _first_input(gm), target)
+    user.args = tuple(args)
+    return target
+
+
+def _first_input(gm: fx.GraphModule) -> fx.Node:
+    """Constants are placed at the top of the graph, before the first non-placeholder node."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            return node
+    raise ValueError("empty graph")
+
+
+def bypass(node: fx.Node, replacement: fx.Node) -> None:
+    """Replace every use of ``node`` by ``replacement`` and erase ``node``."""
+    node.replace_all_uses_with(replacement)
+    node.graph.erase_node(node)
+
+
+def erase_unused_attrs(gm: fx.GraphModule) -> int:
+    """Drop get_attr nodes nobody reads and attributes no node references; returns how many."""
+    graph = gm.graph
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    used = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            mod, leaf = _owner(gm, name)
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)
+            removed += 1
+    return removed
+
+
+def finish(gm: fx.GraphModule) -> None:
+    """Clean up and regenerate code after a batch of edits."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    erase_unused_attrs(gm)
+    gm.graph.lint()
+    gm.recompile()

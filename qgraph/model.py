@@ -1,0 +1,148 @@
+"""The Model: one object that owns the traced graph and everything passes learn about it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from .data import check_finite
+from .errors import DataError
+from .structure import StructureView
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, as kept in the model's log and written to reports and ONNX metadata."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    peak_rss_mb: float
+    verify_max_rel_err: float | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Model:
+    """A traced graph plus its structure view, established properties, calibration data and log.
+
+    Passes edit ``gm`` through :mod:`qgraph.graph_edits`; the structure view is an analysis
+    cached until :meth:`invalidate` is called (the pass manager does so after every pass).
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: tuple,
+        *,
+        name: str = "model",
+        source: str = "",
+        tokenizer: Any = None,
+        dynamic_shapes: Any = None,
+        input_names: tuple[str, ...] = ("input_ids",),
+    ):
+        self.gm = gm
+        self.example_inputs = tuple(example_inputs)
+        self.name = name
+        self.source = source
+        self.tokenizer = tokenizer
+        self.dynamic_shapes = dynamic_shapes
+        self.input_names = input_names
+        self.properties: set[str] = set()
+        self.log: list[PassRecord] = []
+        self.calibration: torch.Tensor | None = None
+        self._structure: StructureView | None = None
+        self.check_weights()
+
+    # -- analyses ----------------------------------------------------------------------------
+    @property
+    def structure(self) -> StructureView:
+        if self._structure is None:
+            self._structure = StructureView(self.gm)
+        return self._structure
+
+    def invalidate(self) -> None:
+        self._structure = None
+
+    # -- execution ---------------------------------------------------------------------------
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.gm(*inputs)
+
+    def probe_inputs(self, batch: int = 2, length: int = 64, seed: int = 0) -> tuple:
+        """Inputs used to verify exact passes: calibration windows if set, else seeded tokens."""
+        if self.calibration is not None and self.calibration.dtype == torch.long:
+            return (self.calibration[:batch, :length].clone(),)
+        ex = self.example_inputs[0]
+        if ex.dtype == torch.long:
+            gen = torch.Generator().manual_seed(seed)
+            vocab = self.vocab_size() or int(ex.max()) + 1
+            return (torch.randint(0, vocab, (batch, length), generator=gen),)
+        return self.example_inputs
+
+    def vocab_size(self) -> int | None:
+        emb = self.structure.embeddings
+        return int(emb[0].node.args[0].meta["val"].shape[0]) if emb else None
+
+    # -- data --------------------------------------------------------------------------------
+    def set_calibration(self, data: torch.Tensor) -> None:
+        check_finite("calibration data", data)
+        if data.dim() < 2 or data.shape[0] == 0:
+            raise DataError(f"calibration data must be a non-empty batch, got shape {tuple(data.shape)}")
+        self.calibration = data
+
+    def check_weights(self) -> None:
+        for name, tensor in self.tensors().items():
+            if tensor.is_floating_point():
+                check_finite(f"weight {name!r} of {self.name}", tensor)
+
+    # -- accounting --------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from .graph_edits import get_tensor
+
+        return {
+            n.target: get_tensor(self.gm, n.target) for n in self.gm.graph.nodes if n.op == "get_attr"
+            if isinstance(get_tensor(self.gm, n.target), torch.Tensor)
+        }
+
+    def accounting(self) -> dict[str, float]:
+        """Parameters and volume (Σ elements × bits) counted from what the graph stores.
+
+        Quantized weights count their codes at their bit width plus the distinct scales
+        (and zero points when asymmetric) that the quantizer defines; scales replicated only to
+        suit ONNX Runtime's blocked kernels are not counted twice.
+        """
+        params = 0
+        volume = 0.0
+        quant_weights = 0
+        seen: set[str] = set()
+        for node in self.gm.graph.nodes:
+            info = node.meta.get("qgraph_quant")
+            if info is None:
+                continue
+            codes_t = node.args[1].target
+            seen.update({codes_t, node.args[2].target, node.args[3].target})
+            k, n = info["in_features"], info["out_features"]
+            params += k * n
+            quant_weights += k * n
+            n_scales = info["scales"]
+            volume += k * n * info["bits"] + n_scales * 32
+            if not info["symmetric"]:
+                volume += n_scales * info["bits"]
+        for target, tensor in self.tensors().items():
+            if target in seen or not tensor.is_floating_point() or tensor.dim() == 0:
+                continue
+            seen.add(target)
+            params += tensor.numel()
+            volume += tensor.numel() * tensor.element_size() * 8
+        return {
+            "params": params,
+            "volume_bits": volume,
+            "volume_mb": volume / 8 / 2**20,
+            "quantized_params": quant_weights,
+        }
