@@ -62,7 +62,8 @@ def _quiet_exporter() -> Iterator[None]:
 def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Export in inference mode, restoring the caller's train/eval flags afterwards."""
     modes = {m: m.training for m in module.modules()}
-    module.eval()
+    for m in modes:  # not module.eval(): graphs from torch.export refuse it
+        m.training = False
     try:
         yield
     finally:

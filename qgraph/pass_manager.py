@@ -79,6 +79,7 @@ class Pass:
     def __init__(self, **opts: Any):
         known = {o.name: o for o in self.options}
         self.opts: dict[str, Any] = {o.name: o.default for o in self.options}
+        self.explicit: set[str] = set()
         for key, raw in opts.items():
             key = key.replace("_", "-")
             if key not in known:
@@ -87,6 +88,7 @@ class Pass:
                     f"{', '.join(known) or '(none)'}"
                 )
             self.opts[key] = known[key].parse(self.name, raw)
+            self.explicit.add(key)
         self.validate()
 
     def validate(self) -> None:
@@ -99,8 +101,7 @@ class Pass:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        changed = {k: v for k, v in self.opts.items()}
-        inner = ",".join(f"{k}={v}" for k, v in changed.items())
+        inner = ",".join(f"{k}={self.opts[k]}" for k in sorted(self.explicit))
         return f"{self.name}{{{inner}}}" if inner else self.name
 
 

@@ -164,12 +164,17 @@ def _check_order(n: int) -> None:
     k, m = _ref_factorization(n)
     h = had.hadamard_matrix(n)
     assert h.dtype == torch.float64 and h.shape == (n, n)
+    if m == 1:
+        _assert_hadamard(h.numpy())
+        return
     b = min(m, 512)
     a = h[::b, ::b].contiguous()  # top-left entry of every Sylvester block is +1
     s = torch.from_numpy(_sylvester_ref(b)).double()
     blocks = h.view(n // b, b, n // b, b)
-    for i in range(n // b):
-        assert torch.equal(blocks[i], a[i][None, :, None] * s[:, None, :]), (n, i)
+    step = max(1, 2**22 // (n * b))  # compare ~32 MiB of blocks at a time
+    for i in range(0, n // b, step):
+        expected = a[i : i + step, None, :, None] * s[None, :, None, :]
+        assert torch.equal(blocks[i : i + step], expected), (n, i)
     _checked_hadamard(a.numpy().tobytes(), n // b)
 
 
@@ -263,8 +268,13 @@ def test_hadamard_matrix_rejects_bad_order():
 # --------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _matrix(n: int) -> np.ndarray:
+    return had.hadamard_matrix(n).numpy()
+
+
 def _ref_transform(x: np.ndarray, n: int, normalize: bool, signs: np.ndarray | None):
-    h = had.hadamard_matrix(n).numpy()
+    h = _matrix(n)
     x = x.astype(np.float64)
     if signs is not None:
         x = x * signs
@@ -286,8 +296,9 @@ def test_fast_transform_float64(n, shape, normalize, with_signs):
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=1e-12 * math.sqrt(n) * 4)
 
 
-@pytest.mark.parametrize("n", [12, 64, 576, 1536, 5120])
-@pytest.mark.parametrize("with_signs", [True, False])
+@pytest.mark.parametrize(
+    ("n", "with_signs"), [(12, False), (64, True), (576, True), (1536, False), (5120, True)]
+)
 def test_fast_transform_float32(n, with_signs):
     gen = torch.Generator().manual_seed(n + 1)
     x = torch.randn(4, 3, n, generator=gen, dtype=torch.float32)
@@ -317,8 +328,8 @@ def test_fast_transform_keeps_input_and_layout():
 
 
 def test_fast_transform_large_power_of_two_is_not_dense():
-    """n = 2^18: a dense H would need 512 GiB; check columns via the closed form."""
-    n = 2**18
+    """n = 2^17: a dense H would need 128 GiB; check columns via the closed form."""
+    n = 2**17
     x = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = had.fast_hadamard_transform(x, normalize=True)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # orthogonal

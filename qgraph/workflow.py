@@ -1,0 +1,185 @@
+"""The end-to-end job behind ``qgraph run`` and ``qgraph demo``: load, evaluate, rewrite,
+evaluate again, export, run the export in ONNX Runtime, and report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .api import from_hf
+from .data import load_text, token_windows
+from .evaluate import perplexity
+from .loaders import LoadedLM, load_causal_lm
+from .model import Model
+from .pass_manager import PassManager, format_record, parse_pipeline
+
+# The best recipe so far for each format (see benchmarks/README.md for the measurements).
+RECIPES = {
+    "w8a8": "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}",
+    "w4a16": "quantize{w=int4:channel}",
+}
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[qgraph] {msg}\n")
+    sys.stderr.flush()
+
+
+class Job:
+    """Holds the loaded LM and the fixed calibration/evaluation windows shared by several recipes."""
+
+    def __init__(
+        self,
+        model_spec: str | None = None,
+        calib_text: str | None = None,
+        eval_text: str | None = None,
+        eval_windows: int = 8,
+        calib_windows: int = 16,
+        window: int = 512,
+        progress: bool = True,
+    ):
+        t = time.perf_counter()
+        self.lm: LoadedLM = load_causal_lm(model_spec)
+        log(f"loaded {self.lm.name} from {self.lm.source} in {time.perf_counter() - t:.1f}s")
+        self.calib = token_windows(self.lm.tokenizer, load_text(calib_text, "calib"), window, calib_windows)
+        self.eval = token_windows(self.lm.tokenizer, load_text(eval_text, "eval"), window, eval_windows)
+        self.progress = progress
+        self._float_ppl: float | None = None
+
+    def fresh_model(self) -> Model:
+        model = from_hf(self.lm.model, self.lm.tokenizer, self.lm.name)
+        model.source = self.lm.source
+        model.set_calibration(self.calib)
+        return model
+
+    def float_ppl(self, model: Model) -> float:
+        if self._float_ppl is None:
+            self._float_ppl = perplexity(model, self.eval, progress=self.progress, desc="float ppl")
+        return self._float_ppl
+
+    def run(
+        self,
+        pipeline: str,
+        *,
+        export: str | os.PathLike | None = None,
+        verify_each: bool = False,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        passes = parse_pipeline(pipeline)
+        if seed is not None:
+            torch.manual_seed(seed)
+            for p in passes:
+                if "seed" in p.opts and "seed" not in p.explicit:
+                    p.opts["seed"] = seed
+        t0 = time.perf_counter()
+        model = self.fresh_model()
+        float_acc = model.accounting()
+        ppl_float = self.float_ppl(model)
+        log(f"float perplexity {ppl_float:.4f} on {self.eval.shape[0]}×{self.eval.shape[1]} tokens")
+        manager = PassManager(passes, verify_each=verify_each, print_after=True)
+        manager.run(model)
+        ppl = perplexity(model, self.eval, progress=self.progress, desc="rewritten ppl")
+        acc = model.accounting()
+        log(f"rewritten perplexity {ppl:.4f} ({100 * (ppl / ppl_float - 1):+.2f} %)")
+        report: dict[str, Any] = {
+            "qgraph_version": __version__,
+            "model": model.name,
+            "pipeline": pipeline,
+            "eval": {"windows": int(self.eval.shape[0]), "window": int(self.eval.shape[1])},
+            "passes": [
+                {
+                    "name": r.name,
+                    "options": r.options,
+                    "seconds": r.seconds,
+                    "peak_rss_mb": r.peak_rss_mb,
+                    "verify_max_rel_err": r.verify_max_rel_err,
+                    "summary": r.summary,
+                }
+                for r in model.log
+            ],
+            "ppl_float": ppl_float,
+            "ppl": ppl,
+            "params_float": float_acc["params"],
+            "params": acc["params"],
+            "volume_bits_float": float_acc["volume_bits"],
+            "volume_bits": acc["volume_bits"],
+            "properties": sorted(model.properties),
+        }
+        if export:
+            report["export"] = export_and_check(model, export, pipeline, self.eval, self.progress)
+        report["seconds"] = time.perf_counter() - t0
+        return report
+
+
+def export_and_check(model: Model, path, pipeline: str, windows: torch.Tensor, progress: bool) -> dict:
+    from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
+
+    t = time.perf_counter()
+    path = export_model(model, path, pipeline)
+    seconds = time.perf_counter() - t
+    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    log(f"exported {path} ({size / 2**20:.1f} MB) in {seconds:.1f}s")
+    ops = optimized_op_histogram(path)
+    ort_ppl = perplexity(ort_forward(path), windows, progress=progress, desc="onnxruntime ppl")
+    log(f"ONNX Runtime perplexity {ort_ppl:.4f}")
+    return {
+        "path": str(path),
+        "file_mb": size / 2**20,
+        "export_seconds": seconds,
+        "ort_ppl": ort_ppl,
+        "ort_optimized_ops": {k: v for k, v in ops.items() if "MatMul" in k or "Dequantize" in k},
+    }
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'recipe':<10} {'ppl':>9} {'Δ vs float':>10} {'params (M)':>10} {'volume (MB)':>11} {'rewrite s':>9} {'ORT ppl':>9} {'ORT file MB':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ex = r.get("export") or {}
+        rewrite = sum(p["seconds"] for p in r.get("passes", []))
+        delta = 100 * (r["ppl"] / r["ppl_float"] - 1)
+        lines.append(
+            f"{r['label']:<10} {r['ppl']:>9.4f} {delta:>+9.2f}% {r['params'] / 1e6:>10.1f} "
+            f"{r['volume_bits'] / 8 / 2**20:>11.1f} {rewrite:>9.1f} "
+            f"{ex.get('ort_ppl', float('nan')):>9.4f} {ex.get('file_mb', float('nan')):>11.1f}"
+        )
+    return "\n".join(lines)
+
+
+def float_row(report: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "label": "float32",
+        "ppl": report["ppl_float"],
+        "ppl_float": report["ppl_float"],
+        "params": report["params_float"],
+        "volume_bits": report["volume_bits_float"],
+        "passes": [],
+    }
+
+
+def print_pass_log(report: dict[str, Any]) -> None:
+    from .model import PassRecord
+
+    for p in report["passes"]:
+        log(format_record(PassRecord(**p)))
