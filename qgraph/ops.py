@@ -11,8 +11,6 @@ ONNX ``MatMul`` right operand, so that the ONNX lowering is a plain
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .kernels import quant as qk
@@ -61,21 +59,19 @@ def _qlinear_backward(ctx, grad):
 qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
 
 
-_DEQUANT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _cached_weight(codes, scale, zero, group_size: int) -> torch.Tensor:
     """Dequantized weight, memoized per codes tensor so evaluation does not redo it every call.
 
-    Keyed weakly on ``codes`` and checked against the versions of all three tensors, so an
-    edited or freed tensor never serves a stale weight.
+    Stored on the ``codes`` tensor object itself (so it is freed with it) and checked against
+    the versions and identities of all three tensors, so an edited tensor never serves a stale
+    weight.
     """
-    key = (codes._version, scale._version, zero._version, scale.data_ptr(), zero.data_ptr())
-    hit = _DEQUANT_CACHE.get(codes)
+    key = (codes._version, id(scale), scale._version, id(zero), zero._version, group_size)
+    hit = getattr(codes, "_qgraph_dequant", None)
     if hit is not None and hit[0] == key:
         return hit[1]
     weight = dequantize_kn(codes, scale, zero, group_size)
-    _DEQUANT_CACHE[codes] = (key, weight)
+    codes._qgraph_dequant = (key, weight)
     return weight
 
 

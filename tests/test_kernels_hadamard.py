@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def _is_prime_power(q: int) -> bool:
     return q == 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ref_known(k: int) -> bool:
     """Order buildable from Sylvester 1/2, Paley I/II, the GS table or a Kronecker product."""
     if k in (1, 2):
@@ -115,6 +116,14 @@ def test_factorization_of_common_sizes(n, expected):
     assert had.hadamard_factorization(n) == expected
 
 
+def test_factorization_accepts_integer_likes_only():
+    assert had.hadamard_factorization(np.int64(576)) == (36, 16)
+    assert had.hadamard_factorization(torch.tensor(12)) == (12, 1)
+    assert had.hadamard_factorization(12.0) is None
+    assert had.hadamard_factorization(True) is None
+    assert had.hadamard_matrix(np.int64(12)).shape == (12, 12)
+
+
 def test_required_orders_are_supported():
     for k in (12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172):
         assert had.is_hadamard_size(k)
@@ -128,8 +137,6 @@ def test_impossible_orders():
 
 
 def test_factorization_is_fast_up_to_100000():
-    import time
-
     start = time.perf_counter()
     for n in range(99_000, 100_001):
         had.hadamard_factorization(n)
@@ -149,7 +156,7 @@ def test_sylvester_matches_closed_form():
         np.testing.assert_array_equal(h.numpy(), _sylvester_ref(m))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _checked_hadamard(key: bytes, n: int) -> bool:
     _assert_hadamard(np.frombuffer(key, dtype=np.float64).reshape(n, n))
     return True
@@ -244,9 +251,7 @@ def test_hadamard_matrix_returns_fresh_tensor():
     assert torch.all(had.hadamard_matrix(16).abs() == 1)
 
 
-@pytest.mark.parametrize(
-    ("n", "nearest"), [(6, 8), (9, 12), (578, 580), (13696, 13712), (10, 12)]
-)
+@pytest.mark.parametrize(("n", "nearest"), [(6, 8), (9, 12), (578, 580), (13696, 13712), (10, 12)])
 def test_unsupported_order_raises(n, nearest):
     assert nearest == next(k for k in range(n + 1, 2 * n + 8) if _ref_factorization(k))
     with pytest.raises(NoHadamardError) as info:
@@ -282,7 +287,7 @@ def _ref_transform(x: np.ndarray, n: int, normalize: bool, signs: np.ndarray | N
     return y / math.sqrt(n) if normalize else y
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 24, 28, 36, 40, 52, 92, 156, 172, 576, 1536])
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 24, 28, 36, 40, 52, 92, 156, 172, 576])
 @pytest.mark.parametrize("shape", [(), (3,), (2, 5)])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("with_signs", [True, False])
@@ -328,8 +333,8 @@ def test_fast_transform_keeps_input_and_layout():
 
 
 def test_fast_transform_large_power_of_two_is_not_dense():
-    """n = 2^17: a dense H would need 128 GiB; check columns via the closed form."""
-    n = 2**17
+    """n = 2^16: a dense H would need 32 GiB; check columns via the closed form."""
+    n = 2**16
     x = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = had.fast_hadamard_transform(x, normalize=True)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # orthogonal

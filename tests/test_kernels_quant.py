@@ -192,9 +192,12 @@ def test_fake_quantize_weight_float32(bits, symmetric):
     scale, _ = quant.weight_qparams(w, bits, symmetric, "group", 16)
     s = _expand(scale, 64).double().numpy()
     diff = np.abs(got.double().numpy() - ref)
-    # float32 vs float64 can only disagree at exact rounding ties: at most one step, rarely.
+    # float32 vs float64 can only disagree near rounding ties (one step, rarely);
+    # elsewhere they differ by float32 rounding of the result.
     assert np.all(diff <= s * (1 + 1e-5))
-    assert np.mean(diff > s * 1e-5) < 0.01
+    step = diff > s / 2
+    assert np.mean(step) < 0.01
+    assert np.all(diff[~step] <= 1e-6 * (np.abs(ref[~step]) + s[~step]))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -263,7 +266,7 @@ def test_weight_validation_errors():
         quant.weight_qparams(bad, 4, True, "channel")
     scale, zero = quant.weight_qparams(w, 4, True, "group", 16)
     with pytest.raises(ValueError):
-        quant.quantize_weight(w[:, :40], scale, zero, 4)  # 4 groups do not divide 40
+        quant.quantize_weight(w[:, :42], scale, zero, 4)  # 4 groups do not divide 42
 
 
 def test_functions_are_pure():
@@ -326,7 +329,10 @@ def test_minmax_and_static_match_numpy(bits, symmetric):
     x = torch.randn(3, 7, 20, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
     x = x * 3 + 1.0
     lo, hi = float(x.min()), float(x.max())
-    scale, zero = quant.minmax_qparams(torch.tensor(lo).double(), torch.tensor(hi).double(), bits, symmetric)
+    f64 = torch.float64
+    scale, zero = quant.minmax_qparams(
+        torch.tensor(lo, dtype=f64), torch.tensor(hi, dtype=f64), bits, symmetric
+    )
     assert scale.dim() == 0 and zero.dim() == 0 and zero.dtype == torch.int8
     s_ref, z_ref = _np_params(
         np.float64(lo), np.float64(hi), np.float64(max(abs(lo), abs(hi))), bits, symmetric

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import numpy as np
 import torch
@@ -139,13 +140,24 @@ def _is_known_order(k: int) -> bool:
     return _split(k) is not None
 
 
+def _as_order(n: object) -> int | None:
+    """n as a Python int (numpy/torch integers accepted), or None for non-integers."""
+    if isinstance(n, bool):
+        return None
+    try:
+        return operator.index(n)
+    except TypeError:
+        return None
+
+
 def hadamard_factorization(n: int) -> tuple[int, int] | None:
     """(K, m) with n = K * m, m a power of two and K a known order, K as small as possible.
 
     A small K keeps the dense K x K part of the fast transform cheap. Returns None when no
     such factorization exists (n < 1, n = 2 mod 4 with n > 2, or an unknown odd part).
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    n = _as_order(n)
+    if n is None or n < 1:
         return None
     m = n & -n  # largest power of two dividing n
     odd = n // m
@@ -296,7 +308,9 @@ def _paley2(q: int) -> np.ndarray:
 
 def _goethals_seidel(t: int) -> np.ndarray:
     """Order 4t from circulants A, B, C, D with AA^T + BB^T + CC^T + DD^T = 4tI."""
-    seqs = [np.array([1 if ch == "+" else -1 for ch in s], dtype=np.int64) for s in _GS_SEQUENCES[t]]
+    seqs = [
+        np.array([1 if ch == "+" else -1 for ch in s], dtype=np.int64) for s in _GS_SEQUENCES[t]
+    ]
     shift = (np.arange(t)[None, :] - np.arange(t)[:, None]) % t
     a, b, c, d = (s[shift] for s in seqs)  # circulant: X[i, j] = x[(j - i) mod t]
     r = np.fliplr(np.eye(t, dtype=np.int64))  # back-diagonal, makes XR symmetric
@@ -333,8 +347,9 @@ def _sylvester(m: int) -> torch.Tensor:
     return h
 
 
-# Base matrices up to this order are cached (at most 32 MiB each); larger ones are rebuilt.
-_CACHE_MAX_ORDER = 2048
+# Base matrices up to this order are cached (at most 8 MiB each, 32 of them); larger ones
+# are rebuilt on demand, which is cheap next to anything done with a matrix that size.
+_CACHE_MAX_ORDER = 1024
 
 
 def _build_base(k: int) -> torch.Tensor:
@@ -380,8 +395,10 @@ def _no_hadamard(n: int) -> NoHadamardError:
 
 def hadamard_matrix(n: int) -> torch.Tensor:
     """float64 +-1 matrix H of order n with H @ H.T == n * I, built as H_K (x) H_m."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    order = _as_order(n)
+    if order is None or order < 1:
         raise ValueError(f"Hadamard order must be a positive integer, got {n!r}")
+    n = order
     fact = hadamard_factorization(n)
     if fact is None:
         raise _no_hadamard(n)
@@ -505,4 +522,6 @@ def orthogonal_matrix(n: int, seed: int, kind: str = "hadamard") -> tuple[torch.
         )
     if kind == "identity":
         return torch.eye(n, dtype=torch.float64), f"identity of order {n}"
-    raise ValueError(f"unknown orthogonal matrix kind {kind!r}; use 'hadamard', 'random' or 'identity'")
+    raise ValueError(
+        f"unknown orthogonal matrix kind {kind!r}; use 'hadamard', 'random' or 'identity'"
+    )

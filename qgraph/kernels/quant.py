@@ -73,9 +73,7 @@ def _asymmetric(
     return scale, zero
 
 
-def _quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
-) -> torch.Tensor:
+def _quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Float tensor of integer codes: clamp(round(x / s) + z, qmin, qmax)."""
     qmin, qmax = qrange(bits)
     return (torch.round(x / scale) + zero).clamp(qmin, qmax)
@@ -99,9 +97,7 @@ def _group_view(w: torch.Tensor, granularity: str, group_size: int | None) -> to
         if group_size is None or group_size < 1:
             raise ValueError(f"granularity 'group' needs a positive group_size, got {group_size}")
         if inp % group_size:
-            raise ValueError(
-                f"input dimension {inp} is not divisible by group_size {group_size}"
-            )
+            raise ValueError(f"input dimension {inp} is not divisible by group_size {group_size}")
         return w.reshape(out, inp // group_size, group_size)
     raise ValueError(f"unknown granularity {granularity!r}; use one of {_GRANULARITIES}")
 
@@ -192,9 +188,7 @@ def per_token_qparams(
     xf = x.detach().to(_param_dtype(x.dtype))
     if symmetric:
         return _symmetric(xf.abs().amax(dim=-1, keepdim=True), bits)
-    return _asymmetric(
-        xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True), bits
-    )
+    return _asymmetric(xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True), bits)
 
 
 def fake_quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -205,7 +199,8 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torc
 
 
 def _as_scalar(v: float | torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    t = torch.as_tensor(v).detach()
+    # Python/numpy numbers go through float64 (via float32 they would lose precision).
+    t = v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
     if t.numel() != 1:
         raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
     return t.reshape(()).to(dtype)

