@@ -13,7 +13,9 @@ def logits(model: Model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids)
 
 
-def model_perplexity(model: Model, windows: torch.Tensor, progress: bool = False, desc: str = "eval") -> float:
+def model_perplexity(
+    model: Model, windows: torch.Tensor, progress: bool = False, desc: str = "eval"
+) -> float:
     return perplexity(model, windows, progress=progress, desc=desc)
 
 
@@ -23,4 +25,4 @@ def generate(model: Model, prompt: str, max_new_tokens: int = 20) -> str:
         raise ValueError("generate needs a model with a tokenizer")
     ids = torch.tensor([model.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     out = greedy_generate(model, ids, max_new_tokens)
-    return model.tokenizer.decode(out[0, ids.shape[1]:].tolist())
+    return model.tokenizer.decode(out[0, ids.shape[1] :].tolist())

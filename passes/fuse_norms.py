@@ -36,7 +36,11 @@ def fold_affine(gm: fx.GraphModule, norm: Norm) -> None:
         new_w = w64 * gamma if gamma is not None else w64
         if beta is not None:
             old_b = _linear_bias(gm, lin)
-            b = (old_b.double() if old_b is not None else torch.zeros(lin.out_features, dtype=torch.float64))
+            b = (
+                old_b.double()
+                if old_b is not None
+                else torch.zeros(lin.out_features, dtype=torch.float64)
+            )
             set_arg_tensor(gm, lin.node, 2, (b + w64 @ beta).to(w.dtype), lin.name + ".bias")
         set_arg_tensor(gm, lin.node, 1, new_w.to(w.dtype), lin.name + ".weight")
     if norm.kind == "rms" and norm.gamma_node is not None:
@@ -80,7 +84,9 @@ def center_stream(gm: fx.GraphModule, model: Model) -> int:
     for lin in sv.residual.writers:
         w = get_tensor(gm, lin.weight)
         w64 = w.double()
-        set_arg_tensor(gm, lin.node, 1, (w64 - w64.mean(0, keepdim=True)).to(w.dtype), lin.name + ".weight")
+        set_arg_tensor(
+            gm, lin.node, 1, (w64 - w64.mean(0, keepdim=True)).to(w.dtype), lin.name + ".weight"
+        )
         b = _linear_bias(gm, lin)
         if b is not None:
             b64 = b.double()
@@ -99,7 +105,11 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
         ):
             continue
         conv = node.args[0]
-        if not (isinstance(conv, fx.Node) and conv.target is aten.conv2d.default and len(conv.users) == 1):
+        if not (
+            isinstance(conv, fx.Node)
+            and conv.target is aten.conv2d.default
+            and len(conv.users) == 1
+        ):
             continue
         x, w_node, b_node, *rest = conv.args
         bn_w, bn_b, mean, var = (node.args[i] for i in (1, 2, 3, 4))
@@ -136,7 +146,9 @@ class FuseNorms(Pass):
         "LayerNorms on the residual stream to RMSNorm, and fold BatchNorm into convolutions. Exact."
     )
     options = (
-        Option("ln-to-rms", bool, True, "convert residual-stream LayerNorms to RMSNorm (pre-LN only)"),
+        Option(
+            "ln-to-rms", bool, True, "convert residual-stream LayerNorms to RMSNorm (pre-LN only)"
+        ),
     )
     provides = frozenset({"norms-fused"})
     forbids = frozenset({"quantized"})
@@ -157,13 +169,18 @@ class FuseNorms(Pass):
         stream_ln = [n for n in sv.residual.norms if n.kind == "layer"]
         converted = centered = 0
         if stream_ln and self.opt("ln-to-rms"):
-            problems = list(sv.residual.issues) + [s for s in skipped if any(s.startswith(n.name) for n in stream_ln)]
+            problems = list(sv.residual.issues) + [
+                s for s in skipped if any(s.startswith(n.name) for n in stream_ln)
+            ]
             if sv.residual.direct_readers:
-                problems.append("the residual stream is read directly by " + sv.residual.direct_readers[0].name)
+                problems.append(
+                    "the residual stream is read directly by " + sv.residual.direct_readers[0].name
+                )
             if problems:
                 raise StructureError(
                     "fuse-norms: cannot turn the residual stream's LayerNorms into RMSNorms: "
-                    + "; ".join(problems) + ". Run with ln-to-rms=false to fold the affine parameters only."
+                    + "; ".join(problems)
+                    + ". Run with ln-to-rms=false to fold the affine parameters only."
                 )
             centered = center_stream(gm, model)
             for norm in stream_ln:

@@ -45,7 +45,9 @@ class ActSpec:
 def parse_weight_spec(text: str) -> WeightSpec:
     m = _SPEC.match(text.strip().lower())
     if not m:
-        raise PipelineError(f"quantize: weight spec {text!r} is not int<2-8>[:channel|:tensor|:group<g>][:sym|:asym]")
+        raise PipelineError(
+            f"quantize: weight spec {text!r} is not int<2-8>[:channel|:tensor|:group<g>][:sym|:asym]"
+        )
     bits, gran, group, sym = int(m.group(1)), "channel", None, True
     for part in filter(None, m.group(2).split(":")):
         if part in ("channel", "tensor"):
@@ -64,7 +66,9 @@ def parse_act_spec(text: str) -> ActSpec | None:
         return None
     m = _SPEC.match(text.strip().lower())
     if not m:
-        raise PipelineError(f"quantize: activation spec {text!r} is not none or int<2-8>:token|tensor[:sym|:asym]")
+        raise PipelineError(
+            f"quantize: activation spec {text!r} is not none or int<2-8>:token|tensor[:sym|:asym]"
+        )
     bits, mode, sym = int(m.group(1)), "token", False
     for part in filter(None, m.group(2).split(":")):
         if part in ("token", "tensor"):
@@ -91,12 +95,18 @@ def storage_group(in_features: int, spec: WeightSpec) -> int:
     return in_features
 
 
-def quantize_linear_weight(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+def quantize_linear_weight(
+    w: torch.Tensor, spec: WeightSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """RTN-quantize ``w [out, in]``; returns (codes [in,out], scale [G,out], zero [G,out], group, n_scales)."""
     out_f, in_f = w.shape
     if spec.granularity == "group" and in_f % spec.group_size:
-        raise PipelineError(f"quantize: group size {spec.group_size} does not divide input size {in_f}")
-    scale, zero = qk.weight_qparams(w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size)
+        raise PipelineError(
+            f"quantize: group size {spec.group_size} does not divide input size {in_f}"
+        )
+    scale, zero = qk.weight_qparams(
+        w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size
+    )
     codes = qk.quantize_weight(w.float(), scale, zero, spec.bits)  # [out, in]
     group = storage_group(in_f, spec)
     n_scales = scale.numel() if spec.granularity != "tensor" else 1
@@ -107,7 +117,13 @@ def quantize_linear_weight(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Ten
     if scale_kn.shape[0] != reps:
         scale_kn = scale_kn.repeat_interleave(reps // scale_kn.shape[0], 0)
         zero_kn = zero_kn.repeat_interleave(reps // zero_kn.shape[0], 0)
-    return codes.T.contiguous(), scale_kn.contiguous().float(), zero_kn.contiguous().to(torch.int8), group, n_scales
+    return (
+        codes.T.contiguous(),
+        scale_kn.contiguous().float(),
+        zero_kn.contiguous().to(torch.int8),
+        group,
+        n_scales,
+    )
 
 
 def _select(model: Model, pattern: str, exclude: str) -> list[Linear]:
@@ -124,10 +140,14 @@ def _select(model: Model, pattern: str, exclude: str) -> list[Linear]:
     return chosen
 
 
-def calibrate_minmax(model: Model, nodes: list[fx.Node], batches: int) -> dict[fx.Node, tuple[float, float]]:
+def calibrate_minmax(
+    model: Model, nodes: list[fx.Node], batches: int
+) -> dict[fx.Node, tuple[float, float]]:
     """Observe min/max of each node's first input while running the graph as it is now."""
     if model.calibration is None:
-        raise DataError("quantize: static activation quantization needs calibration data (--calib-text)")
+        raise DataError(
+            "quantize: static activation quantization needs calibration data (--calib-text)"
+        )
     wanted = set(nodes)
     stats: dict[fx.Node, list[float]] = {}
 
@@ -147,7 +167,9 @@ def calibrate_minmax(model: Model, nodes: list[fx.Node], batches: int) -> dict[f
             Observer(model.gm).run(model.calibration[i : i + 1])
     for n, (lo, hi) in stats.items():
         if not (torch.isfinite(torch.tensor(lo)) and torch.isfinite(torch.tensor(hi))):
-            raise DataError(f"quantize: calibration produced non-finite activations at the input of {n.name}")
+            raise DataError(
+                f"quantize: calibration produced non-finite activations at the input of {n.name}"
+            )
     return {n: (lo, hi) for n, (lo, hi) in stats.items()}
 
 
@@ -159,8 +181,15 @@ class Quantize(Pass):
         "group, symmetric or asymmetric; activations dynamic per token or static per tensor."
     )
     options = (
-        Option("w", str, "int8:channel", "weight spec int<b>[:channel|:tensor|:group<g>][:sym|:asym]"),
-        Option("a", str, "none", "activation spec none | int<b>:token[:sym|:asym] | int<b>:tensor[:sym|:asym]"),
+        Option(
+            "w", str, "int8:channel", "weight spec int<b>[:channel|:tensor|:group<g>][:sym|:asym]"
+        ),
+        Option(
+            "a",
+            str,
+            "none",
+            "activation spec none | int<b>:token[:sym|:asym] | int<b>:tensor[:sym|:asym]",
+        ),
         Option("layers", str, "all", "regex on 'layer-name role' selecting layers (default all)"),
         Option("exclude", str, "lm_head", "regex on 'layer-name role' of layers to keep in float"),
         Option("calib-batches", int, 8, "calibration windows used for static activation ranges"),
@@ -175,7 +204,9 @@ class Quantize(Pass):
             try:
                 re.compile(self.opt(key))
             except re.error as exc:
-                raise PipelineError(f"quantize: option {key}={self.opt(key)!r} is not a valid regex: {exc}") from None
+                raise PipelineError(
+                    f"quantize: option {key}={self.opt(key)!r} is not a valid regex: {exc}"
+                ) from None
 
     def run(self, model: Model) -> dict[str, Any]:
         gm = model.gm
@@ -184,7 +215,9 @@ class Quantize(Pass):
             raise PipelineError("quantize: no linear layer matches layers/exclude")
         ranges = {}
         if self.aspec is not None and self.aspec.mode == "tensor":
-            ranges = calibrate_minmax(model, [lin.node for lin in chosen], self.opt("calib-batches"))
+            ranges = calibrate_minmax(
+                model, [lin.node for lin in chosen], self.opt("calib-batches")
+            )
         for lin in chosen:
             self._rewrite(gm, lin, ranges.get(lin.node))
         finish(gm)
@@ -203,13 +236,22 @@ class Quantize(Pass):
         with g.inserting_before(node):
             if self.aspec is not None and self.aspec.mode == "token":
                 x = g.call_function(
-                    torch.ops.qgraph.quantize_per_token.default, (x, self.aspec.bits, self.aspec.symmetric)
+                    torch.ops.qgraph.quantize_per_token.default,
+                    (x, self.aspec.bits, self.aspec.symmetric),
                 )
             elif self.aspec is not None:
-                s, z = qk.minmax_qparams(act_range[0], act_range[1], self.aspec.bits, self.aspec.symmetric)
-                s_node = get_attr_node(gm, node, new_attr(gm, lin.name + ".act_scale", s.float().reshape(())))
-                z_node = get_attr_node(gm, node, new_attr(gm, lin.name + ".act_zero", z.float().reshape(())))
-                x = g.call_function(torch.ops.qgraph.quantize_static.default, (x, s_node, z_node, self.aspec.bits))
+                s, z = qk.minmax_qparams(
+                    act_range[0], act_range[1], self.aspec.bits, self.aspec.symmetric
+                )
+                s_node = get_attr_node(
+                    gm, node, new_attr(gm, lin.name + ".act_scale", s.float().reshape(()))
+                )
+                z_node = get_attr_node(
+                    gm, node, new_attr(gm, lin.name + ".act_zero", z.float().reshape(()))
+                )
+                x = g.call_function(
+                    torch.ops.qgraph.quantize_static.default, (x, s_node, z_node, self.aspec.bits)
+                )
             attrs = [
                 get_attr_node(gm, node, new_attr(gm, lin.name + suffix, t))
                 for suffix, t in ((".codes", codes), (".scale", scale), (".zero", zero))

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from qgraph.errors import StructureError
 from qgraph.graph_edits import finish, get_tensor, set_arg_tensor
 from qgraph.kernels.rotation import Rotation, rotate_input, rotate_output
@@ -29,7 +27,9 @@ def _check_r1(model: Model) -> None:
         problems.append("no embedding feeds a residual stream")
     for norm in res.norms:
         if norm.kind != "rms":
-            problems.append(f"norm {norm.name} on the stream is a LayerNorm (run fuse-norms with ln-to-rms=true)")
+            problems.append(
+                f"norm {norm.name} on the stream is a LayerNorm (run fuse-norms with ln-to-rms=true)"
+            )
         elif norm.gamma or norm.beta:
             problems.append(f"norm {norm.name} still has a scale γ (run fuse-norms first)")
         if norm.other_readers:
@@ -37,7 +37,9 @@ def _check_r1(model: Model) -> None:
                 f"norm {norm.name} output feeds {norm.other_readers[0].name}, which is not a linear layer"
             )
     if problems:
-        raise StructureError("rotate: the residual stream cannot be rotated exactly: " + "; ".join(problems))
+        raise StructureError(
+            "rotate: the residual stream cannot be rotated exactly: " + "; ".join(problems)
+        )
 
 
 @register
@@ -84,7 +86,9 @@ class Rotate(Pass):
             done, refused = 0, []
             for att in sv.attention:
                 if not att.v_path_ok or att.v is None or att.o is None:
-                    refused.append(att.reason or f"attention {att.node.name}: v/o projection not found")
+                    refused.append(
+                        att.reason or f"attention {att.node.name}: v/o projection not found"
+                    )
                     continue
                 rot = Rotation.make(att.head_dim, self.opt("seed") + 1, self.opt("kind"))
                 summary["r2"] = rot.description
@@ -103,13 +107,19 @@ def _rotate_heads(gm, att, rot: Rotation) -> None:
     w = get_tensor(gm, v.weight)  # [kv*hd, d]
     per_head = w.reshape(-1, hd, w.shape[1])  # [kv, hd, d]
     rotated = rot.right(per_head.transpose(1, 2)).transpose(1, 2)  # Q_hᵀ W_h for every head
-    set_arg_tensor(gm, v.node, 1, rotated.reshape(w.shape).contiguous().to(w.dtype), v.name + ".weight")
+    set_arg_tensor(
+        gm, v.node, 1, rotated.reshape(w.shape).contiguous().to(w.dtype), v.name + ".weight"
+    )
     if v.bias:
         b = get_tensor(gm, v.bias)
-        set_arg_tensor(gm, v.node, 2, rot.right(b.reshape(-1, hd)).reshape(b.shape).to(b.dtype), v.name + ".bias")
+        set_arg_tensor(
+            gm,
+            v.node,
+            2,
+            rot.right(b.reshape(-1, hd)).reshape(b.shape).to(b.dtype),
+            v.name + ".bias",
+        )
     o = att.o
     wo = get_tensor(gm, o.weight)  # [d, H*hd]
     new_o = rot.right(wo.reshape(wo.shape[0], -1, hd)).reshape(wo.shape).to(wo.dtype)
     set_arg_tensor(gm, o.node, 1, new_o, o.name + ".weight")
-
-

@@ -41,9 +41,7 @@ def from_module(
 ) -> Model:
     """Trace any ``nn.Module`` (with example inputs) into a Model. The module is not modified."""
     gm = trace(module, example_inputs, dynamic_shapes)
-    names = input_names or tuple(
-        n.name for n in gm.graph.nodes if n.op == "placeholder"
-    )
+    names = input_names or tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
     return Model(
         gm,
         example_inputs,
@@ -67,7 +65,9 @@ def from_hf(lm: torch.nn.Module, tokenizer=None, name: str | None = None) -> Mod
     )
 
 
-def calibration_windows(model: Model, source=None, windows: int = 16, length: int = 512) -> torch.Tensor:
+def calibration_windows(
+    model: Model, source=None, windows: int = 16, length: int = 512
+) -> torch.Tensor:
     """Token windows of the calibration split (disjoint from the evaluation split)."""
     return token_windows(model.tokenizer, load_text(source, "calib"), length, windows)
 

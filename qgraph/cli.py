@@ -19,10 +19,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if out and not Path(out).resolve().parent.is_dir():
             raise QGraphError(f"output directory of {out} does not exist")
     job = Job(
-        args.model, args.calib_text, args.eval_text, args.eval_windows, args.calib_windows,
-        args.window, progress=not args.no_progress,
+        args.model,
+        args.calib_text,
+        args.eval_text,
+        args.eval_windows,
+        args.calib_windows,
+        args.window,
+        progress=not args.no_progress,
     )
-    report = job.run(args.pipeline, export=args.export, verify_each=args.verify_each, seed=args.seed)
+    report = job.run(
+        args.pipeline, export=args.export, verify_each=args.verify_each, seed=args.seed
+    )
     print(format_table([float_row(report), {**report, "label": "rewritten"}]))
     if args.report:
         write_json(args.report, report)
@@ -92,21 +99,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="rewrite a model with a pipeline, evaluate and export it")
-    run.add_argument("--model", default=None, help="built-in name (smollm2-135m), .gguf file or HF directory")
-    run.add_argument("--pipeline", required=True, help="e.g. 'fuse-norms,rotate{seed=0},quantize{w=int4:channel}'")
-    run.add_argument("--calib-text", default=None, help="UTF-8 text file for calibration (default: stdlib docstrings)")
-    run.add_argument("--eval-text", default=None, help="UTF-8 text file for evaluation (default: stdlib docstrings)")
-    run.add_argument("--eval-windows", type=int, default=8, help="number of 512-token evaluation windows")
+    run.add_argument(
+        "--model", default=None, help="built-in name (smollm2-135m), .gguf file or HF directory"
+    )
+    run.add_argument(
+        "--pipeline",
+        required=True,
+        help="e.g. 'fuse-norms,rotate{seed=0},quantize{w=int4:channel}'",
+    )
+    run.add_argument(
+        "--calib-text",
+        default=None,
+        help="UTF-8 text file for calibration (default: stdlib docstrings)",
+    )
+    run.add_argument(
+        "--eval-text",
+        default=None,
+        help="UTF-8 text file for evaluation (default: stdlib docstrings)",
+    )
+    run.add_argument(
+        "--eval-windows", type=int, default=8, help="number of 512-token evaluation windows"
+    )
     run.add_argument("--calib-windows", type=int, default=16, help="number of calibration windows")
     run.add_argument("--window", type=int, default=512, help="tokens per window")
-    run.add_argument("--export", default=None, help="write the rewritten model as ONNX and evaluate it in ONNX Runtime")
+    run.add_argument(
+        "--export",
+        default=None,
+        help="write the rewritten model as ONNX and evaluate it in ONNX Runtime",
+    )
     run.add_argument("--report", default=None, help="write a JSON report here")
-    run.add_argument("--verify-each", action="store_true", help="numerically verify every exact pass")
-    run.add_argument("--seed", type=int, default=None, help="seed for passes that take one (unless set in the pipeline)")
+    run.add_argument(
+        "--verify-each", action="store_true", help="numerically verify every exact pass"
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for passes that take one (unless set in the pipeline)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
 
-    demo = sub.add_parser("demo", help="run the best recipes on the default model and print a table")
+    demo = sub.add_parser(
+        "demo", help="run the best recipes on the default model and print a table"
+    )
     demo.add_argument("--model", default=None)
     demo.add_argument("--out", default="out")
     demo.add_argument("--eval-windows", type=int, default=8)
@@ -116,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     passes = sub.add_parser("passes", help="list every pass with its options")
     passes.set_defaults(func=_cmd_passes)
 
-    insp = sub.add_parser("inspect", help="ops, parameters, bits per weight and volume of a model or ONNX file")
+    insp = sub.add_parser(
+        "inspect", help="ops, parameters, bits per weight and volume of a model or ONNX file"
+    )
     insp.add_argument("path")
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=_cmd_inspect)

@@ -55,7 +55,9 @@ def get_attr_node(gm: fx.GraphModule, before: fx.Node, target: str) -> fx.Node:
     return node
 
 
-def set_arg_tensor(gm: fx.GraphModule, user: fx.Node, index: int, value: torch.Tensor, hint: str) -> str:
+def set_arg_tensor(
+    gm: fx.GraphModule, user: fx.Node, index: int, value: torch.Tensor, hint: str
+) -> str:
     """Give ``user``'s argument ``index`` the tensor ``value``.
 
     If the current get_attr feeds only ``user`` its attribute is rebound; if it is shared

@@ -10,9 +10,22 @@ from typing import Any
 from .errors import ModelFileError
 
 _BITS = {
-    "FLOAT": 32, "FLOAT16": 16, "BFLOAT16": 16, "DOUBLE": 64, "INT8": 8, "UINT8": 8, "INT4": 4,
-    "UINT4": 4, "INT16": 16, "UINT16": 16, "INT32": 32, "INT64": 64, "INT2": 2, "UINT2": 2,
-    "BOOL": 8, "FLOAT8E4M3FN": 8,
+    "FLOAT": 32,
+    "FLOAT16": 16,
+    "BFLOAT16": 16,
+    "DOUBLE": 64,
+    "INT8": 8,
+    "UINT8": 8,
+    "INT4": 4,
+    "UINT4": 4,
+    "INT16": 16,
+    "UINT16": 16,
+    "INT32": 32,
+    "INT64": 64,
+    "INT2": 2,
+    "UINT2": 2,
+    "BOOL": 8,
+    "FLOAT8E4M3FN": 8,
 }
 
 
@@ -49,7 +62,9 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         "matrix_params": weights,
         "volume_mb": volume / 8 / 2**20,
         "bits_per_param": volume / max(1, sum(by_dtype.values())),
-        "metadata": {k: (v if len(v) < 200 else v[:200] + "…") for k, v in model.metadata_props.items()},
+        "metadata": {
+            k: (v if len(v) < 200 else v[:200] + "…") for k, v in model.metadata_props.items()
+        },
     }
 
 
@@ -71,7 +86,9 @@ def inspect_model(spec: str) -> dict[str, Any]:
 
     model = load(spec)
     ops = Counter(
-        str(getattr(n.target, "__name__", n.target)) for n in model.gm.graph.nodes if n.op == "call_function"
+        str(getattr(n.target, "__name__", n.target))
+        for n in model.gm.graph.nodes
+        if n.op == "call_function"
     )
     acc = model.accounting()
     return {

@@ -93,7 +93,9 @@ class Model:
     def set_calibration(self, data: torch.Tensor) -> None:
         check_finite("calibration data", data)
         if data.dim() < 2 or data.shape[0] == 0:
-            raise DataError(f"calibration data must be a non-empty batch, got shape {tuple(data.shape)}")
+            raise DataError(
+                f"calibration data must be a non-empty batch, got shape {tuple(data.shape)}"
+            )
         self.calibration = data
 
     def check_weights(self) -> None:
@@ -106,7 +108,9 @@ class Model:
         from .graph_edits import get_tensor
 
         return {
-            n.target: get_tensor(self.gm, n.target) for n in self.gm.graph.nodes if n.op == "get_attr"
+            n.target: get_tensor(self.gm, n.target)
+            for n in self.gm.graph.nodes
+            if n.op == "get_attr"
             if isinstance(get_tensor(self.gm, n.target), torch.Tensor)
         }
 

@@ -79,7 +79,10 @@ def dequantize_kn(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """Dequantize ``[K, N]`` codes whose scale/zero rows cover ``group_size`` input rows each."""
-    rows = (codes.to(scale.dtype) - zero.to(scale.dtype).repeat_interleave(group_size, 0)[: codes.shape[0]])
+    rows = (
+        codes.to(scale.dtype)
+        - zero.to(scale.dtype).repeat_interleave(group_size, 0)[: codes.shape[0]]
+    )
     return rows * scale.repeat_interleave(group_size, 0)[: codes.shape[0]]
 
 
@@ -106,7 +109,9 @@ quantize_per_token.register_autograd(_ste_backward_per_token, setup_context=_ste
 
 
 @torch.library.custom_op(f"{LIB}::quantize_static", mutates_args=())
-def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_static(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Static per-tensor fake quantization with calibrated ``scale``/``zero`` (0-d tensors)."""
     return qk.fake_quantize_static(x, scale, zero, bits)
 

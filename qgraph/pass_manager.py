@@ -135,12 +135,16 @@ def parse_pipeline(text: str) -> list[Pass]:
     while pos < len(text):
         m = _ITEM.match(text, pos)
         if m is None or m.end() == pos:
-            raise PipelineError(f"cannot parse pipeline at character {pos}: {text[pos:pos + 30]!r}")
+            raise PipelineError(
+                f"cannot parse pipeline at character {pos}: {text[pos : pos + 30]!r}"
+            )
         name, body = m.group(1), m.group(2)
         if name not in passes:
             close = [p for p in passes if p.split("-")[0] == name.split("-")[0]]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise PipelineError(f"unknown pass '{name}'{hint}; known passes: {', '.join(sorted(passes))}")
+            raise PipelineError(
+                f"unknown pass '{name}'{hint}; known passes: {', '.join(sorted(passes))}"
+            )
         opts: dict[str, str] = {}
         for item in filter(None, (s.strip() for s in (body or "").split(","))):
             if "=" not in item:
@@ -207,7 +211,9 @@ def relative_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, tuple[i
 
 def _op_histogram(model: Model) -> Counter:
     return Counter(
-        str(getattr(n.target, "__name__", n.target)) for n in model.gm.graph.nodes if n.op == "call_function"
+        str(getattr(n.target, "__name__", n.target))
+        for n in model.gm.graph.nodes
+        if n.op == "call_function"
     )
 
 

@@ -47,12 +47,16 @@ _SHAPE_OPS = {
     aten.flatten.using_ints,
 }
 # Head-layout ops allowed between v_proj, attention and o_proj (they move whole heads).
-_HEAD_OPS = _SHAPE_OPS | _CASTS | {
-    aten.transpose.int,
-    aten.permute.default,
-    aten.expand.default,
-    aten.repeat_interleave.self_int,
-}
+_HEAD_OPS = (
+    _SHAPE_OPS
+    | _CASTS
+    | {
+        aten.transpose.int,
+        aten.permute.default,
+        aten.expand.default,
+        aten.repeat_interleave.self_int,
+    }
+)
 _IGNORED = {aten._assert_tensor_metadata.default}
 
 
@@ -193,7 +197,9 @@ class StructureView:
             if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
                 continue
             shape = _val(w).shape
-            lin = Linear(node, w.target, b.target if b is not None else None, int(shape[1]), int(shape[0]))
+            lin = Linear(
+                node, w.target, b.target if b is not None else None, int(shape[1]), int(shape[0])
+            )
             m = re.search(r"\.(\d+)\.", lin.weight)
             lin.layer = int(m.group(1)) if m else None
             self.linears.append(lin)
@@ -218,7 +224,9 @@ class StructureView:
             elif node.target is LAYER_NORM:
                 w, b = (list(node.args) + [None, None, None])[2:4]
                 eps = node.args[4] if len(node.args) > 4 else 1e-5
-                norm = Norm("layer", node.args[0], node, _attr(w), _attr(b), float(eps), None, [node])
+                norm = Norm(
+                    "layer", node.args[0], node, _attr(w), _attr(b), float(eps), None, [node]
+                )
             elif node.target is RMS_NORM:
                 w = node.args[2] if len(node.args) > 2 else None
                 eps = node.args[3] if len(node.args) > 3 else None
@@ -241,9 +249,7 @@ class StructureView:
             x = sq.args[0]
         else:
             return None
-        normed = next(
-            (u for u in users(rsqrt) if _is(u, aten.mul.Tensor) and x in u.args), None
-        )
+        normed = next((u for u in users(rsqrt) if _is(u, aten.mul.Tensor) and x in u.args), None)
         if normed is None or len(users(rsqrt)) != 1:
             return None
         nodes = [sq, mean, add, rsqrt, normed]
@@ -279,8 +285,18 @@ class StructureView:
             v_lin, v_ok, reason = self._trace_back_linear(node.args[2], head_dim)
             o_lin, o_ok, o_reason = self._trace_forward_linear(node, head_dim)
             num_kv = v_lin.out_features // head_dim if v_lin else int(k_val.shape[1])
-            att = Attention(node, None, None, v_lin, o_lin, num_heads, num_kv, head_dim,
-                            v_ok and o_ok, reason or o_reason)
+            att = Attention(
+                node,
+                None,
+                None,
+                v_lin,
+                o_lin,
+                num_heads,
+                num_kv,
+                head_dim,
+                v_ok and o_ok,
+                reason or o_reason,
+            )
             if v_lin is not None:
                 for lin in self.linears:
                     if lin is v_lin or lin.node.args[0] is not v_lin.node.args[0]:
@@ -306,7 +322,9 @@ class StructureView:
             return lin, False, f"{lin.name} output has other readers"
         return lin, True, ""
 
-    def _trace_forward_linear(self, node: fx.Node, head_dim: int) -> tuple[Linear | None, bool, str]:
+    def _trace_forward_linear(
+        self, node: fx.Node, head_dim: int
+    ) -> tuple[Linear | None, bool, str]:
         cur = node
         while True:
             us = users(cur)
@@ -382,7 +400,12 @@ class StructureView:
 
     def _assign_roles(self) -> None:
         for att in self.attention:
-            for role, lin in (("attn_q", att.q), ("attn_k", att.k), ("attn_v", att.v), ("attn_o", att.o)):
+            for role, lin in (
+                ("attn_q", att.q),
+                ("attn_k", att.k),
+                ("attn_v", att.v),
+                ("attn_o", att.o),
+            ):
                 if lin is not None:
                     lin.role = role
         writer_set = set(self.residual.writers)
@@ -393,10 +416,16 @@ class StructureView:
         for lin in self.residual.writers:
             if lin.role == "other":
                 lin.role = "mlp_out"
-        final = [n for n in self.residual.norms if any(r.out_features > (self.residual.hidden or 0) * 8 for r in n.readers)]
+        final = [
+            n
+            for n in self.residual.norms
+            if any(r.out_features > (self.residual.hidden or 0) * 8 for r in n.readers)
+        ]
         for norm in final:
             for lin in norm.readers:
-                if lin not in writer_set and lin.out_features == max(x.out_features for x in self.linears):
+                if lin not in writer_set and lin.out_features == max(
+                    x.out_features for x in self.linears
+                ):
                     lin.role = "lm_head"
         for emb in self.embeddings:
             for lin in emb.tied_linears:
@@ -432,9 +461,14 @@ class StructureView:
             "residual_writers": len(self.residual.writers),
             "residual_norms": len(self.residual.norms),
             "attention": (
-                {"layers": len(self.attention), "heads": att.num_heads, "kv_heads": att.num_kv_heads,
-                 "head_dim": att.head_dim}
-                if att else None
+                {
+                    "layers": len(self.attention),
+                    "heads": att.num_heads,
+                    "kv_heads": att.num_kv_heads,
+                    "head_dim": att.head_dim,
+                }
+                if att
+                else None
             ),
             "issues": self.issues,
         }

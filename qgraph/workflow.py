@@ -49,8 +49,12 @@ class Job:
         t = time.perf_counter()
         self.lm: LoadedLM = load_causal_lm(model_spec)
         log(f"loaded {self.lm.name} from {self.lm.source} in {time.perf_counter() - t:.1f}s")
-        self.calib = token_windows(self.lm.tokenizer, load_text(calib_text, "calib"), window, calib_windows)
-        self.eval = token_windows(self.lm.tokenizer, load_text(eval_text, "eval"), window, eval_windows)
+        self.calib = token_windows(
+            self.lm.tokenizer, load_text(calib_text, "calib"), window, calib_windows
+        )
+        self.eval = token_windows(
+            self.lm.tokenizer, load_text(eval_text, "eval"), window, eval_windows
+        )
         self.progress = progress
         self._float_ppl: float | None = None
 
@@ -119,13 +123,17 @@ class Job:
         return report
 
 
-def export_and_check(model: Model, path, pipeline: str, windows: torch.Tensor, progress: bool) -> dict:
+def export_and_check(
+    model: Model, path, pipeline: str, windows: torch.Tensor, progress: bool
+) -> dict:
     from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
 
     t = time.perf_counter()
     path = export_model(model, path, pipeline)
     seconds = time.perf_counter() - t
-    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    size = path.stat().st_size + sum(
+        p.stat().st_size for p in path.parent.glob(path.name + ".data")
+    )
     log(f"exported {path} ({size / 2**20:.1f} MB) in {seconds:.1f}s")
     ops = optimized_op_histogram(path)
     ort_ppl = perplexity(ort_forward(path), windows, progress=progress, desc="onnxruntime ppl")

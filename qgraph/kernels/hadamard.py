@@ -438,16 +438,34 @@ def fast_hadamard_transform(
     shape = x.shape
     y = x.reshape(-1, k, m)
     rows = y.shape[0]
-    h = 1
-    while h < m:  # Sylvester butterflies: H_2h = H_2 (x) H_h on blocks of 2h entries
-        y = y.reshape(rows, k, m // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    y = y.reshape(rows, k, m)
-    if k > 1:
+    if k > 1:  # y[r, k', j] = sum_k H_K[k, k'] y[r, k, j]: one GEMM over all rows
         hk = _base_matrix(k).to(dtype=x.dtype, device=x.device)
-        y = torch.matmul(hk.T, y)
+        y = torch.matmul(y.transpose(1, 2), hk).transpose(1, 2)
+    # Sylvester butterflies H_2h = H_2 (x) H_h on blocks of 2h entries, ping-ponging between
+    # two buffers with out= so each stage is one read and one write of the data.
+    # The caller's tensor is only ever read: when ``y`` still aliases it, the first stage
+    # writes into a fresh buffer and the alias is dropped rather than reused.
+    owned = y.data_ptr() != x.data_ptr()
+    y = y.contiguous()
+    if m > 1 and torch.is_grad_enabled() and y.requires_grad:  # out= is not differentiable
+        h = 1
+        while h < m:
+            src = y.reshape(rows, k, m // (2 * h), 2, h)
+            a, b = src[..., 0, :], src[..., 1, :]
+            y = torch.stack((a + b, a - b), dim=-2)
+            h *= 2
+        y = y.reshape(rows, k, m)
+    elif m > 1:
+        buf = torch.empty_like(y)
+        h = 1
+        while h < m:
+            src = y.view(rows, k, m // (2 * h), 2, h)
+            dst = buf.view(rows, k, m // (2 * h), 2, h)
+            torch.add(src[..., 0, :], src[..., 1, :], out=dst[..., 0, :])
+            torch.sub(src[..., 0, :], src[..., 1, :], out=dst[..., 1, :])
+            y, buf = buf, (y if owned else torch.empty_like(y))
+            owned = True
+            h *= 2
     y = y.reshape(shape)
     if normalize:
         y = y * (1.0 / math.sqrt(n))
