@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from common import header, job
+
 from qgraph.backends.onnx_backend import export_model, optimized_op_histogram
 from qgraph.backends.ort_runtime import OrtModel
-
 from qgraph.pass_manager import PassManager
 
 

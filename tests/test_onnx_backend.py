@@ -14,13 +14,13 @@ import onnx_ir as ir
 import pytest
 import torch
 from onnx import numpy_helper
+from torch.export import Dim
+
+import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
 from qgraph.backends import onnx_export
 from qgraph.backends.onnx_export import export_onnx, op_histogram, postprocess
 from qgraph.backends.onnx_lowering import CUSTOM_TRANSLATIONS
 from qgraph.backends.ort_runtime import OrtModel, optimized_op_histogram
-from torch.export import Dim
-
-import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
 from qgraph.errors import ExportError
 
 ops = torch.ops.qgraph
