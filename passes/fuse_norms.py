@@ -111,7 +111,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
             and len(conv.users) == 1
         ):
             continue
-        x, w_node, b_node, *rest = conv.args
+        w_node = conv.args[1]
+        b_node = conv.args[2] if len(conv.args) > 2 else None
         bn_w, bn_b, mean, var = (node.args[i] for i in (1, 2, 3, 4))
         eps = node.args[7] if node.target is aten.batch_norm.default else node.args[6]
         if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (w_node, mean, var)):

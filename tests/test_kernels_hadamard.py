@@ -351,6 +351,39 @@ def test_fast_transform_float32(n, with_signs):
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 16, 24])
+@pytest.mark.parametrize("with_signs", [True, False])
+def test_fast_transform_never_modifies_input(n, with_signs):
+    signs = had.random_signs(n, 0) if with_signs else None
+    for x in (
+        torch.randn(6, n, dtype=torch.float64),  # contiguous: may alias internal buffers
+        torch.randn(n, 6, dtype=torch.float64).t(),  # non-contiguous
+        torch.randn(3, 2 * n, dtype=torch.float64)[:, n:],  # view with a storage offset
+    ):
+        base = x.clone()
+        s_before = None if signs is None else signs.clone()
+        y = had.fast_hadamard_transform(x, False, signs)
+        assert torch.equal(x, base)
+        assert signs is None or torch.equal(signs, s_before)
+        ref = _ref_transform(base.numpy(), n, False, None if signs is None else signs.numpy())
+        np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=1e-12 * n)
+        assert y.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("n", [16, 24, 576])
+def test_fast_transform_with_autograd_matches_reference(n):
+    """The autograd path must give the same values and the gradient H^T g (H^T = H^-1 * n)."""
+    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+    signs = had.random_signs(n, 2)
+    y = had.fast_hadamard_transform(x, True, signs)
+    ref = _ref_transform(x.detach().numpy(), n, True, signs.numpy())
+    np.testing.assert_allclose(y.detach().numpy(), ref, rtol=0, atol=1e-12 * n)
+    g = torch.randn_like(y)
+    y.backward(g)
+    q = signs.numpy()[:, None] * _matrix(n) / math.sqrt(n)
+    np.testing.assert_allclose(x.grad.numpy(), g.numpy() @ q.T, rtol=0, atol=1e-12 * n)
+
+
 def test_fast_transform_keeps_input_and_layout():
     x = torch.randn(6, 24, dtype=torch.float64)
     before = x.clone()
