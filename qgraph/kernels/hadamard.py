@@ -466,6 +466,8 @@ def fast_hadamard_transform(
             y, buf = buf, (y if owned else torch.empty_like(y))
             owned = True
             h *= 2
+    if n == 1 and not normalize:
+        y = y.clone()  # H_1 = [1]: never hand back an alias of the caller's tensor
     y = y.reshape(shape)
     if normalize:
         y = y * (1.0 / math.sqrt(n))
