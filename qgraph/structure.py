@@ -408,25 +408,15 @@ class StructureView:
             ):
                 if lin is not None:
                     lin.role = role
-        writer_set = set(self.residual.writers)
         for norm in self.residual.norms:
             for lin in norm.readers:
                 if lin.role == "other":
-                    lin.role = "mlp_in"
+                    # a stream reader whose output is the graph's output is the output head
+                    out = _forward_through(lin.node, is_feature_transparent)
+                    lin.role = "lm_head" if any(u.op == "output" for u, _ in out) else "mlp_in"
         for lin in self.residual.writers:
             if lin.role == "other":
                 lin.role = "mlp_out"
-        final = [
-            n
-            for n in self.residual.norms
-            if any(r.out_features > (self.residual.hidden or 0) * 8 for r in n.readers)
-        ]
-        for norm in final:
-            for lin in norm.readers:
-                if lin not in writer_set and lin.out_features == max(
-                    x.out_features for x in self.linears
-                ):
-                    lin.role = "lm_head"
         for emb in self.embeddings:
             for lin in emb.tied_linears:
                 lin.role = "lm_head"
