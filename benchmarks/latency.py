@@ -42,7 +42,7 @@ def main() -> None:
     recipes = {
         "float32": None,
         "W4A16": "quantize{w=int4:channel}",
-        "W4A16-g128": "quantize{w=int4:group128}",
+        "W4A16-g64": "quantize{w=int4:group64}",
     }
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

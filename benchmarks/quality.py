@@ -18,7 +18,7 @@ from common import header, job
 FORMATS = {
     "W8A8": "quantize{w=int8:channel,a=int8:token}",
     "W4A16": "quantize{w=int4:channel}",
-    "W4A16-g128": "quantize{w=int4:group128}",
+    "W4A16-g64": "quantize{w=int4:group64}",
     "W4A8": "quantize{w=int4:channel,a=int8:token}",
     "W4A4": "quantize{w=int4:channel,a=int4:token}",
 }

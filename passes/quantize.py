@@ -99,18 +99,26 @@ def quantize_linear_weight(
     w: torch.Tensor, spec: WeightSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """RTN-quantize ``w [out, in]``; returns (codes [in,out], scale [G,out], zero [G,out], group, n_scales)."""
-    out_f, in_f = w.shape
-    if spec.granularity == "group" and in_f % spec.group_size:
+    if spec.granularity == "group" and w.shape[1] % spec.group_size:
         raise PipelineError(
-            f"quantize: group size {spec.group_size} does not divide input size {in_f}"
+            f"quantize: group size {spec.group_size} does not divide input size {w.shape[1]}"
         )
     scale, zero = qk.weight_qparams(
         w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size
     )
     codes = qk.quantize_weight(w.float(), scale, zero, spec.bits)  # [out, in]
+    return to_storage(codes, scale, zero, spec)
+
+
+def to_storage(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """From quant.py's layout (codes [out,in], scale/zero [out or 1, G]) to qlinear's stored
+    layout (codes [in,out], scale/zero [in/group, out]); also the storage group and the number
+    of distinct scales."""
+    out_f, in_f = codes.shape
     group = storage_group(in_f, spec)
     n_scales = scale.numel() if spec.granularity != "tensor" else 1
-    # scale/zero [out or 1, G] → [in/group, out] rows of the stored layout
     reps = in_f // group
     scale_kn = scale.expand(out_f, -1).T
     zero_kn = zero.expand(out_f, -1).T
@@ -218,6 +226,7 @@ class Quantize(Pass):
             ranges = calibrate_minmax(
                 model, [lin.node for lin in chosen], self.opt("calib-batches")
             )
+        self._token_quant: dict[fx.Node, fx.Node] = {}
         for lin in chosen:
             self._rewrite(gm, lin, ranges.get(lin.node))
         finish(gm)
@@ -233,13 +242,17 @@ class Quantize(Pass):
         codes, scale, zero, group, n_scales = quantize_linear_weight(w, self.wspec)
         g = gm.graph
         x = node.args[0]
+        if self.aspec is not None and self.aspec.mode == "token":
+            # one dynamic quantizer per input tensor, shared by the layers reading it (q/k/v)
+            if x not in self._token_quant:
+                with g.inserting_after(x):
+                    self._token_quant[x] = g.call_function(
+                        torch.ops.qgraph.quantize_per_token.default,
+                        (x, self.aspec.bits, self.aspec.symmetric),
+                    )
+            x = self._token_quant[x]
         with g.inserting_before(node):
-            if self.aspec is not None and self.aspec.mode == "token":
-                x = g.call_function(
-                    torch.ops.qgraph.quantize_per_token.default,
-                    (x, self.aspec.bits, self.aspec.symmetric),
-                )
-            elif self.aspec is not None:
+            if self.aspec is not None and self.aspec.mode == "tensor":
                 s, z = qk.minmax_qparams(
                     act_range[0], act_range[1], self.aspec.bits, self.aspec.symmetric
                 )
@@ -271,6 +284,8 @@ class Quantize(Pass):
             "out_features": lin.out_features,
             "scales": n_scales,
             "act": self.opt("a"),
+            "float_weight": w,  # a reference (no copy) for passes that re-solve the weights
+            "group_storage": group,
         }
         node.replace_all_uses_with(q)
         g.erase_node(node)

@@ -59,6 +59,11 @@ def _qlinear_backward(ctx, grad):
 qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place edit counter; inference tensors have none (they are never edited by qgraph)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _cached_weight(codes, scale, zero, group_size: int) -> torch.Tensor:
     """Dequantized weight, memoized per codes tensor so evaluation does not redo it every call.
 
@@ -66,7 +71,7 @@ def _cached_weight(codes, scale, zero, group_size: int) -> torch.Tensor:
     the versions and identities of all three tensors, so an edited tensor never serves a stale
     weight.
     """
-    key = (codes._version, id(scale), scale._version, id(zero), zero._version, group_size)
+    key = (_version(codes), id(scale), _version(scale), id(zero), _version(zero), group_size)
     hit = getattr(codes, "_qgraph_dequant", None)
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -116,7 +116,8 @@ def assert_exact(hf: torch.nn.Module, model: qgraph.Model, vocab: int) -> None:
 
 
 def rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 def weight_of(model: qgraph.Model, name: str) -> torch.Tensor:
@@ -124,6 +125,11 @@ def weight_of(model: qgraph.Model, name: str) -> torch.Tensor:
     lins = [lin for lin in model.structure.linears if name in lin.weight or name in lin.name]
     assert len(lins) == 1, [lin.name for lin in model.structure.linears]
     return get_tensor(model.gm, lins[0].weight)
+
+
+def weight_of_name(model: qgraph.Model, name: str):
+    (lin,) = [lin for lin in model.structure.linears if name in lin.weight]
+    return lin
 
 
 def embedding_of(model: qgraph.Model, index: int = 0) -> torch.Tensor:
@@ -276,12 +282,19 @@ def test_opt_fold_affine_only_is_exact_and_rotate_refuses_layernorm() -> None:
     layer = hf.model.decoder.layers[0]
     ln, fc1 = layer.final_layer_norm, layer.fc1
     torch.testing.assert_close(weight_of(model, "layers.0.fc1"), (fc1.weight * ln.weight).detach())
-    fc1_bias = [lin for lin in model.structure.linears if "layers.0.fc1" in lin.weight][0].bias
+    fc1_bias = weight_of_name(model, "layers.0.fc1").bias
     expected_bias = (fc1.bias + fc1.weight @ ln.bias).detach()
     torch.testing.assert_close(get_tensor(model.gm, fc1_bias), expected_bias)
     # LayerNorms remain on the stream: a rotation would not be exact, so it is refused
-    with pytest.raises(qgraph.StructureError):
+    with pytest.raises(qgraph.StructureError, match="LayerNorm"):
         qgraph.run_pipeline(model, "rotate")
+    assert_exact(hf, model, 128)
+    # the per-head value/output rotation needs no RMSNorm stream; it handles v_proj's bias
+    v_before = get_tensor(model.gm, weight_of_name(model, "layers.0.self_attn.v_proj").bias)
+    qgraph.run_pipeline(model, "rotate{r1=false,seed=4}", verify_each=True)
+    assert model.log[-1].summary["r2_heads_rotated_in_layers"] == 2
+    v_after = get_tensor(model.gm, weight_of_name(model, "layers.0.self_attn.v_proj").bias)
+    assert rel_change(v_after, v_before) > 0.1
     assert_exact(hf, model, 128)
 
 
@@ -396,7 +409,7 @@ def test_user_model_train_mode_is_restored() -> None:
 def test_random_norm_scales_matter(llama_tied) -> None:
     """The reference depends on γ: dropping the norm scales changes the logits materially."""
     hf, traced = llama_tied
-    gammas = [p for n, p in hf.named_parameters() if "norm" in n]
+    gammas = [p.detach() for n, p in hf.named_parameters() if "norm" in n]
     assert all(float((g - 1).abs().max()) > 0.3 for g in gammas)
     assert all(float(g.min()) > 0 for g in gammas)
     plain = copy.deepcopy(hf)

@@ -1,0 +1,39 @@
+"""Calibration as an analysis of the graph as it is now.
+
+:class:`ResumableRun` interprets the current FX graph on the calibration batch node by node
+and lets a pass act *between* nodes — e.g. collect the input Hessian of a group of linear
+layers, re-solve their weights, and continue — so that every layer is calibrated on inputs
+produced by the already-rewritten layers before it (after rotations, with earlier layers
+quantized). Values are freed after their last use, so memory stays at the live activations
+of about one layer for the calibration batch, not the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+
+class ResumableRun(fx.Interpreter):
+    """Run ``gm`` on ``inputs``; ``before(node, run)`` is called before each node executes."""
+
+    def __init__(self, gm: fx.GraphModule, before: Callable[[fx.Node, ResumableRun], None]):
+        super().__init__(gm, garbage_collect_values=True)
+        self.before = before
+
+    def run_node(self, n: fx.Node):
+        self.before(n, self)
+        return super().run_node(n)
+
+    def refresh_attr(self, node: fx.Node) -> None:
+        """Re-read a get_attr node's tensor after a pass rebound the attribute mid-run."""
+        if node in self.env:
+            self.env[node] = self.fetch_attr(node.target)
+
+
+def input_hessian(x: torch.Tensor) -> torch.Tensor:
+    """``XᵀX`` (float64) of activations ``x [..., in]`` flattened over all leading dims."""
+    flat = x.reshape(-1, x.shape[-1]).double()
+    return flat.T @ flat
