@@ -105,14 +105,20 @@ class Model:
 
     # -- accounting --------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the graph reads (get_attr nodes with users), each storage counted once."""
         from .graph_edits import get_tensor
 
-        return {
-            n.target: get_tensor(self.gm, n.target)
-            for n in self.gm.graph.nodes
-            if n.op == "get_attr"
-            if isinstance(get_tensor(self.gm, n.target), torch.Tensor)
-        }
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for n in self.gm.graph.nodes:
+            if n.op != "get_attr" or not n.users:
+                continue
+            t = get_tensor(self.gm, n.target)
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in seen:
+                continue
+            seen.add(t.untyped_storage().data_ptr())
+            out[n.target] = t
+        return out
 
     def accounting(self) -> dict[str, float]:
         """Parameters and volume (Σ elements × bits) counted from what the graph stores.

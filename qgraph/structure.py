@@ -364,7 +364,7 @@ class StructureView:
                     frontier.append(u)
                 elif _is(u, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in u.args):
                     other = u.args[1] if u.args[0] is val else u.args[0]
-                    if other in values:
+                    if other in values or _back_through(other, is_feature_transparent) in values:
                         values.add(u)
                         frontier.append(u)
                         continue

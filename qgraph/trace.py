@@ -6,6 +6,7 @@ import torch
 from torch import fx
 
 from .errors import TraceError
+from .graph_edits import finish
 
 
 class CausalLMLogits(torch.nn.Module):
@@ -29,7 +30,8 @@ def trace(
     Parameters of the returned graph share storage with ``module``; qgraph's passes never
     write to them in place (they register new tensors), so the user's model stays unchanged.
     """
-    module = module.eval()
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
     try:
         with torch.no_grad():
             program = torch.export.export(
@@ -43,8 +45,12 @@ def trace(
             "unsupported ops are the usual causes; rewrite that branch with torch.cond/torch.where "
             "or trace a wrapper that avoids it."
         ) from exc
+    finally:
+        for m, training in modes.items():  # the user's module keeps its train/eval flags
+            m.training = training
     gm = program.module()
     _drop_guards(gm)
+    finish(gm)  # drop constants nothing reads (e.g. the tied copy of an embedding)
     return gm
 
 

@@ -246,14 +246,6 @@ def test_llama_hidden_576_exact() -> None:
 # ---------------------------------------------------------------------------- (d) OPT
 
 
-@pytest.mark.xfail(
-    reason=(
-        "StructureView._walk_residual visits embeddings in graph order; OPT adds the learned "
-        "position embedding (through aten.to) to the token embedding before that path is "
-        "visited, so the add is reported as an issue and fuse-norms refuses ln-to-rms"
-    ),
-    strict=True,
-)
 def test_opt_layernorm_to_rms_and_rotate_exact() -> None:
     hf = tiny_opt(seed=0)
     model = qgraph.from_hf(hf)
@@ -388,13 +380,6 @@ def test_user_untied_model_is_never_modified_by_exact_passes() -> None:
     assert_state_identical(hf, before)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "qgraph.trace.trace calls module.eval() on the user's module and never restores its "
-        "training flag, although from_module promises 'The module is not modified'"
-    ),
-    strict=True,
-)
 def test_user_model_train_mode_is_restored() -> None:
     hf = tiny_llama(tied=True, seed=10, layers=1)
     hf.train()
