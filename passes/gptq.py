@@ -50,7 +50,9 @@ class GPTQ(Pass):
         Option("act-order", bool, False, "process columns by decreasing Hessian diagonal"),
         Option("block-size", int, 128, "columns per lazy-update block"),
         Option("mse", bool, False, "per-channel clip search minimising weight MSE"),
-        Option("calib-windows", int, 16, "calibration windows used (of the model's calibration data)"),
+        Option(
+            "calib-windows", int, 16, "calibration windows used (of the model's calibration data)"
+        ),
     )
     requires = frozenset({"quantized"})
     provides = frozenset({"gptq"})
@@ -108,4 +110,6 @@ class GPTQ(Pass):
 
 
 def _rtn_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    return fake_quantize_weight(w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size)
+    return fake_quantize_weight(
+        w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size
+    )
