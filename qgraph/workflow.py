@@ -24,7 +24,7 @@ from .pass_manager import PassManager, format_record, parse_pipeline
 # The best recipe so far for each format (see benchmarks/README.md for the measurements).
 RECIPES = {
     "w8a8": "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}",
-    "w4a16": "quantize{w=int4:channel}",
+    "w4a16": "fuse-norms,rotate{seed=0},quantize{w=int4:channel},gptq",
 }
 
 
