@@ -44,17 +44,16 @@ def main() -> None:
     print(
         f"{args.windows} windows × 512 tokens of held-out text (stdlib docstrings, eval split).\n"
     )
-    print("| format | rotation | perplexity | Δ vs float | params (M) | volume (MB) | rewrite s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | rotation | perplexity | Δ vs float | params (M) | volume (MB) |")
+    print("|---|---|---|---|---|---|")
     print(
         f"| float32 | – | {fp['ppl_float']:.3f} | – | {fp['params_float'] / 1e6:.1f} | "
-        f"{fp['volume_bits_float'] / 8 / 2**20:.1f} | – |"
+        f"{fp['volume_bits_float'] / 8 / 2**20:.1f} |"
     )
     for label, rot, rep, _ in rows:
-        rewrite = sum(p["seconds"] for p in rep["passes"])
         print(
             f"| {label} | {rot} | {rep['ppl']:.3f} | {100 * (rep['ppl'] / rep['ppl_float'] - 1):+.2f} % | "
-            f"{rep['params'] / 1e6:.1f} | {rep['volume_bits'] / 8 / 2**20:.1f} | {rewrite:.1f} |"
+            f"{rep['params'] / 1e6:.1f} | {rep['volume_bits'] / 8 / 2**20:.1f} |"
         )
 
 
