@@ -2,13 +2,35 @@
 
 Weight spec ``int<b>[:channel|:tensor|:group<g>][:sym|:asym]`` (default channel, sym);
 activation spec ``none``, ``int<b>:token[:sym|:asym]`` (dynamic per token, default asym) or
-``int<b>:tensor[:sym|:asym]`` (static per tensor, min/max calibrated on the model's
-calibration data as the graph is now). Each selected ``linear`` becomes ``qgraph::qlinear``
-with int codes in ``[in, out]`` layout, preceded by an activation quantizer when asked.
+``int<b>:tensor[:sym|:asym]`` (static per tensor, calibrated on the model's calibration
+data as the graph is now). Each selected ``linear`` becomes ``qgraph::qlinear`` with int codes
+in ``[in, out]`` layout, preceded by an activation quantizer when asked.
+
+Range choice (qgraph/kernels/ranges.py, METHODS.md section 5), static activations only:
+
+* ``range=minmax`` (default): the observed (min, max) over all calibration windows;
+* ``range=percentile``: ``percentile_range(sample, percentile, symmetric)``, i.e.
+  (P_{100-p}, P_p) for an asymmetric spec, (-P_p(|x|), P_p(|x|)) for a symmetric one;
+* ``range=mse``: ``mse_range`` (clip-ratio search) on at most ``MSE_SAMPLE_CAP`` values;
+* ``range=klj``: the KL-J threshold t of |x| (``klj_threshold``, signed); KL-J always gives the
+  symmetric range (-t, t), also for an ``:asym`` spec (which then only sets the grid:
+  s = 2t / (2^b - 1), zero 0). With ``pow2`` the threshold is rounded up to a power of two
+  and the scale is the paper's ``klj_scale(t, bits, signed=True, power_of_two=True)``
+  = t / 2^(b-1), a power of two, with zero 0 (rescaling is a shift), whatever :sym/:asym says.
+
+Every other range becomes (scale, zero) through ``quant.minmax_qparams(lo, hi, bits, symmetric)``.
+The searches work on a seeded uniform random subsample of each layer input (at most
+``SAMPLE_CAP`` values over all windows; every value when there are fewer, so small models are
+calibrated exactly), see :func:`calibrate_ranges`.
+
+``clip=mse`` chooses the weight scales per row/group by ``kernels.gptq.mse_clip_search``
+(the clip ratio of least reconstruction error, 1.0 = RTN included) instead of
+``weight_qparams``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +42,20 @@ from qgraph import ops  # noqa: F401  (registers torch.ops.qgraph)
 from qgraph.errors import DataError, PipelineError
 from qgraph.graph_edits import finish, get_attr_node, get_tensor, new_attr
 from qgraph.kernels import quant as qk
+from qgraph.kernels import ranges as rk
+from qgraph.kernels.gptq import mse_clip_search
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
 from qgraph.structure import Linear
 
 _SPEC = re.compile(r"^int([2-8])((?::[a-z0-9]+)*)$")
+
+#: Most values of one layer input kept for the range searches (over all calibration windows).
+SAMPLE_CAP = 1 << 20
+#: Most values handed to ``mse_range`` (100 fake-quantizations each; slow on large inputs).
+MSE_SAMPLE_CAP = 100_000
+RANGES = ("minmax", "percentile", "mse", "klj")
+CLIPS = ("none", "mse")
 
 
 @dataclass(frozen=True)
@@ -96,16 +127,21 @@ def storage_group(in_features: int, spec: WeightSpec) -> int:
 
 
 def quantize_linear_weight(
-    w: torch.Tensor, spec: WeightSpec
+    w: torch.Tensor, spec: WeightSpec, clip: str = "none"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """RTN-quantize ``w [out, in]``; returns (codes [in,out], scale [G,out], zero [G,out], group, n_scales)."""
+    """RTN-quantize ``w [out, in]``; returns (codes [in,out], scale [G,out], zero [G,out], group, n_scales).
+
+    ``clip="mse"`` picks each row's/group's clip ratio by weight MSE (``mse_clip_search``)
+    instead of the full min/max range of ``weight_qparams``; the rounding is RTN either way.
+    """
     if spec.granularity == "group" and w.shape[1] % spec.group_size:
         raise PipelineError(
             f"quantize: group size {spec.group_size} does not divide input size {w.shape[1]}"
         )
-    scale, zero = qk.weight_qparams(
-        w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size
-    )
+    if clip not in CLIPS:
+        raise PipelineError(f"quantize: clip must be one of {', '.join(CLIPS)}; got {clip!r}")
+    qparams = mse_clip_search if clip == "mse" else qk.weight_qparams
+    scale, zero = qparams(w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size)
     codes = qk.quantize_weight(w.float(), scale, zero, spec.bits)  # [out, in]
     return to_storage(codes, scale, zero, spec)
 
@@ -148,37 +184,154 @@ def _select(model: Model, pattern: str, exclude: str) -> list[Linear]:
     return chosen
 
 
-def calibrate_minmax(
-    model: Model, nodes: list[fx.Node], batches: int
-) -> dict[fx.Node, tuple[float, float]]:
-    """Observe min/max of each node's first input while running the graph as it is now."""
+class _Reservoir:
+    """Seeded uniform random sample without replacement of a stream of tensors (bottom-k).
+
+    Every value gets an independent random int32 key; the ``cap`` values of smallest key are
+    kept, which is a uniform sample of everything seen, mergeable batch by batch. While at
+    most ``cap`` values have been seen, all of them are kept (exact).
+    """
+
+    def __init__(self, cap: int, seed: int):
+        self.cap = cap
+        self.gen = torch.Generator().manual_seed(seed)
+        self.values: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        v = x.detach().reshape(-1).to(torch.float32, copy=True)
+        k = torch.randint(0, 2**31 - 1, v.shape, generator=self.gen, dtype=torch.int32)
+        if self.size + v.numel() <= self.cap:
+            self.values.append(v)
+            self.keys.append(k)
+            self.size += v.numel()
+            return
+        if self.size == self.cap:  # full: only keys below the current largest can enter
+            keep = k < max(int(c.max()) for c in self.keys)
+            v, k = v[keep], k[keep]
+        vals = torch.cat([*self.values, v])
+        keys = torch.cat([*self.keys, k])
+        if keys.numel() > self.cap:
+            idx = torch.topk(keys, self.cap, largest=False, sorted=False).indices
+            vals, keys = vals[idx], keys[idx]
+        self.values, self.keys, self.size = [vals], [keys], vals.numel()
+
+    def sample(self, limit: int | None = None) -> torch.Tensor:
+        """The kept values (float32, 1-D); with ``limit``, a uniform sub-subsample of that size."""
+        vals = torch.cat(self.values) if self.values else torch.empty(0)
+        if limit is not None and vals.numel() > limit:
+            keys = torch.cat(self.keys)
+            vals = vals[torch.topk(keys, limit, largest=False, sorted=False).indices]
+        return vals
+
+
+@dataclass
+class ActStats:
+    """What calibration observed at the input of one linear layer."""
+
+    lo: float
+    hi: float
+    count: int  # values seen over all windows
+    reservoir: _Reservoir | None = None
+
+    def sample(self, limit: int | None = None) -> torch.Tensor:
+        """Uniform random subsample of the input values (all of them when count <= the cap)."""
+        if self.reservoir is None:
+            raise ValueError("calibration kept no sample (calibrate_ranges(sample_cap=0))")
+        return self.reservoir.sample(limit)
+
+
+def calibrate_ranges(
+    model: Model,
+    nodes: list[fx.Node],
+    batches: int,
+    sample_cap: int = SAMPLE_CAP,
+    seed: int = 0,
+) -> dict[fx.Node, ActStats]:
+    """Observe each node's first input while running the graph as it is now.
+
+    Runs the first ``batches`` calibration windows one at a time and keeps, per node, the exact
+    min/max and (``sample_cap > 0``) a uniform random subsample of at most ``sample_cap`` input
+    values over all windows, seeded by ``seed`` and the input's position among the observed
+    inputs (reproducible). When fewer than ``sample_cap`` values are seen, the sample is all of
+    them. Nodes reading the same tensor (q/k/v) share one ActStats object.
+    """
     if model.calibration is None:
         raise DataError(
             "quantize: static activation quantization needs calibration data (--calib-text)"
         )
-    wanted = set(nodes)
-    stats: dict[fx.Node, list[float]] = {}
+    order = {x: i for i, x in enumerate(dict.fromkeys(n.args[0] for n in nodes))}
+    inputs: dict[fx.Node, ActStats] = {}  # by the observed input tensor's node
 
     class Observer(fx.Interpreter):
         def run_node(self, n):
-            if n in wanted:
-                x = self.env[n.args[0]]
-                lo, hi = float(x.min()), float(x.max())
-                if n in stats:
-                    stats[n] = [min(stats[n][0], lo), max(stats[n][1], hi)]
-                else:
-                    stats[n] = [lo, hi]
-            return super().run_node(n)
+            out = super().run_node(n)
+            if n in order:  # each observed tensor once per window, however many layers read it
+                lo, hi = float(out.min()), float(out.max())
+                st = inputs.get(n)
+                if st is None:
+                    res = _Reservoir(sample_cap, seed * 1_000_003 + order[n])
+                    st = inputs[n] = ActStats(lo, hi, 0, res if sample_cap > 0 else None)
+                if math.isnan(lo) or math.isnan(hi):  # min/max below would skip a NaN
+                    lo = hi = math.nan
+                st.lo = lo if math.isnan(lo) else min(st.lo, lo)
+                st.hi = hi if math.isnan(hi) else max(st.hi, hi)
+                st.count += out.numel()
+                if st.reservoir is not None:
+                    st.reservoir.add(out)
+            return out
 
     with torch.inference_mode():
         for i in range(min(batches, model.calibration.shape[0])):
             Observer(model.gm).run(model.calibration[i : i + 1])
-    for n, (lo, hi) in stats.items():
-        if not (torch.isfinite(torch.tensor(lo)) and torch.isfinite(torch.tensor(hi))):
+    stats = {n: inputs[n.args[0]] for n in nodes if n.args[0] in inputs}
+    for n, st in stats.items():
+        if not (math.isfinite(st.lo) and math.isfinite(st.hi)):
             raise DataError(
                 f"quantize: calibration produced non-finite activations at the input of {n.name}"
             )
-    return {n: (lo, hi) for n, (lo, hi) in stats.items()}
+    return stats
+
+
+def calibrate_minmax(
+    model: Model, nodes: list[fx.Node], batches: int
+) -> dict[fx.Node, tuple[float, float]]:
+    """Observe min/max of each node's first input while running the graph as it is now."""
+    stats = calibrate_ranges(model, nodes, batches, sample_cap=0)
+    return {n: (st.lo, st.hi) for n, st in stats.items()}
+
+
+def static_qparams(
+    st: ActStats,
+    bits: int,
+    symmetric: bool,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    pow2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """(scale, zero int8, (lo, hi)) of a static per-tensor quantizer by range ``method``.
+
+    See the module docstring: percentile/mse/klj work on the calibration sample (mse on at
+    most MSE_SAMPLE_CAP of it); klj gives (-t, t), and with ``pow2`` the power-of-two scale
+    ``klj_scale(t, bits, signed=True, power_of_two=True)`` with zero 0.
+    """
+    if method == "minmax":
+        lo, hi = st.lo, st.hi
+    elif method == "percentile":
+        lo, hi = rk.percentile_range(st.sample(), percentile, symmetric)
+    elif method == "mse":
+        lo, hi = rk.mse_range(st.sample(MSE_SAMPLE_CAP), bits, symmetric)
+    elif method == "klj":
+        t = rk.klj_threshold(st.sample(), bits, signed=True, power_of_two=pow2)
+        lo, hi = -t, t
+        if pow2:
+            scale = torch.tensor(rk.klj_scale(t, bits, signed=True, power_of_two=True))
+            return scale.float(), torch.zeros((), dtype=torch.int8), (lo, hi)
+    else:
+        raise ValueError(f"unknown range method {method!r}; use one of {', '.join(RANGES)}")
+    scale, zero = qk.minmax_qparams(lo, hi, bits, symmetric)
+    return scale, zero, (lo, hi)
 
 
 @register
@@ -186,7 +339,8 @@ class Quantize(Pass):
     name = "quantize"
     help = (
         "Round-to-nearest quantization of linear layers: weights int2–int8 per tensor, channel or "
-        "group, symmetric or asymmetric; activations dynamic per token or static per tensor."
+        "group, symmetric or asymmetric; activations dynamic per token or static per tensor "
+        "(range by min/max, percentile, MSE or KL-J); optional MSE clip search for weights."
     )
     options = (
         Option(
@@ -201,6 +355,37 @@ class Quantize(Pass):
         Option("layers", str, "all", "regex on 'layer-name role' selecting layers (default all)"),
         Option("exclude", str, "lm_head", "regex on 'layer-name role' of layers to keep in float"),
         Option("calib-batches", int, 8, "calibration windows used for static activation ranges"),
+        Option(
+            "range",
+            str,
+            "minmax",
+            "static (a=int<b>:tensor) activation range: minmax | percentile (see percentile) | "
+            "mse (clip-ratio search) | klj (KL-J threshold t; always the symmetric range "
+            "(-t, t), also for :asym specs)",
+            choices=RANGES,
+        ),
+        Option(
+            "percentile",
+            float,
+            99.99,
+            "range=percentile: keep values up to this percentile (50-100); :sym specs use "
+            "the percentile of |x|",
+        ),
+        Option(
+            "pow2",
+            bool,
+            False,
+            "range=klj: round t up to a power of two; scale t / 2^(b-1) (a power of two, the "
+            "paper's convention) and zero 0, whatever :sym/:asym says",
+        ),
+        Option(
+            "clip",
+            str,
+            "none",
+            "weight range: none (full min/max, RTN) | mse (clip ratio per row/group of least "
+            "weight MSE)",
+            choices=CLIPS,
+        ),
     )
     provides = frozenset({"quantized"})
     forbids = frozenset({"quantized"})
@@ -215,31 +400,81 @@ class Quantize(Pass):
                 raise PipelineError(
                     f"quantize: option {key}={self.opt(key)!r} is not a valid regex: {exc}"
                 ) from None
+        static = self.aspec is not None and self.aspec.mode == "tensor"
+        method = self.opt("range")
+        if method != "minmax" and not static:
+            raise PipelineError(
+                f"quantize: option range={method} needs static activation quantization "
+                f"(a=int<b>:tensor[...]), got a={self.opt('a')}"
+            )
+        if not 50.0 <= self.opt("percentile") <= 100.0:
+            raise PipelineError(
+                f"quantize: option percentile={self.opt('percentile')} must be in [50, 100]"
+            )
+        if "percentile" in self.explicit and method != "percentile":
+            raise PipelineError(
+                f"quantize: option percentile only applies to range=percentile (range={method})"
+            )
+        if self.opt("pow2") and method != "klj":
+            raise PipelineError(f"quantize: option pow2 only applies to range=klj (range={method})")
 
     def run(self, model: Model) -> dict[str, Any]:
         gm = model.gm
         chosen = _select(model, self.opt("layers"), self.opt("exclude"))
         if not chosen:
             raise PipelineError("quantize: no linear layer matches layers/exclude")
-        ranges = {}
+        method = self.opt("range")
+        self._range = None  # the range method recorded, None without static activations
+        qparams: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.aspec is not None and self.aspec.mode == "tensor":
-            ranges = calibrate_minmax(
-                model, [lin.node for lin in chosen], self.opt("calib-batches")
+            self._range = method
+            stats = calibrate_ranges(
+                model,
+                [lin.node for lin in chosen],
+                self.opt("calib-batches"),
+                sample_cap=0 if method == "minmax" else SAMPLE_CAP,
             )
+            done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q/k/v share their stats
+            for n, st in stats.items():
+                if id(st) not in done:
+                    try:
+                        s, z, _ = static_qparams(
+                            st,
+                            self.aspec.bits,
+                            self.aspec.symmetric,
+                            method,
+                            self.opt("percentile"),
+                            self.opt("pow2"),
+                        )
+                    except DataError as exc:
+                        raise DataError(
+                            f"quantize: range={method} at the input of {n.name}: {exc}"
+                        ) from None
+                    done[id(st)] = (s, z)
+                qparams[n] = done[id(st)]
         self._token_quant: dict[fx.Node, fx.Node] = {}
         for lin in chosen:
-            self._rewrite(gm, lin, ranges.get(lin.node))
+            self._rewrite(gm, lin, qparams.get(lin.node))
         finish(gm)
-        return {
+        summary = {
             "layers_quantized": len(chosen),
             "weights": self.opt("w"),
             "activations": self.opt("a"),
+            "range": self._range,
+            "clip": self.opt("clip"),
         }
+        if self._range == "percentile":
+            summary["percentile"] = self.opt("percentile")
+        if self._range == "klj":
+            summary["pow2"] = self.opt("pow2")
+        return summary
 
-    def _rewrite(self, gm: fx.GraphModule, lin: Linear, act_range) -> None:
+    def _rewrite(self, gm: fx.GraphModule, lin: Linear, act_qparams) -> None:
         node = lin.node
         w = get_tensor(gm, lin.weight)
-        codes, scale, zero, group, n_scales = quantize_linear_weight(w, self.wspec)
+        codes, scale, zero, group, n_scales = quantize_linear_weight(
+            w, self.wspec, self.opt("clip")
+        )
         g = gm.graph
         x = node.args[0]
         if self.aspec is not None and self.aspec.mode == "token":
@@ -253,9 +488,7 @@ class Quantize(Pass):
             x = self._token_quant[x]
         with g.inserting_before(node):
             if self.aspec is not None and self.aspec.mode == "tensor":
-                s, z = qk.minmax_qparams(
-                    act_range[0], act_range[1], self.aspec.bits, self.aspec.symmetric
-                )
+                s, z = act_qparams
                 s_node = get_attr_node(
                     gm, node, new_attr(gm, lin.name + ".act_scale", s.float().reshape(()))
                 )
@@ -286,6 +519,8 @@ class Quantize(Pass):
             "act": self.opt("a"),
             "float_weight": w,  # a reference (no copy) for passes that re-solve the weights
             "group_storage": group,
+            "range": self._range,
+            "clip": self.opt("clip"),
         }
         node.replace_all_uses_with(q)
         g.erase_node(node)

@@ -3,6 +3,7 @@ evaluate again, export, run the export in ONNX Runtime, and report."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -84,6 +85,7 @@ class Job:
                 if "seed" in p.opts and "seed" not in p.explicit:
                     p.opts["seed"] = seed
         t0 = time.perf_counter()
+        gc.collect()  # FX graphs hold reference cycles: free the previous recipe's model first
         model = self.fresh_model()
         float_acc = model.accounting()
         ppl_float = self.float_ppl(model)

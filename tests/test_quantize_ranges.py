@@ -1,0 +1,305 @@
+"""Range methods of the quantize pass (``range``, ``percentile``, ``pow2``, ``clip``).
+
+Static activation scales are checked against numpy references computed from the layer input
+captured independently (an FX interpreter over the float graph, on the same calibration
+windows). The inputs of the tiny model are far below the calibration sample cap, so the pass
+sees every value and percentile/MSE can be compared exactly. The reference quantization
+parameters follow quant.py's documented conventions, in float32 as ``minmax_qparams`` computes
+them for Python-float ranges: symmetric s = amax / qmax, z = 0; asymmetric range widened to
+contain 0, s = (max - min) / (2^b - 1), z = clamp(round(qmin - min / s)); s >= 1e-10.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qgraph
+import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
+from qgraph.kernels.ranges import klj_threshold
+from qgraph.passes.quantize import calibrate_ranges
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
+
+QLINEAR = torch.ops.qgraph.qlinear.default
+STATIC = torch.ops.qgraph.quantize_static.default
+LAYER = "model.layers.1.mlp.down_proj"  # 128 input features, after SiLU(gate) * up
+SHARED = "model.layers.0.self_attn.k_proj"  # reads the same tensor as q_proj / v_proj
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The range searches run many small ops; on a busy 2-core machine intra-op threads only
+    # wait for each other (mse_range is ~40x slower with 2 threads there).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def np_qparams(lo: float, hi: float, bits: int, symmetric: bool, dtype=np.float32):
+    """(scale, zero) of a static range, in ``dtype`` (float32 = what the pass stores)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo, hi, zero_, eps = dtype(lo), dtype(hi), dtype(0), dtype(1e-10)
+    if symmetric:
+        return max(max(abs(lo), abs(hi)) / dtype(qmax), eps), zero_
+    lo, hi = min(lo, zero_), max(hi, zero_)
+    s = max((hi - lo) / dtype(2**bits - 1), eps)
+    return s, np.clip(np.round(dtype(qmin) - lo / s), qmin, qmax)
+
+
+def np_mse_range(v: np.ndarray, bits: int, symmetric: bool, grid: int = 100):
+    """Clip ratio k/grid of least fake-quantization MSE (float64; ties: larger ratio)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo, hi, amax = v.min(), v.max(), np.abs(v).max()
+    best = (math.inf, 0.0, 0.0)
+    for k in range(grid, 0, -1):
+        r = k / grid
+        a, b = (-amax * r, amax * r) if symmetric else (lo * r, hi * r)
+        s, z = np_qparams(a, b, bits, symmetric, np.float64)
+        q = np.clip(np.round(v / s) + z, qmin, qmax)
+        err = np.mean(((q - z) * s - v) ** 2)
+        if err < best[0]:
+            best = (err, a, b)
+    return best[1], best[2]
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def traced() -> qgraph.Model:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = qgraph.from_hf(LlamaForCausalLM(cfg).eval())
+    model.set_calibration(
+        torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    )
+    return model
+
+
+@pytest.fixture(scope="module")
+def captured(traced) -> dict[str, np.ndarray]:
+    """Every linear's input over all calibration windows (calib-batches 8 > 4), float64."""
+    traced.invalidate()
+    names = {lin.node: lin.name for lin in traced.structure.linears}
+    seen: dict[str, list[np.ndarray]] = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n in names:
+                x = self.env[n.args[0]].detach().double().reshape(-1).numpy().copy()
+                seen.setdefault(names[n], []).append(x)
+            return super().run_node(n)
+
+    with torch.inference_mode():
+        for i in range(traced.calibration.shape[0]):
+            Capture(traced.gm).run(traced.calibration[i : i + 1])
+    traced.invalidate()
+    return {name: np.concatenate(parts) for name, parts in seen.items()}
+
+
+@pytest.fixture
+def model(traced) -> qgraph.Model:
+    traced.invalidate()
+    return copy.deepcopy(traced)
+
+
+def qlinears(model: qgraph.Model) -> dict[str, torch.fx.Node]:
+    return {n.meta["qgraph_quant"]["name"]: n for n in model.gm.graph.nodes if n.target is QLINEAR}
+
+
+def act_qparams(model: qgraph.Model, name: str) -> tuple[np.float32, np.float32]:
+    quant = qlinears(model)[name].args[0]
+    assert quant.target is STATIC
+    s, z = (model.gm.get_buffer(a.target) for a in quant.args[1:3])
+    assert s.dtype == torch.float32 and s.dim() == 0
+    return np.float32(s.item()), np.float32(z.item())
+
+
+def outlier_model() -> qgraph.Model:
+    """One linear whose calibration input is N(0, 1) with four values at ±30."""
+    torch.manual_seed(0)
+    model = qgraph.from_module(nn.Linear(32, 16), (torch.randn(1, 64, 32),))
+    x = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(2))
+    x[0, 3, 5], x[2, 60, 1], x[5, 7, 30], x[7, 0, 0] = 30.0, -30.0, 28.0, -25.0
+    model.set_calibration(x)
+    model.invalidate()
+    return model
+
+
+# ---------------------------------------------------------------------------- static ranges
+
+
+@pytest.mark.parametrize(
+    "spec, options, expected",
+    [
+        ("int8:tensor", "", lambda v: (v.min(), v.max())),
+        ("int8:tensor:sym", "range=minmax", lambda v: (v.min(), v.max())),
+        (
+            "int8:tensor",
+            "range=percentile",
+            lambda v: tuple(np.percentile(v, [100 - 99.99, 99.99])),
+        ),
+        (
+            "int8:tensor",
+            "range=percentile,percentile=99",
+            lambda v: tuple(np.percentile(v, [1, 99])),
+        ),
+        (
+            "int8:tensor:sym",
+            "range=percentile,percentile=99.5",
+            lambda v: (-np.percentile(np.abs(v), 99.5), np.percentile(np.abs(v), 99.5)),
+        ),
+        ("int4:tensor", "range=mse", lambda v: np_mse_range(v, 4, False)),
+        ("int6:tensor:sym", "range=mse", lambda v: np_mse_range(v, 6, True)),
+        ("int8:tensor:sym", "range=klj", lambda v: (-klj_threshold(v, 8), klj_threshold(v, 8))),
+        ("int4:tensor", "range=klj", lambda v: (-klj_threshold(v, 4), klj_threshold(v, 4))),
+    ],
+)
+def test_static_scale_matches_reference(model, captured, spec, options, expected) -> None:
+    opts = f",{options}" if options else ""
+    qgraph.run_pipeline(model, f"quantize{{w=int8:channel,a={spec}{opts}}}")
+    bits, symmetric = int(spec[3]), spec.endswith(":sym")
+    method = options.split(",")[0].removeprefix("range=") or "minmax"
+    for layer in (LAYER, SHARED):
+        v = captured[layer]
+        lo, hi = expected(v)
+        if method != "minmax":  # the method really clips something here
+            assert lo > v.min() or hi < v.max()
+        assert act_qparams(model, layer) == np_qparams(lo, hi, bits, symmetric), layer
+    assert model.log[-1].summary["range"] == method
+    assert all(n.meta["qgraph_quant"]["range"] == method for n in qlinears(model).values())
+
+
+@pytest.mark.parametrize("spec", ["int8:tensor:sym", "int8:tensor"])
+def test_klj_pow2_scale(model, captured, spec) -> None:
+    qgraph.run_pipeline(model, f"quantize{{w=int8:channel,a={spec},range=klj,pow2=true}}")
+    v = captured[LAYER]
+    t = klj_threshold(v, 8)
+    t2 = 2.0 ** math.ceil(math.log2(t))
+    assert klj_threshold(v, 8, power_of_two=True) == t2
+    s, z = act_qparams(model, LAYER)
+    assert s == t2 / 128 and z == 0  # the paper's t / 2^(b-1), whatever :asym says
+    assert math.log2(s) == round(math.log2(s))
+    assert model.log[-1].summary["pow2"] is True
+    for name in qlinears(model):
+        s, _ = act_qparams(model, name)
+        assert np.frexp(s)[0] == 0.5  # every layer's scale is a power of two
+
+
+@pytest.mark.parametrize(
+    "options", ["range=percentile,percentile=99.9", "range=mse", "range=klj", "range=klj,pow2=1"]
+)
+def test_outliers_shrink_the_range(options) -> None:
+    base = outlier_model()
+    scales = {}
+    for opts in ("range=minmax", options):
+        m = copy.deepcopy(base)
+        # 4 bits: at 8 bits the MSE-optimal range keeps ±30 (the rounding error is small there)
+        qgraph.run_pipeline(m, f"quantize{{w=int8:channel,a=int4:tensor,exclude=,{opts}}}")
+        (node,) = qlinears(m).values()
+        scales[opts] = m.gm.get_buffer(node.args[0].args[1].target).item()
+    assert scales["range=minmax"] == pytest.approx(60 / 15)
+    assert scales[options] < 0.25 * scales["range=minmax"]
+
+
+def test_calibration_sample_is_seeded_and_bounded() -> None:
+    model = outlier_model()
+    (lin,) = model.structure.linears
+    x = model.calibration
+    full = calibrate_ranges(model, [lin.node], batches=8)[lin.node]
+    assert (full.lo, full.hi, full.count) == (float(x.min()), float(x.max()), x.numel())
+    assert torch.equal(full.sample().sort().values, x.reshape(-1).sort().values)  # under cap: all
+    small = calibrate_ranges(model, [lin.node], batches=8, sample_cap=1000)[lin.node]
+    again = calibrate_ranges(model, [lin.node], batches=8, sample_cap=1000)[lin.node]
+    other = calibrate_ranges(model, [lin.node], batches=8, sample_cap=1000, seed=1)[lin.node]
+    assert small.sample().numel() == 1000 and (small.lo, small.hi) == (full.lo, full.hi)
+    assert torch.equal(small.sample(), again.sample())
+    assert not torch.equal(small.sample().sort().values, other.sample().sort().values)
+    assert torch.isin(small.sample(), x.reshape(-1)).all()
+    assert small.sample(100).numel() == 100
+    for cap in (4096, 5000):  # filled exactly by whole windows / merged after appends
+        st = calibrate_ranges(model, [lin.node], batches=8, sample_cap=cap)[lin.node]
+        assert st.sample().numel() == cap and torch.isin(st.sample(), x.reshape(-1)).all()
+    assert torch.isin(small.sample(100), small.sample()).all()
+    # roughly uniform: the subsample's mean/std are those of N(0, 1)
+    assert abs(float(small.sample().mean())) < 0.15
+    assert 0.85 < float(small.sample().std()) < 1.3
+
+
+# ---------------------------------------------------------------------------- weight clipping
+
+
+def weight_errors(model: qgraph.Model) -> dict[str, float]:
+    errs = {}
+    for name, n in qlinears(model).items():
+        codes, scale, zero = (model.gm.get_buffer(a.target) for a in n.args[1:4])
+        w_hat = qgraph.ops.dequantize_kn(codes, scale, zero, n.args[5]).double()
+        w = n.meta["qgraph_quant"]["float_weight"].detach().double()
+        errs[name] = float((w_hat - w.T).square().mean())
+    return errs
+
+
+@pytest.mark.parametrize("spec", ["int4:group32:asym", "int3:channel", "int4:tensor"])
+def test_clip_mse_never_worse_than_rtn(model, spec) -> None:
+    rtn = copy.deepcopy(model)
+    qgraph.run_pipeline(rtn, f"quantize{{w={spec}}}")
+    qgraph.run_pipeline(model, f"quantize{{w={spec},clip=mse}}")
+    e_rtn, e_mse = weight_errors(rtn), weight_errors(model)
+    assert e_rtn.keys() == e_mse.keys() and len(e_rtn) == 14
+    for name in e_rtn:
+        assert e_mse[name] <= e_rtn[name] * (1 + 1e-6), name
+    assert sum(e_mse.values()) < 0.95 * sum(e_rtn.values())
+    assert model.log[-1].summary["clip"] == "mse" and rtn.log[-1].summary["clip"] == "none"
+    assert model.log[-1].summary["range"] is None  # no static activations
+    info = next(iter(qlinears(model).values())).meta["qgraph_quant"]
+    assert info["clip"] == "mse" and info["range"] is None
+
+
+# ---------------------------------------------------------------------------- option errors
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("quantize{a=int8:token,range=percentile}", "range=percentile"),
+        ("quantize{range=mse}", "range=mse"),
+        ("quantize{a=int8:tensor,range=foo}", "range"),
+        ("quantize{a=int8:tensor,range=percentile,percentile=abc}", "percentile"),
+        ("quantize{a=int8:tensor,range=percentile,percentile=101}", "percentile"),
+        ("quantize{a=int8:tensor,percentile=99.9}", "percentile"),
+        ("quantize{a=int8:tensor,range=mse,pow2=true}", "pow2"),
+        ("quantize{a=int8:tensor,range=klj,pow2=maybe}", "pow2"),
+        ("quantize{clip=foo}", "clip"),
+    ],
+)
+def test_invalid_range_options(text, match) -> None:
+    with pytest.raises(qgraph.PipelineError, match=match):
+        qgraph.parse_pipeline(text)
+
+
+def test_valid_range_options_parse() -> None:
+    for text in (
+        "quantize{a=int8:token,range=minmax}",
+        "quantize{a=int4:tensor:sym,range=klj,pow2=true,clip=mse}",
+        "quantize{a=int8:tensor,range=percentile,percentile=99.9}",
+    ):
+        assert qgraph.parse_pipeline(text)[0].name == "quantize"
