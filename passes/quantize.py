@@ -134,15 +134,11 @@ def quantize_linear_weight(
     ``clip="mse"`` picks each row's/group's clip ratio by weight MSE (``mse_clip_search``)
     instead of the full min/max range of ``weight_qparams``; the rounding is RTN either way.
     """
-    if spec.granularity == "group" and w.shape[1] % spec.group_size:
-        raise PipelineError(
-            f"quantize: group size {spec.group_size} does not divide input size {w.shape[1]}"
-        )
     if clip not in CLIPS:
         raise PipelineError(f"quantize: clip must be one of {', '.join(CLIPS)}; got {clip!r}")
     qparams = mse_clip_search if clip == "mse" else qk.weight_qparams
     scale, zero = qparams(w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size)
-    codes = qk.quantize_weight(w.float(), scale, zero, spec.bits)  # [out, in]
+    codes = qk.quantize_weight(w.float(), scale, zero, spec.bits, spec.group_size)  # [out, in]
     return to_storage(codes, scale, zero, spec)
 
 
@@ -155,7 +151,7 @@ def to_storage(
     out_f, in_f = codes.shape
     group = storage_group(in_f, spec)
     n_scales = scale.numel() if spec.granularity != "tensor" else 1
-    reps = in_f // group
+    reps = -(-in_f // group)  # a ragged last group is allowed (ONNX blocks use ceil too)
     scale_kn = scale.expand(out_f, -1).T
     zero_kn = zero.expand(out_f, -1).T
     if scale_kn.shape[0] != reps:

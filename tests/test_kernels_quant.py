@@ -251,8 +251,6 @@ def test_tensor_granularity_uses_one_scale():
 def test_weight_validation_errors():
     w = _weight()
     with pytest.raises(ValueError):
-        quant.weight_qparams(w, 4, True, "group", 7)  # 64 % 7 != 0
-    with pytest.raises(ValueError):
         quant.weight_qparams(w, 4, True, "group")  # no group size
     with pytest.raises(ValueError):
         quant.weight_qparams(w, 4, True, "row")
@@ -267,6 +265,35 @@ def test_weight_validation_errors():
     scale, zero = quant.weight_qparams(w, 4, True, "group", 16)
     with pytest.raises(ValueError):
         quant.quantize_weight(w[:, :42], scale, zero, 4)  # 4 groups do not divide 42
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ragged_last_group_matches_numpy(symmetric):
+    """64 inputs in groups of 7: nine full groups and a last group of 1, each with its own range."""
+    w = _weight(dtype=torch.float64)
+    scale, zero = quant.weight_qparams(w, 4, symmetric, "group", 7)
+    assert scale.shape == (w.shape[0], 10)
+    ref = w.numpy()
+    qmin, qmax = -8, 7
+    out = np.empty_like(ref)
+    for g in range(10):
+        cols = ref[:, g * 7 : (g + 1) * 7]
+        if symmetric:
+            s = np.maximum(np.abs(cols).max(1) / qmax, quant.SCALE_EPS)
+            z = np.zeros_like(s)
+        else:
+            lo, hi = np.minimum(cols.min(1), 0), np.maximum(cols.max(1), 0)
+            s = np.maximum((hi - lo) / (2**4 - 1), quant.SCALE_EPS)
+            z = np.clip(np.round(qmin - lo / s), qmin, qmax)
+        np.testing.assert_allclose(scale[:, g].numpy(), s, rtol=1e-12)
+        q = np.clip(np.round(cols / s[:, None]) + z[:, None], qmin, qmax)
+        out[:, g * 7 : (g + 1) * 7] = (q - z[:, None]) * s[:, None]
+    codes = quant.quantize_weight(w, scale, zero, 4, group_size=7)
+    np.testing.assert_allclose(
+        quant.dequantize_weight(codes, scale, zero, 7).numpy(), out, atol=1e-12
+    )
+    with pytest.raises(ValueError):
+        quant.dequantize_weight(codes, scale, zero)  # ragged groups need the group size
 
 
 def test_functions_are_pure():

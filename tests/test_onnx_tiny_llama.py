@@ -205,3 +205,17 @@ def test_w8a8_export_matches_torch(w8a8) -> None:
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert meta["qgraph.pipeline"] == W8A8
     assert len(json.loads(meta["qgraph.pass_log"])) == 3
+
+
+def test_ragged_groups_export_and_fuse(hf, tmp_path) -> None:
+    """Group 48 leaves a ragged last group on the 64- and 128-wide inputs; the blocked
+    DequantizeLinear (ceil(K / 48) scale rows) runs in ONNX Runtime. (ONNX Runtime fuses only
+    power-of-two blocks into MatMulNBits, so these stay DequantizeLinear → MatMul.)"""
+    model = qgraph.from_hf(hf)
+    qgraph.run_pipeline(model, "quantize{w=int4:group48:asym}")
+    path = export_model(model, tmp_path / "ragged.onnx", "quantize{w=int4:group48:asym}")
+    ids = tokens(2, 20, seed=5)
+    ref = model(ids)
+    out = ort_forward(path)(ids)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert optimized_op_histogram(path).get("DequantizeLinear", 0) == 7 * LAYERS

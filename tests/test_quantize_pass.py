@@ -489,9 +489,16 @@ def test_invalid_specs(text: str) -> None:
         qgraph.parse_pipeline(text)
 
 
-def test_group_size_must_divide_input(model) -> None:
-    with pytest.raises(qgraph.PipelineError, match="group size 7"):
-        qgraph.run_pipeline(model, "quantize{w=int4:group7}")
+def test_ragged_group_size(model) -> None:
+    """Group 7 does not divide the input sizes: the last group of each row is shorter, and the
+    stored scales have ceil(in / 7) rows (ONNX blocked layout)."""
+    qgraph.run_pipeline(model, "quantize{w=int4:group7}")
+    for node in model.gm.graph.nodes:
+        if node.target is torch.ops.qgraph.qlinear.default:
+            info = node.meta["qgraph_quant"]
+            scale = node.args[2].meta["val"]
+            assert node.args[5] == 7
+            assert scale.shape[0] == -(-info["in_features"] // 7)
 
 
 # ---------------------------------------------------------------------------- accounting

@@ -137,9 +137,13 @@ def mse_clip_search(
     best_scale = best_zero = best_err = None
     for r in grid:
         scale, zero = weight_qparams(w, bits, symmetric, granularity, group_size, clip_ratio=r)
-        codes = quantize_weight(w, scale, zero, bits)
-        diff = w.detach().to(scale.dtype) - dequantize_weight(codes, scale, zero)
-        # Groups are contiguous along the row (whole tensor for 'tensor'), as in quant.py.
+        gs = group_size if granularity == "group" else None
+        codes = quantize_weight(w, scale, zero, bits, gs)
+        diff = w.detach().to(scale.dtype) - dequantize_weight(codes, scale, zero, gs)
+        # Groups are contiguous along the row (whole tensor for 'tensor'), as in quant.py;
+        # a ragged last group is zero-padded (zeros add no error).
+        if gs is not None and diff.shape[1] % gs:
+            diff = torch.nn.functional.pad(diff, (0, scale.shape[1] * gs - diff.shape[1]))
         err = diff.square().reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
@@ -194,11 +198,9 @@ def gptq_quantize(
         raise ValueError(f"unknown granularity {granularity!r}; use 'channel' or 'group'")
     out, inp = w.shape
     if granularity == "group":
-        if group_size is None or group_size < 1 or inp % group_size:
-            raise ValueError(
-                f"granularity 'group' needs a positive group_size dividing {inp}, got {group_size}"
-            )
-        gs = group_size
+        if group_size is None or group_size < 1:
+            raise ValueError(f"granularity 'group' needs a positive group_size, got {group_size}")
+        gs = group_size  # the last group may be shorter (ragged)
     else:
         gs = inp
     if not isinstance(block_size, int) or block_size < 1:
@@ -223,7 +225,7 @@ def gptq_quantize(
             return mse_clip_search(block, bits, symmetric, "channel", None, mse_grid)
         return weight_qparams(block, bits, symmetric, "channel")
 
-    n_groups = inp // gs
+    n_groups = -(-inp // gs)
     scale = torch.empty(out, n_groups, dtype=wd, device=device)
     zero = torch.zeros(out, n_groups, dtype=torch.int8, device=device)
     ready = [False] * n_groups
@@ -261,7 +263,7 @@ def gptq_quantize(
                 # take their current values, including this block's pending updates.
                 cols = position[g * gs : (g + 1) * gs]
                 inside = cols < i2
-                current = torch.empty(out, gs, dtype=wd, device=device)
+                current = torch.empty(out, cols.numel(), dtype=wd, device=device)
                 current[:, inside] = w1[:, cols[inside] - i1]
                 later = cols[~inside]
                 if later.numel():
@@ -281,7 +283,8 @@ def gptq_quantize(
 
     codes = torch.empty_like(codes_p)
     codes[:, order] = codes_p
-    w_hat = dequantize_weight(codes, scale, zero).to(w.dtype)
+    w_hat = dequantize_weight(codes, scale, zero, gs if granularity == "group" else None)
+    w_hat = w_hat.to(w.dtype)
     return GPTQResult(
         weight=w_hat,
         codes=codes,

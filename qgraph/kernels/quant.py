@@ -96,9 +96,12 @@ def _group_view(w: torch.Tensor, granularity: str, group_size: int | None) -> to
     if granularity == "group":
         if group_size is None or group_size < 1:
             raise ValueError(f"granularity 'group' needs a positive group_size, got {group_size}")
-        if inp % group_size:
-            raise ValueError(f"input dimension {inp} is not divisible by group_size {group_size}")
-        return w.reshape(out, inp // group_size, group_size)
+        groups = -(-inp // group_size)
+        if groups * group_size != inp:
+            # Ragged last group: pad with zeros, which never widen a range (every range here
+            # contains zero), so the short group gets the parameters of its own values.
+            w = torch.nn.functional.pad(w, (0, groups * group_size - inp))
+        return w.reshape(out, groups, group_size)
     raise ValueError(f"unknown granularity {granularity!r}; use one of {_GRANULARITIES}")
 
 
@@ -130,34 +133,52 @@ def weight_qparams(
     return scale, zero.to(torch.int8)
 
 
-def _expand(param: torch.Tensor, inp: int) -> torch.Tensor:
-    """[rows, G] group parameters -> [rows, inp] (each applies to inp / G contiguous columns)."""
+def _expand(param: torch.Tensor, inp: int, group_size: int | None = None) -> torch.Tensor:
+    """[rows, G] group parameters -> [rows, inp].
+
+    Each parameter applies to ``group_size`` contiguous columns (the last group may be shorter:
+    G = ceil(inp / group_size)); without ``group_size`` the G groups must divide ``inp``.
+    """
     if param.dim() != 2:
         raise ValueError(f"scale/zero must be 2-D [out or 1, G], got shape {tuple(param.shape)}")
     groups = param.shape[1]
+    if group_size is not None and groups > 1:
+        if groups != -(-inp // group_size):
+            raise ValueError(f"{groups} groups of {group_size} do not cover {inp} inputs")
+        return param.repeat_interleave(group_size, dim=1)[:, :inp]
     if groups < 1 or inp % groups:
         raise ValueError(f"{groups} groups do not divide the input dimension {inp}")
     return param.repeat_interleave(inp // groups, dim=1)
 
 
 def quantize_weight(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    """int8 codes [out, in] of w for the given (scale, zero) from weight_qparams."""
+    """int8 codes [out, in] of w for the given (scale, zero) from weight_qparams
+    (``group_size`` is needed only when the last group is ragged)."""
     _check_weight(w)
     inp = w.shape[1]
-    s = _expand(scale, inp)
-    z = _expand(zero, inp).to(s.dtype)
+    s = _expand(scale, inp, group_size)
+    z = _expand(zero, inp, group_size).to(s.dtype)
     return _quantize(w.to(s.dtype), s, z, bits).to(torch.int8)
 
 
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int | None = None,
+) -> torch.Tensor:
     """(codes - zero) * scale, in scale's dtype."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
     inp = codes.shape[1]
-    s = _expand(scale, inp)
-    z = _expand(zero, inp).to(s.dtype)
+    s = _expand(scale, inp, group_size)
+    z = _expand(zero, inp, group_size).to(s.dtype)
     return (codes.to(s.dtype) - z) * s
 
 
@@ -171,8 +192,9 @@ def fake_quantize_weight(
 ) -> torch.Tensor:
     """dequantize(quantize(w)) in w's dtype: the weight the quantized model really uses."""
     scale, zero = weight_qparams(w, bits, symmetric, granularity, group_size, clip_ratio)
-    codes = quantize_weight(w, scale, zero, bits)
-    return dequantize_weight(codes, scale, zero).to(w.dtype)
+    gs = group_size if granularity == "group" else None
+    codes = quantize_weight(w, scale, zero, bits, gs)
+    return dequantize_weight(codes, scale, zero, gs).to(w.dtype)
 
 
 def per_token_qparams(
