@@ -1,3 +1,3 @@
 """Built-in passes; importing this package registers them (``qgraph passes`` lists them)."""
 
-from . import fuse_norms, gptq, mixed_precision, quantize, rotate  # noqa: F401
+from . import fuse_norms, gptq, learn_rounding, mixed_precision, quantize, rotate  # noqa: F401

@@ -56,7 +56,7 @@ class GPTQ(Pass):
     )
     requires = frozenset({"quantized"})
     provides = frozenset({"gptq"})
-    forbids = frozenset({"gptq"})
+    forbids = frozenset({"gptq", "learned-rounding"})
 
     def run(self, model: Model) -> dict[str, Any]:
         if model.calibration is None:
