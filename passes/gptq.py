@@ -13,29 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import fx
-from tqdm import tqdm
 
-from qgraph.calibration import ResumableRun, input_hessian
-from qgraph.errors import DataError
-from qgraph.graph_edits import set_tensor
 from qgraph.kernels.gptq import gptq_quantize, rtn_error
 from qgraph.kernels.quant import fake_quantize_weight
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
 
-from .quantize import WeightSpec, to_storage
-
-QLINEAR = torch.ops.qgraph.qlinear.default
-
-
-def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """Quantized linear nodes grouped by their (shared) input, in graph order."""
-    by_input: dict[fx.Node, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is QLINEAR and "qgraph_quant" in node.meta:
-            by_input.setdefault(node.args[0], []).append(node)
-    return list(by_input.values())
+from .quantize import WeightSpec
+from .weight_solver import solve_in_graph_order
 
 
 @register
@@ -59,54 +44,28 @@ class GPTQ(Pass):
     forbids = frozenset({"gptq", "learned-rounding"})
 
     def run(self, model: Model) -> dict[str, Any]:
-        if model.calibration is None:
-            raise DataError("gptq: needs calibration data (Model.set_calibration or --calib-text)")
-        batch = model.calibration[: self.opt("calib-windows")]
-        gm = model.gm
-        groups = _groups(gm)
-        first = {g[0]: g for g in groups}
-        bar = tqdm(total=len(groups), desc="gptq", unit="group", leave=False, disable=None)
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
 
-        def before(node: fx.Node, run: ResumableRun) -> None:
-            group = first.get(node)
-            if group is None:
-                return
-            h = input_hessian(run.env[node.args[0]])
-            for q in group:
-                self._solve(gm, q, h, run, stats)
-            bar.update(1)
+        def solve(node, w: torch.Tensor, spec: WeightSpec, h: torch.Tensor):
+            res = gptq_quantize(
+                w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
+                damp=self.opt("damp"), act_order=self.opt("act-order"),
+                block_size=self.opt("block-size"), mse_search=self.opt("mse"),
+            )  # fmt: skip
+            stats["layers"] += 1
+            stats["gptq_error"] += res.error
+            stats["rtn_error"] += rtn_error(w, h, _rtn_weight(w, spec))
+            return res.codes, res.scale, res.zero
 
-        with torch.inference_mode():
-            ResumableRun(gm, before).run(batch)
-        bar.close()
-        gm.recompile()
+        groups, tokens = solve_in_graph_order(model, self.opt("calib-windows"), "gptq", solve)
         n = max(1, stats["layers"])
         return {
             "layers": stats["layers"],
-            "groups": len(groups),
+            "groups": groups,
             "mean_rtn_proxy_error": stats["rtn_error"] / n,
             "mean_gptq_proxy_error": stats["gptq_error"] / n,
-            "calibration_tokens": int(batch.numel()),
+            "calibration_tokens": tokens,
         }
-
-    def _solve(self, gm, q: fx.Node, h: torch.Tensor, run: ResumableRun, stats: dict) -> None:
-        info = q.meta["qgraph_quant"]
-        w = info["float_weight"]
-        spec = WeightSpec(info["bits"], info["granularity"], info["group_size"], info["symmetric"])
-        res = gptq_quantize(
-            w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
-            damp=self.opt("damp"), act_order=self.opt("act-order"),
-            block_size=self.opt("block-size"), mse_search=self.opt("mse"),
-        )  # fmt: skip
-        codes, scale, zero, _, _ = to_storage(res.codes, res.scale, res.zero, spec)
-        for arg, value in zip(q.args[1:4], (codes, scale, zero), strict=True):
-            set_tensor(gm, arg.target, value)
-            arg.meta["val"] = value
-            run.refresh_attr(arg)
-        stats["layers"] += 1
-        stats["gptq_error"] += res.error
-        stats["rtn_error"] += rtn_error(w, h, _rtn_weight(w, spec))
 
 
 def _rtn_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
