@@ -1,22 +1,12 @@
-"""The torch backend: run the rewritten graph (with qgraph's custom ops) for logits,
-perplexity and greedy generation."""
+"""The torch backend: the rewritten graph runs as it is (``Model.__call__`` gives logits,
+:func:`qgraph.evaluate.perplexity` takes the model directly); this adds text generation."""
 
 from __future__ import annotations
 
 import torch
 
-from qgraph.evaluate import greedy_generate, perplexity
+from qgraph.evaluate import greedy_generate
 from qgraph.model import Model
-
-
-def logits(model: Model, input_ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids)
-
-
-def model_perplexity(
-    model: Model, windows: torch.Tensor, progress: bool = False, desc: str = "eval"
-) -> float:
-    return perplexity(model, windows, progress=progress, desc=desc)
 
 
 def generate(model: Model, prompt: str, max_new_tokens: int = 20) -> str:

@@ -290,14 +290,6 @@ def calibrate_ranges(
     return stats
 
 
-def calibrate_minmax(
-    model: Model, nodes: list[fx.Node], batches: int
-) -> dict[fx.Node, tuple[float, float]]:
-    """Observe min/max of each node's first input while running the graph as it is now."""
-    stats = calibrate_ranges(model, nodes, batches, sample_cap=0)
-    return {n: (st.lo, st.hi) for n, st in stats.items()}
-
-
 def static_qparams(
     st: ActStats,
     bits: int,

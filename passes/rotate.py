@@ -72,7 +72,8 @@ class Rotate(Pass):
             for emb in sv.residual.embeddings:
                 e = get_tensor(gm, emb.weight)
                 set_arg_tensor(gm, emb.node, 0, rotate_input(e, rot), emb.weight)
-            for lin in sv.stream_readers():
+            readers = sv.stream_readers()
+            for lin in readers:
                 w = get_tensor(gm, lin.weight)
                 set_arg_tensor(gm, lin.node, 1, rotate_input(w, rot), lin.name + ".weight")
             for lin in sv.residual.writers:
@@ -81,7 +82,7 @@ class Rotate(Pass):
                 if lin.bias:
                     b = get_tensor(gm, lin.bias)
                     set_arg_tensor(gm, lin.node, 2, rotate_output(b, rot), lin.name + ".bias")
-            summary["r1_layers"] = len(sv.stream_readers()) + len(sv.residual.writers)
+            summary["r1_layers"] = len(readers) + len(sv.residual.writers)
         if self.opt("r2"):
             done, refused = 0, []
             for att in sv.attention:

@@ -142,9 +142,3 @@ def _static_backward(ctx, grad):
 
 
 quantize_static.register_autograd(_static_backward, setup_context=_static_setup)
-
-OPS = {
-    "qlinear": torch.ops.qgraph.qlinear.default,
-    "quantize_per_token": torch.ops.qgraph.quantize_per_token.default,
-    "quantize_static": torch.ops.qgraph.quantize_static.default,
-}

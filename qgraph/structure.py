@@ -426,9 +426,6 @@ class StructureView:
         self.issues = list(self.residual.issues)
 
     # -- queries -----------------------------------------------------------------------------
-    def linear(self, node: fx.Node) -> Linear | None:
-        return self._linear_by_node.get(node)
-
     def stream_readers(self) -> list[Linear]:
         """Linear layers that read the residual stream (through a norm or directly)."""
         out = [lin for norm in self.residual.norms for lin in norm.readers]

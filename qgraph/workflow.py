@@ -20,7 +20,7 @@ from .data import load_text, token_windows
 from .evaluate import perplexity
 from .loaders import LoadedLM, load_causal_lm
 from .model import Model
-from .pass_manager import PassManager, format_record, parse_pipeline
+from .pass_manager import PassManager, parse_pipeline
 
 # The best recipe so far for each format (see benchmarks/README.md for the measurements).
 RECIPES = {
@@ -186,10 +186,3 @@ def float_row(report: dict[str, Any]) -> dict[str, Any]:
         "volume_bits": report["volume_bits_float"],
         "passes": [],
     }
-
-
-def print_pass_log(report: dict[str, Any]) -> None:
-    from .model import PassRecord
-
-    for p in report["passes"]:
-        log(format_record(PassRecord(**p)))

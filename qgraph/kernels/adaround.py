@@ -53,8 +53,14 @@ from dataclasses import dataclass
 
 import torch
 
-from qgraph.kernels.gptq import rtn_error
-from qgraph.kernels.quant import dequantize_weight, qrange, quantize_weight, weight_qparams
+from qgraph.kernels.gptq import check_layer_inputs, rtn_error
+from qgraph.kernels.quant import (
+    dequantize_weight,
+    expand_groups,
+    qrange,
+    quantize_weight,
+    weight_qparams,
+)
 
 __all__ = ["GAMMA", "ZETA", "RoundingResult", "learn_rounding"]
 
@@ -82,30 +88,12 @@ class RoundingResult:
     fell_back: bool
 
 
-def _expand(param: torch.Tensor, out: int, inp: int, gs: int | None) -> torch.Tensor:
-    """[out or 1, G] grid parameters -> [out, inp] (a ragged last group is allowed)."""
-    g = param.shape[1]
-    if g > 1:
-        step = gs if gs is not None else inp // g
-        param = param.repeat_interleave(step, dim=1)[:, :inp]
-    return param.expand(out, inp)
-
-
 def _h(v: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
 def _check(w: torch.Tensor, hessian: torch.Tensor, iters, lr, reg, beta, warmup) -> None:
-    if w.dim() != 2 or not w.is_floating_point():
-        raise ValueError(
-            f"weight must be a 2-D float tensor [out, in], got {w.dtype} {tuple(w.shape)}"
-        )
-    inp = w.shape[1]
-    if hessian.shape != (inp, inp) or not hessian.is_floating_point():
-        raise ValueError(
-            f"hessian must be a float tensor [{inp}, {inp}] for a weight {tuple(w.shape)}, "
-            f"got {hessian.dtype} {tuple(hessian.shape)}"
-        )
+    check_layer_inputs(w, hessian)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
         raise ValueError(f"iters must be a non-negative integer, got {iters!r}")
     if not lr > 0:
@@ -157,8 +145,8 @@ def learn_rounding(
     del seed  # reserved for stochastic variants; the optimisation itself is deterministic
 
     with torch.inference_mode(False), torch.enable_grad():
-        s = _expand(scale, out, inp, gs).clone()
-        z = _expand(zero, out, inp, gs).float().clone()
+        s = expand_groups(scale, inp, gs).expand(out, inp).clone()
+        z = expand_groups(zero, inp, gs).expand(out, inp).float().clone()
         x = wf.clone() / s  # same division as quantize_weight
         base = torch.floor(x)
         up_rtn = (torch.round(x) - base) > 0  # round half to even, like quantize_weight

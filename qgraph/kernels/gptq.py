@@ -79,7 +79,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_inputs(w: torch.Tensor, hessian: torch.Tensor) -> None:
+def check_layer_inputs(w: torch.Tensor, hessian: torch.Tensor) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(
             f"weight must be a 2-D float tensor [out, in], got {w.dtype} {tuple(w.shape)}"
@@ -104,7 +104,7 @@ def rtn_error(w: torch.Tensor, hessian: torch.Tensor, w_hat: torch.Tensor) -> fl
     minimises, normalised so that it does not depend on how H was scaled (XᵀX vs 2XᵀX, number
     of samples) and equals the plain mean squared weight error when H ∝ I.
     """
-    _check_inputs(w, hessian)
+    check_layer_inputs(w, hessian)
     if w_hat.shape != w.shape:
         raise ValueError(f"w_hat has shape {tuple(w_hat.shape)}, expected {tuple(w.shape)}")
     h = hessian.detach().to(device=w.device, dtype=torch.float64)
@@ -190,7 +190,7 @@ def gptq_quantize(
     it is applied to the group's current weights. See the module docstring for the design.
     Inputs are never modified.
     """
-    _check_inputs(w, hessian)
+    check_layer_inputs(w, hessian)
     qrange(bits)
     if granularity == "tensor":
         raise ValueError("gptq_quantize supports granularity 'channel' or 'group', not 'tensor'")

@@ -26,6 +26,7 @@ from qgraph.errors import DataError
 __all__ = [
     "SCALE_EPS",
     "dequantize_weight",
+    "expand_groups",
     "fake_quantize_per_token",
     "fake_quantize_static",
     "fake_quantize_weight",
@@ -133,7 +134,7 @@ def weight_qparams(
     return scale, zero.to(torch.int8)
 
 
-def _expand(param: torch.Tensor, inp: int, group_size: int | None = None) -> torch.Tensor:
+def expand_groups(param: torch.Tensor, inp: int, group_size: int | None = None) -> torch.Tensor:
     """[rows, G] group parameters -> [rows, inp].
 
     Each parameter applies to ``group_size`` contiguous columns (the last group may be shorter:
@@ -162,8 +163,8 @@ def quantize_weight(
     (``group_size`` is needed only when the last group is ragged)."""
     _check_weight(w)
     inp = w.shape[1]
-    s = _expand(scale, inp, group_size)
-    z = _expand(zero, inp, group_size).to(s.dtype)
+    s = expand_groups(scale, inp, group_size)
+    z = expand_groups(zero, inp, group_size).to(s.dtype)
     return _quantize(w.to(s.dtype), s, z, bits).to(torch.int8)
 
 
@@ -177,8 +178,8 @@ def dequantize_weight(
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
     inp = codes.shape[1]
-    s = _expand(scale, inp, group_size)
-    z = _expand(zero, inp, group_size).to(s.dtype)
+    s = expand_groups(scale, inp, group_size)
+    z = expand_groups(zero, inp, group_size).to(s.dtype)
     return (codes.to(s.dtype) - z) * s
 
 

@@ -42,9 +42,6 @@ class Rotation:
             return hadamard.fast_hadamard_transform(x64, True, self.signs)
         return x64 @ self.matrix
 
-    def dense(self) -> torch.Tensor:
-        return self.right(torch.eye(self.n, dtype=torch.float64))
-
 
 def rotate_input(weight: torch.Tensor, rot: Rotation) -> torch.Tensor:
     """``W Q`` for ``W`` of shape ``[out, in]``: the layer now reads ``x Q`` and computes the same."""
