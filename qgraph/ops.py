@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import quant as qk
+from .kernels.hadamard import fast_hadamard_transform
 
 LIB = "qgraph"
 
@@ -142,3 +143,41 @@ def _static_backward(ctx, grad):
 
 
 quantize_static.register_autograd(_static_backward, setup_context=_static_setup)
+
+
+@torch.library.custom_op(f"{LIB}::hadamard", mutates_args=())
+def hadamard(
+    x: torch.Tensor, signs: torch.Tensor | None, normalize: bool, transpose: bool = False
+) -> torch.Tensor:
+    """``(x * signs) @ H_n`` over the last dim (``/ sqrt(n)`` when normalized), in O(n log n).
+
+    ``n = K·2^k`` with a known order ``K`` (:func:`qgraph.kernels.hadamard.hadamard_matrix`);
+    the online rotation of a layer input is ``hadamard(x, s, True) = x @ Q`` with
+    ``Q = diag(s) H_n / sqrt(n)`` orthogonal, and ``Qᵀ`` is folded into the layer's weight.
+    ``transpose=True`` applies the adjoint ``(x @ H_nᵀ) * signs`` (the inverse when
+    normalized); H_n is not symmetric when its order-K factor is not.
+    """
+    return fast_hadamard_transform(x, normalize, signs, transpose)
+
+
+@hadamard.register_fake
+def _hadamard_fake(x, signs, normalize, transpose=False):
+    return torch.empty_like(x)
+
+
+def _hadamard_setup(ctx, inputs, output):
+    _, signs, normalize, transpose = inputs
+    ctx.save_for_backward(signs)
+    ctx.has_signs = signs is not None
+    ctx.normalize = normalize
+    ctx.transpose = transpose
+
+
+def _hadamard_backward(ctx, grad):
+    # y = x A with A = D H c (or its adjoint): dL/dx = dL/dy Aᵀ, the other direction, exactly
+    (signs,) = ctx.saved_tensors
+    grad_x = hadamard(grad, signs if ctx.has_signs else None, ctx.normalize, not ctx.transpose)
+    return grad_x, None, None, None
+
+
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)

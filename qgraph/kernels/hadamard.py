@@ -414,9 +414,17 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 
 def fast_hadamard_transform(
-    x: torch.Tensor, normalize: bool = True, signs: torch.Tensor | None = None
+    x: torch.Tensor,
+    normalize: bool = True,
+    signs: torch.Tensor | None = None,
+    transpose: bool = False,
+    *,
+    _transposed: bool = False,
 ) -> torch.Tensor:
     """y = (x * signs) @ H_n over the last dim (divided by sqrt(n) if normalize).
+
+    ``transpose=True`` computes ``(x @ H_nᵀ) * signs`` instead, the adjoint (and, normalized,
+    the inverse): H_n is symmetric only when its order-K factor is, so autograd needs it.
 
     With H_n = H_K (x) H_m and x viewed as [..., K, m]: y[k', j'] = sum_{k, j}
     x[k, j] H_K[k, k'] H_m[j, j'], i.e. the butterflies act on the m axis and H_K^T
@@ -431,15 +439,20 @@ def fast_hadamard_transform(
     if fact is None:
         raise _no_hadamard(n)
     k, m = fact
+    if signs is not None and signs.shape != (n,):
+        raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
+    if transpose:
+        y = fast_hadamard_transform(x, normalize, None, _transposed=True)
+        return y * signs.to(dtype=y.dtype, device=y.device) if signs is not None else y
     if signs is not None:
-        if signs.shape != (n,):
-            raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
         x = x * signs.to(dtype=x.dtype, device=x.device)
     shape = x.shape
     y = x.reshape(-1, k, m)
     rows = y.shape[0]
     if k > 1:  # y[r, k', j] = sum_k H_K[k, k'] y[r, k, j]: one GEMM over all rows
         hk = _base_matrix(k).to(dtype=x.dtype, device=x.device)
+        if _transposed:
+            hk = hk.T
         y = torch.matmul(y.transpose(1, 2), hk).transpose(1, 2)
     # Sylvester butterflies H_2h = H_2 (x) H_h on blocks of 2h entries, ping-ponging between
     # two buffers with out= so each stage is one read and one write of the data.
