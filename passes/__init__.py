@@ -1,3 +1,11 @@
 """Built-in passes; importing this package registers them (``qgraph passes`` lists them)."""
 
-from . import fuse_norms, gptq, learn_rounding, mixed_precision, quantize, rotate  # noqa: F401
+from . import (  # noqa: F401
+    expand,
+    fuse_norms,
+    gptq,
+    learn_rounding,
+    mixed_precision,
+    quantize,
+    rotate,
+)

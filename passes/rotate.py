@@ -6,17 +6,39 @@ readers use ``W Q``. This is exact only when every norm on the stream is an RMSN
 linear layer or a residual add; anything else is refused with the node that breaks it.
 R2 rotates each attention head's value path by ``Q_h`` (size = head dim): ``W_v ← Q_hᵀ W_v``
 per head, ``W_o ← W_o blockdiag(Q_h)``. One ``Q_h`` for all heads keeps GQA consistent.
+
+Online rotations (``online=r2+r3+r4``) stay in the graph as ``qgraph::hadamard`` ops:
+R3 on queries and keys after RoPE (cancels in ``q kᵀ``), R4 on down_proj's input and the
+online half of R2 on o_proj's input (``W ← W Q``). o_proj's input mixes all heads
+(``heads × head_dim``), so its online rotation is one Hadamard of that size, which also covers
+head counts with no Hadamard order (SmolLM2's 9). An input width with no known Hadamard order
+is zero-padded to the next supported size (exact; reported in the summary).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from qgraph.errors import StructureError
-from qgraph.graph_edits import finish, get_tensor, set_arg_tensor
+import torch
+
+from qgraph.errors import PipelineError, StructureError
+from qgraph.graph_edits import (
+    finish,
+    get_attr_node,
+    get_tensor,
+    insert_call,
+    new_attr,
+    set_arg_tensor,
+)
+from qgraph.kernels.hadamard import hadamard_factorization, random_signs
 from qgraph.kernels.rotation import Rotation, rotate_input, rotate_output
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
+
+from . import online_rotation
+
+ONLINE = ("r2", "r3", "r4")
+HADAMARD = torch.ops.qgraph.hadamard.default
 
 
 def _check_r1(model: Model) -> None:
@@ -55,11 +77,36 @@ class Rotate(Pass):
         Option("kind", str, "hadamard", "rotation family", ("hadamard", "random")),
         Option("r1", bool, True, "rotate the residual stream"),
         Option("r2", bool, True, "rotate each head's value/output path"),
+        Option(
+            "online",
+            str,
+            "none",
+            "online Hadamard rotations kept in the graph: 'none', 'all' or a '+' list of "
+            "r2 (o_proj input), r3 (queries and keys after RoPE), r4 (down_proj input)",
+        ),
     )
     requires = frozenset({"norms-fused"})
     provides = frozenset({"rotated"})
     forbids = frozenset({"quantized"})
     exact = True
+
+    def validate(self) -> None:
+        self.online_set()
+
+    def online_set(self) -> set[str]:
+        text = self.opt("online")
+        if text == "none":
+            return set()
+        if text == "all":
+            return set(ONLINE)
+        parts = set(text.split("+"))
+        bad = sorted(parts - set(ONLINE))
+        if bad:
+            raise PipelineError(
+                f"rotate: unknown online rotation(s) {bad} in online={text!r}; "
+                f"use 'none', 'all' or a '+' list of {', '.join(ONLINE)}"
+            )
+        return parts
 
     def run(self, model: Model) -> dict[str, Any]:
         gm = model.gm
@@ -98,8 +145,64 @@ class Rotate(Pass):
             summary["r2_heads_rotated_in_layers"] = done
             if refused:
                 summary["r2_refused"] = refused
+        online = self.online_set()
+        if online:
+            summary.update(_online(model, online, self.opt("seed")))
         finish(gm)
         return summary
+
+
+def _online(model: Model, which: set[str], seed: int) -> dict[str, Any]:
+    gm, sv = model.gm, model.structure
+    out: dict[str, Any] = {}
+    targets = []
+    if "r2" in which:
+        targets += [(att.o, seed + 2) for att in sv.attention if att.o is not None]
+    if "r4" in which:
+        targets += [(lin, seed + 4) for lin in sv.linears if lin.role == "mlp_out"]
+    padded = []
+    for lin, s in targets:
+        if online_rotation.find(lin.node, gm) is not None:
+            raise StructureError(f"rotate: {lin.name} already has an online rotation")
+        size = online_rotation.smallest_supported(lin.in_features)
+        if size != lin.in_features:
+            padded.append(f"{lin.name}: {lin.in_features} → {size}")
+        online_rotation.insert(gm, lin.node, lin.weight, size, s, lin.name)
+    if "r2" in which:
+        out["r2_online_layers"] = sum(1 for lin, s in targets if s == seed + 2)
+    if "r4" in which:
+        out["r4_layers"] = sum(1 for lin, s in targets if s == seed + 4)
+    if padded:
+        out["online_padded"] = (
+            "no Hadamard matrix of the input width is known; zero-padded to the next supported "
+            "size (exact): " + "; ".join(padded)
+        )
+    if "r3" in which:
+        out["r3_attention_layers"] = _rotate_qk(gm, sv.attention, seed + 3)
+    return out
+
+
+def _rotate_qk(gm, attention, seed: int) -> int:
+    """R3: ``q ← q Q``, ``k ← k Q`` right before attention; ``(qQ)(kQ)ᵀ = q kᵀ`` exactly."""
+    if not attention:
+        return 0
+    head_dim = attention[0].head_dim
+    if hadamard_factorization(head_dim) is None:
+        raise StructureError(
+            f"rotate: R3 needs a Hadamard matrix of the head size {head_dim}, and none is known; "
+            "leave r3 out of online="
+        )
+    target = new_attr(gm, "r3_signs", random_signs(head_dim, seed).to(torch.float32))
+    for att in attention:
+        sdpa = att.node
+        signs = get_attr_node(gm, sdpa, target)
+        args = list(sdpa.args)
+        for i in (0, 1):
+            if int(args[i].meta["val"].shape[-1]) != head_dim:
+                raise StructureError(f"rotate: R3 at {sdpa.name}: q/k head size differs from v's")
+            args[i] = insert_call(gm, sdpa, HADAMARD, (args[i], signs, True))
+        sdpa.args = tuple(args)
+    return len(attention)
 
 
 def _rotate_heads(gm, att, rot: Rotation) -> None:

@@ -115,3 +115,42 @@ def finish(gm: fx.GraphModule) -> None:
     erase_unused_attrs(gm)
     gm.graph.lint()
     gm.recompile()
+
+
+def insert_call(
+    gm: fx.GraphModule, before: fx.Node, target, args: tuple, meta: dict | None = None
+) -> fx.Node:
+    """Insert ``target(*args)`` just before ``before``; ``meta['val']`` is computed on the fake
+    values of the arguments so that analyses see the new node's shape."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, args)
+    fake_args = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+    node.meta["val"] = _fake_call(target, fake_args)
+    node.meta.update(meta or {})
+    return node
+
+
+def _fake_call(target, args: list):
+    """Evaluate ``target`` on fake (or real) tensors, under the arguments' own fake mode."""
+    from torch._guards import detect_fake_mode
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    mode = detect_fake_mode(tuple(a for a in args if isinstance(a, torch.Tensor)))
+    if mode is None:
+        return target(*args)
+    args = [
+        mode.from_tensor(a) if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor) else a
+        for a in args
+    ]
+    with mode:
+        return target(*args)
+
+
+def online_rotation_input(node: fx.Node) -> fx.Node | None:
+    """The ``qgraph::hadamard`` node that feeds ``node``'s first argument, if any."""
+    src = node.args[0] if node.args else None
+    if isinstance(src, fx.Node) and src.op == "call_function":
+        if src.target is torch.ops.qgraph.hadamard.default:
+            return src
+    return None

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from . import ops  # noqa: F401  (torch.ops.qgraph.hadamard is matched below)
+
 aten = torch.ops.aten
 
 LINEAR = aten.linear.default
@@ -58,6 +60,8 @@ _HEAD_OPS = (
     }
 )
 _IGNORED = {aten._assert_tensor_metadata.default}
+# An online rotation (and the zero padding of an expansion) in front of a layer's input.
+_ONLINE = {torch.ops.qgraph.hadamard.default, aten.constant_pad_nd.default}
 
 
 def _val(node: fx.Node):
@@ -336,9 +340,19 @@ class StructureView:
                 if lin.in_features % head_dim:
                     return lin, False, f"{lin.name} input is not a whole number of heads"
                 return lin, True, ""
+            if _is(nxt, *_ONLINE):  # o_proj's online rotation: the layer after it is o
+                lin = self._online_reader(nxt)
+                if lin is None:
+                    return None, False, f"online rotation {nxt.name} does not feed a linear layer"
+                return lin, lin.in_features == cur.meta["val"].shape[-1], ""
             if not _is(nxt, *_HEAD_OPS):
                 return None, False, f"attention output passes through {nxt.name} ({_target(nxt)})"
             cur = nxt
+
+    def _online_reader(self, node: fx.Node) -> Linear | None:
+        while _is(node, *_ONLINE) and len(users(node)) == 1:
+            node = users(node)[0]
+        return self._linear_by_node.get(node)
 
     def _walk_residual(self) -> Residual:
         issues: list[str] = []

@@ -1,0 +1,237 @@
+"""expand: post-training model expansion (Franco et al., arXiv 2503.17513). Exact in float.
+
+Widens the input of layers that carry an online rotation (o_proj and down_proj after
+``rotate{online=r2+r4}``) from ``N`` to a Hadamard size ``M > N``: the activation and the
+weight's input axis are zero-padded to ``M`` and rotated by the ``M``-point randomized
+Hadamard instead of the ``N``-point one. The expanded weight ``W_pad Q`` has ``M`` columns but
+rank ``N``, so the layer's input Hessian gets an ``(M - N)``-dimensional nullspace into which
+GPTQ can push rounding error. Sizes are the Hadamard-friendly multiples of ``multiple`` above
+``N``; step ``s`` is the ``s``-th of them.
+
+Modes:
+
+* ``selective`` — every selected layer grows by ``step`` sizes; with ``budget`` (percent of
+  the model's parameters) the largest uniform step within the budget is used.
+* ``progressive`` — measure each selected layer's GPTQ output error at its current width on
+  calibration inputs (the Hessian of the expanded input is ``Qᵀ pad(XᵀX) Q``, so one
+  calibration run serves every candidate width), then repeatedly grow the layer with the worst
+  relative error by ``step`` sizes until the next growth would exceed ``budget``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from qgraph.calibration import ResumableRun, input_hessian
+from qgraph.errors import DataError, PipelineError, StructureError
+from qgraph.graph_edits import finish
+from qgraph.kernels.gptq import gptq_quantize, rtn_error
+from qgraph.kernels.hadamard import fast_hadamard_transform
+from qgraph.model import Model
+from qgraph.pass_manager import Option, Pass, register
+from qgraph.structure import Linear
+
+from . import online_rotation
+from .quantize import parse_weight_spec
+
+
+@dataclass
+class _Layer:
+    lin: Linear
+    rot: online_rotation.OnlineRotation
+    weight: torch.Tensor  # un-rotated float64 [out, N]
+    sizes: list[int]  # candidate widths: sizes[0] = current, then steps 1, 2, ...
+    index: int = 0  # position in sizes
+
+    @property
+    def size(self) -> int:
+        return self.sizes[self.index]
+
+
+@register
+class Expand(Pass):
+    name = "expand"
+    help = (
+        "Widen the input of layers with an online Hadamard rotation (post-training model "
+        "expansion): zero-pad from N to a larger Hadamard size M and rotate with the M-point "
+        "Hadamard. Exact in float; gives GPTQ a nullspace to put rounding error in."
+    )
+    options = (
+        Option("layers", str, "all", "regex on 'layer-name role' selecting layers to expand"),
+        Option("step", int, 1, "sizes to grow by (selective: per layer; progressive: per growth)"),
+        Option("budget", float, 0.0, "added parameters in percent of the model's (0: use step)"),
+        Option("mode", str, "selective", "how to spend the budget", ("selective", "progressive")),
+        Option("multiple", int, 32, "expanded widths are multiples of this"),
+        Option("seed", int, 5, "seed of the expanded rotations' random signs"),
+        Option("w", str, "int4:channel", "weight format whose GPTQ error guides progressive mode"),
+        Option("calib-windows", int, 8, "calibration windows for progressive mode"),
+    )
+    provides = frozenset({"expanded"})
+    forbids = frozenset({"quantized"})
+    exact = True
+
+    def validate(self) -> None:
+        if self.opt("step") < 1:
+            raise PipelineError(f"expand: step must be >= 1, got {self.opt('step')}")
+        if self.opt("budget") < 0:
+            raise PipelineError(f"expand: budget must be >= 0, got {self.opt('budget')}")
+        if self.opt("multiple") < 1:
+            raise PipelineError(f"expand: multiple must be >= 1, got {self.opt('multiple')}")
+        if self.opt("mode") == "progressive" and self.opt("budget") <= 0:
+            raise PipelineError("expand: mode=progressive needs a budget (percent of parameters)")
+        parse_weight_spec(self.opt("w"))
+        try:
+            re.compile(self.opt("layers"))
+        except re.error as exc:
+            raise PipelineError(f"expand: bad layers regex {self.opt('layers')!r}: {exc}") from exc
+
+    def run(self, model: Model) -> dict[str, Any]:
+        gm = model.gm
+        params_before = model.accounting()["params"]
+        layers = self._select(model)
+        budget = params_before * self.opt("budget") / 100
+        if self.opt("mode") == "progressive":
+            self._progressive(model, layers, budget)
+        elif self.opt("budget") > 0:
+            self._uniform_within(layers, budget)
+        else:
+            for layer in layers:
+                layer.index = self.opt("step")
+        for layer in layers:
+            if layer.size != layer.rot.size:
+                self._apply(gm, layer)
+        finish(gm)
+        model.invalidate()
+        after = model.accounting()["params"]
+        widths: dict[str, str] = {}
+        for layer in layers:
+            widths[layer.lin.name] = f"{layer.rot.in_features}→{layer.size}"
+        return {
+            "layers_expanded": sum(1 for x in layers if x.size != x.rot.in_features),
+            "params_before": params_before,
+            "params_added": after - params_before,
+            "params_added_percent": round(100 * (after - params_before) / params_before, 3),
+            "widths": widths,
+        }
+
+    # -- selection -----------------------------------------------------------------------
+    def _select(self, model: Model) -> list[_Layer]:
+        gm, pattern = model.gm, re.compile(self.opt("layers"))
+        chosen = [
+            lin
+            for lin in model.structure.linears
+            if lin.role != "lm_head"
+            and (self.opt("layers") == "all" or pattern.search(f"{lin.name} {lin.role}"))
+        ]
+        out: list[_Layer] = []
+        missing: list[str] = []
+        for lin in chosen:
+            rot = online_rotation.find(lin.node, gm)
+            if rot is None:
+                if self.opt("layers") != "all":
+                    missing.append(lin.name)
+                continue
+            weight = online_rotation.unrotated_weight(gm, lin.weight, rot)
+            steps = online_rotation.next_sizes(
+                rot.size, 64 * self.opt("step"), self.opt("multiple")
+            )
+            out.append(_Layer(lin, rot, weight, [rot.size, *steps]))
+        if missing:
+            raise StructureError(
+                "expand: " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                + " have no online rotation to expand; run rotate{online=r2+r4} first "
+                "(expansion pads the input and needs the Hadamard rotation that follows)"
+            )  # fmt: skip
+        if not out:
+            raise StructureError(
+                "expand: no layer with an online rotation was selected; run "
+                "rotate{online=r2+r4} first (expansion widens those layers' inputs)"
+            )
+        return out
+
+    def _uniform_within(self, layers: list[_Layer], budget: float) -> None:
+        step = 0
+        while step + 1 < len(layers[0].sizes):
+            cost = sum(_added(x, step + 1) for x in layers)
+            if cost > budget:
+                break
+            step += 1
+        for layer in layers:
+            layer.index = step
+
+    def _progressive(self, model: Model, layers: list[_Layer], budget: float) -> None:
+        spec = parse_weight_spec(self.opt("w"))
+        hessians = _source_hessians(model, layers, self.opt("calib-windows"))
+        step = self.opt("step")
+
+        def error(layer: _Layer, size: int) -> float:
+            h = hessians[layer.lin.node]
+            w_m, h_m = _expanded(layer, size, h)
+            res = gptq_quantize(
+                w_m, h_m, spec.bits, spec.symmetric, spec.granularity, spec.group_size
+            )
+            return res.error / max(rtn_error(w_m, h_m, torch.zeros_like(w_m)), 1e-30)
+
+        heap = [(-error(x, x.size), i) for i, x in enumerate(layers)]
+        heapq.heapify(heap)
+        spent = 0.0
+        while heap:
+            _, i = heapq.heappop(heap)
+            layer = layers[i]
+            nxt = layer.index + step
+            if nxt >= len(layer.sizes):
+                continue
+            cost = _added(layer, nxt) - _added(layer, layer.index)
+            if spent + cost > budget:
+                continue  # this layer cannot grow any more; others may still fit
+            spent += cost
+            layer.index = nxt
+            heapq.heappush(heap, (-error(layer, layer.size), i))
+
+    def _apply(self, gm: fx.GraphModule, layer: _Layer) -> None:
+        lin, rot = layer.lin, layer.rot
+        online_rotation.remove(gm, lin.node, rot, lin.weight)
+        online_rotation.insert(
+            gm, lin.node, lin.weight, layer.size, self.opt("seed") + layer.size, lin.name,
+            source=rot.source, weight=layer.weight,
+        )  # fmt: skip
+
+
+def _added(layer: _Layer, index: int) -> int:
+    return layer.lin.out_features * (layer.sizes[index] - layer.rot.in_features)
+
+
+def _expanded(layer: _Layer, size: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and input Hessian the layer would have at width ``size`` (any signs do)."""
+    n = layer.rot.in_features
+    signs = torch.ones(size, dtype=torch.float64)
+    w = fast_hadamard_transform(torch.nn.functional.pad(layer.weight, (0, size - n)), True, signs)
+    hp = torch.nn.functional.pad(h, (0, size - n, 0, size - n))
+    hq = fast_hadamard_transform(fast_hadamard_transform(hp, True, signs).T, True, signs).T
+    return w, hq
+
+
+def _source_hessians(
+    model: Model, layers: list[_Layer], windows: int
+) -> dict[fx.Node, torch.Tensor]:
+    """``XᵀX`` (float64) of each layer's un-padded, un-rotated input, from one calibration run."""
+    if model.calibration is None:
+        raise DataError("expand: mode=progressive needs calibration data (Model.set_calibration)")
+    # read the source when its consumer (the pad or the rotation) runs: it may be freed after
+    wanted = {(x.rot.pad or x.rot.node): (x.lin.node, x.rot.source) for x in layers}
+    out: dict[fx.Node, torch.Tensor] = {}
+
+    def before(node: fx.Node, run: ResumableRun) -> None:
+        hit = wanted.get(node)
+        if hit is not None:
+            out[hit[0]] = input_hessian(run.env[hit[1]])
+
+    with torch.inference_mode():
+        ResumableRun(model.gm, before).run(model.calibration[:windows])
+    return out
