@@ -14,6 +14,7 @@ from .errors import (
 )
 from .model import Model
 from .pass_manager import Option, Pass, PassManager, parse_pipeline, register
+from .saving import save
 
 __all__ = [
     "DataError",
@@ -36,5 +37,6 @@ __all__ = [
     "parse_pipeline",
     "register",
     "run_pipeline",
+    "save",
 ]
 __version__ = "0.1.0"

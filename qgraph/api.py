@@ -13,9 +13,14 @@ from .pass_manager import Pass, PassManager
 from .trace import trace, trace_causal_lm
 
 
-def load(spec: str | os.PathLike | None = None) -> Model:
+def load(spec: str | os.PathLike | None = None, tokenizer=None) -> Model:
     """A causal LM as a qgraph Model: a built-in name (default ``smollm2-135m``), a ``.gguf`` file
-    or a Hugging Face directory. The graph maps ``input_ids [batch, seq]`` to ``logits``."""
+    or a Hugging Face directory. The graph maps ``input_ids [batch, seq]`` to ``logits``.
+    A ``.pt2`` file written by :func:`qgraph.save` is loaded as saved (pass its ``tokenizer``)."""
+    if spec is not None and str(spec).endswith(".pt2"):
+        from .saving import load_saved
+
+        return load_saved(spec, tokenizer)
     lm = load_causal_lm(spec)
     gm = trace_causal_lm(lm.model)
     example = (torch.zeros((2, 16), dtype=torch.long),)

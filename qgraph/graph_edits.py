@@ -133,7 +133,6 @@ def insert_call(
 def _fake_call(target, args: list):
     """Evaluate ``target`` on fake (or real) tensors, under the arguments' own fake mode."""
     from torch._guards import detect_fake_mode
-
     from torch._subclasses.fake_tensor import FakeTensor
 
     mode = detect_fake_mode(tuple(a for a in args if isinstance(a, torch.Tensor)))

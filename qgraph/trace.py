@@ -49,12 +49,12 @@ def trace(
         for m, training in modes.items():  # the user's module keeps its train/eval flags
             m.training = training
     gm = program.module()
-    _drop_guards(gm)
+    drop_guards(gm)
     finish(gm)  # drop constants nothing reads (e.g. the tied copy of an embedding)
     return gm
 
 
-def _drop_guards(gm: fx.GraphModule) -> None:
+def drop_guards(gm: fx.GraphModule) -> None:
     """Remove the input-guard call that torch.export inserts; shapes are checked by our callers."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:

@@ -323,7 +323,9 @@ def taylor_second(
         curv = {}
         for n in names:
             if n not in hessian_diag or hessian_diag[n].shape != params[n].shape:
-                raise ValueError(f"hessian_diag needs a tensor of shape {tuple(params[n].shape)} for {n!r}")
+                raise ValueError(
+                    f"hessian_diag needs a tensor of shape {tuple(params[n].shape)} for {n!r}"
+                )
             curv[n] = hessian_diag[n].detach().to(device=g[n].device, dtype=acc)
         method = "taylor2/hessian"
     else:

@@ -106,7 +106,9 @@ def top_k_mask(score: torch.Tensor, k: int, exclude: torch.Tensor | None = None)
     """
     if torch.isnan(score).any():
         raise DataError("selection score contains NaN")
-    flat = score.detach().flatten().to(torch.float64)
+    flat = score.detach().flatten()
+    if not flat.is_floating_point():
+        flat = flat.to(torch.float64)
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     allowed = torch.ones_like(mask) if exclude is None else ~exclude.flatten()
     k = min(k, int(allowed.sum()))
@@ -127,7 +129,9 @@ def outlier_mask(w: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def _check_weight(w: torch.Tensor) -> None:
     if w.dim() != 2 or not w.is_floating_point():
-        raise ValueError(f"weight must be a 2-D float tensor [out, in], got {w.dtype} {tuple(w.shape)}")
+        raise ValueError(
+            f"weight must be a 2-D float tensor [out, in], got {w.dtype} {tuple(w.shape)}"
+        )
     if not torch.isfinite(w).all():
         raise DataError("weight contains NaN or infinite values")
 
@@ -182,7 +186,9 @@ class SparsePart:
         return s
 
 
-def sparse_matmul(x: torch.Tensor, part: SparsePart, out_features: int | None = None) -> torch.Tensor:
+def sparse_matmul(
+    x: torch.Tensor, part: SparsePart, out_features: int | None = None
+) -> torch.Tensor:
     """x Sᵀ for x [..., in] -> [..., out] without forming S.
 
     Reference semantics (for the torch op and the ONNX lowering)::
@@ -197,7 +203,9 @@ def sparse_matmul(x: torch.Tensor, part: SparsePart, out_features: int | None = 
     """
     out = part.shape[0] if out_features is None else out_features
     if out < part.shape[0]:
-        raise ValueError(f"out_features {out} is smaller than the sparse part's {part.shape[0]} rows")
+        raise ValueError(
+            f"out_features {out} is smaller than the sparse part's {part.shape[0]} rows"
+        )
     if x.shape[-1] != part.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, the sparse part expects {part.shape[1]}")
     dtype = torch.promote_types(x.dtype, part.values.dtype)
@@ -321,7 +329,9 @@ def choose_outlier_ratio(
         raise ValueError(f"no candidate ratio in {list(candidates)} is <= max_ratio {max_ratio}")
     if price < 0 or bits_per_outlier < 0:
         raise ValueError("price and bits_per_outlier must be non-negative")
-    base_error = layer_error(w, split_weight(w, torch.zeros_like(w, dtype=torch.bool), spec).weight, hessian)
+    base_error = layer_error(
+        w, split_weight(w, torch.zeros_like(w, dtype=torch.bool), spec).weight, hessian
+    )
     best: tuple[float, float, DenseSparseSplit] | None = None
     table = []
     for r in ratios:
@@ -390,9 +400,13 @@ def significant_weight_detach(
     """
     _check_weight(w)
     if sensitivity.shape != w.shape:
-        raise ValueError(f"sensitivity has shape {tuple(sensitivity.shape)}, expected {tuple(w.shape)}")
+        raise ValueError(
+            f"sensitivity has shape {tuple(sensitivity.shape)}, expected {tuple(w.shape)}"
+        )
     if not 0 < step_ratio or not 0 <= total_ratio <= 1:
-        raise ValueError(f"need step_ratio > 0 and total_ratio in [0, 1], got {step_ratio}, {total_ratio}")
+        raise ValueError(
+            f"need step_ratio > 0 and total_ratio in [0, 1], got {step_ratio}, {total_ratio}"
+        )
     mask = torch.zeros_like(w, dtype=torch.bool) if base_mask is None else base_mask.clone()
     _check_mask(w, mask)
     n = w.numel()
