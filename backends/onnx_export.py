@@ -28,6 +28,7 @@ import torch
 
 from qgraph.errors import ExportError
 
+from .onnx_hadamard import add_hadamard_functions, is_qgraph_function
 from .onnx_lowering import CUSTOM_TRANSLATIONS
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "export_onnx", "op_histogram", "postprocess"]
@@ -130,13 +131,14 @@ def light_optimize(model: ir.Model) -> None:
 
     This is ``export(optimize=True)`` without onnxscript's pattern rewriter, which took ~2 of the
     ~3 minutes of a SmolLM2 export and whose fusions ONNX Runtime performs itself at load time.
+    ``qgraph``-domain functions are not inlined: the file keeps one node per Hadamard rotation.
     """
     import onnx_ir.passes.common as common
     from onnxscript import rewriter
     from onnxscript.optimizer import fold_constants_ir
     from onnxscript.rewriter.rules import common as rules
 
-    common.InlinePass()(model)
+    common.InlinePass(criteria=lambda f: not is_qgraph_function(f))(model)
     fold_constants_ir(model)
     cheap_rules = [rules.no_op_cast_rule, rules.cast_cast_rule, rules.no_op_expand_rule,
                    rules.no_op_transpose_rule]  # fmt: skip
@@ -188,9 +190,11 @@ def postprocess(model: ir.Model) -> ir.Model:
     * Folds ``Cast(to=INT4/UINT4)`` of constants into packed 4-bit initializers, so the file
       stores 4-bit weights and ONNX Runtime sees ``DequantizeLinear(int4 const)`` → ``MatMul``,
       which it fuses into ``MatMulNBits``.
+    * Adds the model-local function of every ``qgraph::Hadamard…`` node (idempotent).
     * Removes nodes and initializers that no longer feed an output.
     """
     _fold_int4_casts(model)
+    add_hadamard_functions(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.RemoveUnusedFunctionsPass()(model)
     return model

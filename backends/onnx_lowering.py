@@ -13,6 +13,8 @@ inference of a Python number's dtype depends on whether the op's other input typ
 * ``quantize_per_token`` / ``quantize_static`` become standard ops that repeat the torch kernels'
   arithmetic step by step (same operation order, same eps), so ONNX Runtime and torch agree to
   float rounding. ONNX ``Round`` rounds half to even, like ``torch.round``.
+* ``hadamard`` becomes one ``qgraph::Hadamard{n}…`` node; ``postprocess`` adds its model-local
+  function of standard ops (see :mod:`qgraph.backends.onnx_hadamard`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from onnxscript import opset21 as op
 import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
 from qgraph.kernels import quant as qk
 
-__all__ = ["CUSTOM_TRANSLATIONS", "qlinear", "quantize_per_token", "quantize_static"]
+from .onnx_hadamard import hadamard
+
+__all__ = ["CUSTOM_TRANSLATIONS", "hadamard", "qlinear", "quantize_per_token", "quantize_static"]
 
 
 def _cast_like_if_needed(value, like):
@@ -116,5 +120,6 @@ CUSTOM_TRANSLATIONS: dict[Callable, Callable] = {
     torch.ops.qgraph.qlinear.default: qlinear,
     torch.ops.qgraph.quantize_per_token.default: quantize_per_token,
     torch.ops.qgraph.quantize_static.default: quantize_static,
+    torch.ops.qgraph.hadamard.default: hadamard,
 }
 """``torch.ops.qgraph.<op>.default`` → ONNX translation, for ``custom_translation_table``."""
