@@ -93,3 +93,37 @@ def test_failed_save_keeps_the_existing_file(rewritten, tmp_path, monkeypatch):
         qgraph.save(rewritten, target)
     assert target.read_bytes() == b"previous contents"
     assert sorted(os.listdir(tmp_path)) == ["model.pt2"]
+
+
+def test_onnx_file_keeps_online_rotations_and_expansion(tmp_path):
+    """The exported file holds the online rotations as qgraph-domain nodes with model-local
+    functions; reloaded in stock ONNX Runtime it computes what the torch graph and the original
+    Hugging Face model compute (float: exact; W4A16: same as torch)."""
+    import onnx
+    from test_exactness import hf_logits
+
+    from qgraph.backends.onnx_backend import export_model
+    from qgraph.backends.ort_runtime import OrtModel, optimized_op_histogram
+
+    hf = tiny_llama()
+    for pipeline, to_hf in (
+        ("fuse-norms,rotate{online=all},expand{step=3}", 1e-4),
+        ("fuse-norms,rotate{online=all},expand{step=1},quantize{w=int4:channel}", None),
+    ):
+        model = qgraph.from_hf(hf)
+        qgraph.run_pipeline(model, pipeline)
+        path = export_model(model, tmp_path / "m.onnx", pipeline)
+        proto = onnx.load(path)
+        qnodes = [n.op_type for n in proto.graph.node if n.domain == "qgraph"]
+        assert len(qnodes) == 8 and {f.name for f in proto.functions} == set(qnodes)
+        assert sum(1 for n in proto.graph.node if n.op_type == "Pad") == 4
+        runner = OrtModel(path, threads=1, matmulnbits_accuracy_level=0)
+        for ids in inputs(128):
+            out = torch.from_numpy(runner(ids.numpy()))
+            ref = model(ids)
+            assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+            if to_hf:
+                hf_ref = hf_logits(hf, ids)
+                assert float((out - hf_ref).abs().max() / hf_ref.abs().max()) < to_hf
+        if to_hf is None:
+            assert optimized_op_histogram(path).get("com.microsoft::MatMulNBits") == 14
