@@ -26,9 +26,11 @@ import torch
 from onnxscript import opset21 as op
 
 import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
+import qgraph.sparse_ops  # noqa: F401
 from qgraph.kernels import quant as qk
 
 from .onnx_hadamard import hadamard
+from .onnx_sparse import SPARSE_TRANSLATIONS
 
 __all__ = ["CUSTOM_TRANSLATIONS", "hadamard", "qlinear", "quantize_per_token", "quantize_static"]
 
@@ -123,3 +125,5 @@ CUSTOM_TRANSLATIONS: dict[Callable, Callable] = {
     torch.ops.qgraph.hadamard.default: hadamard,
 }
 """``torch.ops.qgraph.<op>.default`` → ONNX translation, for ``custom_translation_table``."""
+
+CUSTOM_TRANSLATIONS.update(SPARSE_TRANSLATIONS)

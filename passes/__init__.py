@@ -8,4 +8,5 @@ from . import (  # noqa: F401
     mixed_precision,
     quantize,
     rotate,
+    split_sparse,
 )

@@ -1,6 +1,6 @@
 """qgraph: a compiler-style graph rewriting toolkit for quantizing neural networks."""
 
-from . import ops  # noqa: F401  (registers torch.ops.qgraph.*)
+from . import ops, sparse_ops  # noqa: F401  (registers torch.ops.qgraph.*)
 from .api import calibration_windows, eval_windows, from_hf, from_module, load, run_pipeline
 from .errors import (
     DataError,

@@ -125,13 +125,22 @@ class Model:
 
         Quantized weights count their codes at their bit width plus the distinct scales
         (and zero points when asymmetric) that the quantizer defines; scales replicated only to
-        suit ONNX Runtime's blocked kernels are not counted twice.
+        suit ONNX Runtime's blocked kernels are not counted twice. A sparse side branch counts
+        its values as parameters and its values and row/column indices at their stored widths.
         """
         params = 0
         volume = 0.0
         quant_weights = 0
         seen: set[str] = set()
         for node in self.gm.graph.nodes:
+            if "qgraph_sparse" in node.meta:  # sparse side branch: values and indices as stored
+                from .graph_edits import get_tensor
+
+                parts = [get_tensor(self.gm, a.target) for a in node.args[1:4]]
+                seen.update(a.target for a in node.args[1:4])
+                params += parts[2].numel()
+                volume += sum(t.numel() * t.element_size() * 8 for t in parts)
+                continue
             info = node.meta.get("qgraph_quant")
             if info is None:
                 continue
