@@ -15,7 +15,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .workflow import Job, float_row, format_table, write_json
 
     check_order(parse_pipeline(args.pipeline), set())  # fail before the slow loading
-    for out in (args.export, args.report):
+    for out in (args.export, args.report, args.save):
         if out and not Path(out).resolve().parent.is_dir():
             raise QGraphError(f"output directory of {out} does not exist")
     job = Job(
@@ -28,7 +28,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     report = job.run(
-        args.pipeline, export=args.export, verify_each=args.verify_each, seed=args.seed
+        args.pipeline,
+        export=args.export,
+        save=args.save,
+        verify_each=args.verify_each,
+        seed=args.seed,
     )
     print(format_table([float_row(report), {**report, "label": "rewritten"}]))
     if args.report:
@@ -128,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the rewritten model as ONNX and evaluate it in ONNX Runtime",
     )
     run.add_argument("--report", default=None, help="write a JSON report here")
+    run.add_argument(
+        "--save", default=None, help="save the rewritten model (.pt2, reload with qgraph.load)"
+    )
     run.add_argument(
         "--verify-each", action="store_true", help="numerically verify every exact pass"
     )

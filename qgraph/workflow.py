@@ -75,6 +75,7 @@ class Job:
         pipeline: str,
         *,
         export: str | os.PathLike | None = None,
+        save: str | os.PathLike | None = None,
         verify_each: bool = False,
         seed: int | None = None,
     ) -> dict[str, Any]:
@@ -119,6 +120,11 @@ class Job:
             "volume_bits": acc["volume_bits"],
             "properties": sorted(model.properties),
         }
+        if save:
+            from .saving import save as save_model
+
+            report["saved"] = str(save_model(model, save))
+            log(f"saved the rewritten model to {save}")
         if export:
             report["export"] = export_and_check(model, export, pipeline, self.eval, self.progress)
         report["seconds"] = time.perf_counter() - t0
