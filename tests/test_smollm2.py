@@ -84,3 +84,40 @@ def test_w4a16_onnx_matches_torch_and_uses_matmulnbits(lm, windows, tmp_path):
     ppl_torch = perplexity(model, few)
     ppl_ort = perplexity(ort_forward(path), few)
     assert abs(ppl_ort / ppl_torch - 1) < 0.005
+
+
+def test_online_rotations_and_expansion_exact_on_smollm2(lm, windows):
+    """R1–R4 with o_proj/down_proj expanded by one step (576→608, 1536→1568) is exact."""
+    model = fresh(lm)
+    qgraph.run_pipeline(model, "fuse-norms,rotate{seed=0,online=all},expand{step=1}")
+    widths = model.log[-1].summary["widths"]
+    assert widths["model.layers.0.self_attn.o_proj"] == "576→608"
+    assert widths["model.layers.0.mlp.down_proj"] == "1536→1568"
+    hadamards = [n for n in model.gm.graph.nodes if n.target is torch.ops.qgraph.hadamard.default]
+    assert len(hadamards) == 30 * 4
+    with torch.inference_mode():
+        w = windows[0, :256][None]
+        ref = lm.model(input_ids=w, use_cache=False).logits
+        assert float((model(w) - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_pqi_predicts_the_loss_change_of_w4_on_smollm2(lm):
+    """The post-quantization integral (N = 2) predicts the loss change of quantizing every layer
+    to W4 within 10 %; first-order Taylor does not come close (METHODS.md §4)."""
+    from qgraph.kernels import pqi as pqi_kernels
+    from qgraph.kernels.sparse_split import split_weight
+    from qgraph.passes.split_sparse import SplitSparse, loss_setup
+
+    model = fresh(lm)
+    qgraph.run_pipeline(model, "quantize{w=int4:channel}")
+    layers = SplitSparse()._layers(model)
+    loss_fn, params, batches = loss_setup(model, layers, 1, 128)
+    deltas = {}
+    for x in layers:
+        split = split_weight(x.w, torch.zeros_like(x.w, dtype=torch.bool), x.qspec)
+        deltas[x.name] = split.weight - x.w
+    res = pqi_kernels.pqi(loss_fn, params, deltas, batches, 2)
+    assert res.actual > 0.1  # W4 RTN really hurts this model
+    assert abs(res.total - res.actual) <= 0.1 * res.actual
+    first = pqi_kernels.taylor_first(loss_fn, params, deltas, batches, compute_actual=False)
+    assert abs(first.total - res.actual) > 2 * abs(res.total - res.actual)
