@@ -93,7 +93,8 @@ class Expand(Pass):
 
     def run(self, model: Model) -> dict[str, Any]:
         gm = model.gm
-        params_before = model.accounting()["params"]
+        before = model.accounting()
+        params_before = before["params"]
         layers = self._select(model)
         budget = params_before * self.opt("budget") / 100
         if self.opt("mode") == "progressive":
@@ -108,7 +109,8 @@ class Expand(Pass):
                 self._apply(gm, layer)
         finish(gm)
         model.invalidate()
-        after = model.accounting()["params"]
+        acc = model.accounting()
+        after = acc["params"]
         widths: dict[str, str] = {}
         for layer in layers:
             widths[layer.lin.name] = f"{layer.rot.in_features}→{layer.size}"
@@ -117,6 +119,8 @@ class Expand(Pass):
             "params_before": params_before,
             "params_added": after - params_before,
             "params_added_percent": round(100 * (after - params_before) / params_before, 3),
+            "volume_mb_before": round(before["volume_mb"], 3),
+            "volume_mb_after": round(acc["volume_mb"], 3),
             "widths": widths,
         }
 
