@@ -38,6 +38,7 @@ from qgraph.kernels.sparse_split import (
     DenseSparseSplit,
     QuantSpec,
     choose_outlier_ratio,
+    count_for_ratio,
     significant_weight_detach,
     split_weight,
     top_k_mask,
@@ -117,7 +118,7 @@ class SplitSparse(Pass):
             beta = self.opt("beta") / 100 or r_s / 2
             summary["sensitivity"] = self._detach(model, layers, r_s, beta, n_total)
         self._rewrite(model, layers)
-        nnz_out = sum(int(x.outlier_ratio * x.w.numel()) for x in layers)
+        nnz_out = sum(x.split.sparse.nnz - x.significant for x in layers)
         summary.update(
             {
                 "outliers": nnz_out,
@@ -175,7 +176,7 @@ class SplitSparse(Pass):
                 hi = mid
         for x, (r, _) in zip(layers, pick(hi), strict=True):
             x.outlier_ratio = r
-            mask = top_k_mask(x.w.abs(), int(round(r * x.w.numel())))
+            mask = top_k_mask(x.w.abs(), count_for_ratio(r, x.w.numel()))
             x.split = split_weight(x.w, mask, x.qspec)
         return hi
 
