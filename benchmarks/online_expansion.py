@@ -30,7 +30,8 @@ import torch
 from common import header, job
 from latency import timed
 
-from qgraph.backends.onnx_backend import export_model, optimized_op_histogram
+from qgraph.backends.onnx_backend import export_model
+from qgraph.backends.onnx_export import op_histogram
 from qgraph.backends.ort_runtime import OrtModel
 from qgraph.pass_manager import PassManager
 from qgraph.workflow import write_json
@@ -77,8 +78,7 @@ def exact(windows: int) -> None:
             for w, ref in zip(j.eval, refs, strict=True):
                 out = torch.from_numpy(runner(w[None].numpy()))
                 ort_errs.append(float((out - ref).abs().max() / ref.abs().max()))
-            hist = optimized_op_histogram(path)
-            n_had = sum(v for k, v in hist.items() if "Hadamard" in k)
+            n_had = sum(v for k, v in op_histogram(path).items() if k.startswith("qgraph::"))
             acc = model.accounting()
             rows.append((label, max(errs), max(ort_errs), acc["params"], n_had))
             print(label, rows[-1], file=sys.stderr)
@@ -86,7 +86,7 @@ def exact(windows: int) -> None:
     print(header("Exactness of online rotations and expansion on SmolLM2-135M (float32)", cmd))
     print(f"Worst max |Δlogit| / max |logit| over {windows} windows × 512 tokens; reference: "
           "the Hugging Face module. Bound 1e-4.\n")  # fmt: skip
-    print("| pipeline | torch | ONNX Runtime | params (M) | Hadamard nodes in ORT graph |")
+    print("| pipeline | torch | ONNX Runtime | params (M) | qgraph::Hadamard nodes in the file |")
     print("|---|---|---|---|---|")
     for label, e, o, p, n in rows:
         print(f"| {label} | {e:.2e} | {o:.2e} | {p / 1e6:.2f} | {n} |")
