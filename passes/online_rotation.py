@@ -94,9 +94,10 @@ def insert(
     n_in = int(w.shape[1])
     if size < n_in or hadamard_factorization(size) is None:
         raise StructureError(f"{hint}: no online rotation of size {size} for input width {n_in}")
-    x = lin_node.args[0] if source is None else source
+    origin = lin_node.args[0] if source is None else source
+    x = origin
     if size > n_in:
-        x = insert_call(gm, lin_node, PAD, (x, [0, size - n_in], 0.0))
+        x = insert_call(gm, lin_node, PAD, (origin, [0, size - n_in], 0.0))
     signs = random_signs(size, seed).to(torch.float32)
     signs_node = get_attr_node(gm, lin_node, new_attr(gm, hint + "_signs", signs))
     h = insert_call(gm, lin_node, HADAMARD, (x, signs_node, True))
@@ -105,7 +106,7 @@ def insert(
     rotated = fast_hadamard_transform(w64, True, signs.double()).to(current.dtype)
     set_arg_tensor(gm, lin_node, 1, rotated, hint + ".weight")
     lin_node.args = (h, *lin_node.args[1:])
-    return OnlineRotation(h, x if size > n_in else None, source or x, n_in, size, signs)
+    return OnlineRotation(h, x if size > n_in else None, origin, n_in, size, signs)
 
 
 def remove(gm: fx.GraphModule, lin_node: fx.Node, rot: OnlineRotation, weight_target: str):
