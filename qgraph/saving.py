@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.qgraph.* for export and load)
+from . import ops, sparse_ops  # noqa: F401  (registers torch.ops.qgraph.* for export and load)
 from .errors import ExportError, ModelFileError
 from .model import Model, PassRecord
 from .trace import drop_guards
@@ -29,6 +29,7 @@ from .trace import drop_guards
 FORMAT = "qgraph-model/1"
 _META_FILE = "qgraph.json"
 _QLINEAR = torch.ops.qgraph.qlinear.default
+_SPARSE = torch.ops.qgraph.sparse_matmul.default
 
 
 def save(model: Model, path: str | os.PathLike) -> Path:
@@ -91,21 +92,27 @@ def load_saved(path: str | os.PathLike, tokenizer: Any = None) -> Model:
     )
     model.properties = set(meta["properties"])
     model.log = [PassRecord(**r) for r in meta["log"]]
-    quant = meta["quantized"]
+    quant, sparse = meta["quantized"], meta.get("sparse", {})
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is _QLINEAR:
             info = quant.get(node.args[1].target)
             if info is not None:
                 node.meta["qgraph_quant"] = info
+        elif node.op == "call_function" and node.target is _SPARSE:
+            info = sparse.get(node.args[3].target)  # keyed by the values tensor
+            if info is not None:
+                node.meta["qgraph_sparse"] = info
     return model
 
 
 def _metadata(model: Model) -> dict[str, Any]:
-    quant = {}
+    quant, sparse = {}, {}
     for node in model.gm.graph.nodes:
         info = node.meta.get("qgraph_quant")
         if info is not None:
             quant[node.args[1].target] = {k: v for k, v in info.items() if k != "float_weight"}
+        if "qgraph_sparse" in node.meta:
+            sparse[node.args[3].target] = node.meta["qgraph_sparse"]
     return {
         "format": FORMAT,
         "name": model.name,
@@ -114,6 +121,7 @@ def _metadata(model: Model) -> dict[str, Any]:
         "properties": sorted(model.properties),
         "log": [r.to_dict() for r in model.log],
         "quantized": quant,
+        "sparse": sparse,
         "dynamic": _describe_dynamic(model.dynamic_shapes),
     }
 

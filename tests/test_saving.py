@@ -127,3 +127,17 @@ def test_onnx_file_keeps_online_rotations_and_expansion(tmp_path):
                 assert float((out - hf_ref).abs().max() / hf_ref.abs().max()) < to_hf
         if to_hf is None:
             assert optimized_op_histogram(path).get("com.microsoft::MatMulNBits") == 14
+
+
+def test_split_sparse_model_round_trips(tmp_path):
+    model = qgraph.from_hf(tiny_llama())
+    model.set_calibration(
+        torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    )
+    qgraph.run_pipeline(model, "quantize{w=int3:channel},split-sparse{outliers=1}")
+    back = qgraph.load(qgraph.save(model, tmp_path / "s.pt2"))
+    for ids in inputs(128)[:3]:
+        assert torch.equal(back(ids), model(ids))
+    assert back.accounting() == model.accounting()
+    sparse = [n for n in back.gm.graph.nodes if n.target is torch.ops.qgraph.sparse_matmul.default]
+    assert len(sparse) == 14 and all("qgraph_sparse" in n.meta for n in sparse)
