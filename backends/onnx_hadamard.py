@@ -49,7 +49,12 @@ from onnxscript import opset21 as op
 from onnxscript import values
 
 from qgraph.errors import ExportError
-from qgraph.kernels.hadamard import _base_matrix, _no_hadamard, hadamard_factorization
+from qgraph.kernels.hadamard import (
+    _base_matrix,
+    _no_hadamard,
+    hadamard_factorization,
+    hadamard_matrix,
+)
 
 __all__ = [
     "QGRAPH_DOMAIN",
@@ -67,6 +72,11 @@ RADIX = 16
 """The lowest ``log2(RADIX)`` butterfly stages run as one ``[-1, 16] @ H_16`` MatMul: ONNX
 Runtime's Split/Concat over blocks of 1-8 floats are slow (at 4096 × 64 rows, 7.1 ms with
 butterflies only, 1.0 ms like this on one EPYC core)."""
+
+DENSE_MAX = 128
+"""Sizes up to this run as one dense ``[n, n]`` MatMul (e.g. R3's 64-point rotations of q and
+k): a few thousand multiply-adds per row cost less than the per-node overhead of the staged
+form, which dominates a decode step in ONNX Runtime."""
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
 _NAME = re.compile(r"Hadamard(?P<n>[1-9][0-9]*)(?P<t>T?)(?P<u>_unscaled)?(?P<s>_nosigns)?")
@@ -215,6 +225,11 @@ def build_function(variant: HadamardVariant, onnx_opset: int = 21) -> ir.Functio
     scale = 1.0 / math.sqrt(variant.n) if variant.normalize else 1.0
 
     y = body.one("Mul", x, signs) if signs is not None and not variant.transpose else x
+    if variant.n <= DENSE_MAX:
+        h_n = hadamard_matrix(variant.n).numpy()
+        dense = (h_n.T if variant.transpose else h_n) * scale
+        y = body.one("MatMul", y, body.float_const(dense, x))
+        return _finish(body, variant, x, signs, y, onnx_opset)
     y = body.one("Reshape", y, body.const(np.array([-1, k, m], dtype=np.int64)))
     if k > 1:  # y[r, k', j] = sum_k H_K[k, k'] y[r, k, j] = (H_Kᵀ @ y[r])[k', j]
         h_k = _base_matrix(k).numpy()
@@ -226,6 +241,10 @@ def build_function(variant: HadamardVariant, onnx_opset: int = 21) -> ir.Functio
         y = body.one("MatMul", y, body.float_const(_base_matrix(r).numpy() * scale, x))
     y = _butterflies(body, y, m, r)
     y = body.one("Reshape", y, body.one("Shape", x))
+    return _finish(body, variant, x, signs, y, onnx_opset)
+
+
+def _finish(body: _Body, variant: HadamardVariant, x, signs, y, onnx_opset: int) -> ir.Function:
     if signs is not None and variant.transpose:
         y = body.one("Mul", y, signs)
     y.name = "y"

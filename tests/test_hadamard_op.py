@@ -19,6 +19,7 @@ from torch.export import Dim
 import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
 from qgraph.backends.onnx_export import export_onnx, op_histogram, postprocess
 from qgraph.backends.onnx_hadamard import (
+    DENSE_MAX,
     QGRAPH_DOMAIN,
     HadamardVariant,
     add_hadamard_functions,
@@ -174,8 +175,12 @@ def test_function_uses_standard_ops_only(n):
                         "Add", "Sub", "Concat"}  # fmt: skip
     k, m = hadamard_factorization(n)
     stages = sum(node.op_type == "Split" for node in function)
+    matmuls = sum(node.op_type == "MatMul" for node in function)
+    if n <= DENSE_MAX:  # small sizes: one dense MatMul, fewer nodes for ORT to run
+        assert (stages, matmuls) == (0, 1)
+        return
     assert stages == max(0, int(math.log2(m)) - 4)  # the 4 lowest stages are one 16×16 MatMul
-    assert sum(node.op_type == "MatMul" for node in function) == (k > 1) + (m > 1)
+    assert matmuls == (k > 1) + (m > 1)
 
 
 def test_variant_names_round_trip():
