@@ -89,14 +89,14 @@ def pqi_table(windows: int) -> None:
               f"{abs(pred - actual) / abs(actual) * 100:.1f} % | {secs:.0f} |")  # fmt: skip
 
 
-def quality(windows: int) -> None:
+def quality(windows: int, formats: list[str]) -> None:
     path = RESULTS / f"sparse_split_w{windows}.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     j = None
     for fmt, spec in FORMATS.items():
         for variant, suffix in VARIANTS.items():
             key = f"{fmt}|{variant}"
-            if key in done:
+            if key in done or fmt not in formats:
                 continue
             j = j or job(windows)
             pipeline = f"quantize{{w={spec}}}{suffix}"
@@ -170,11 +170,12 @@ def main() -> None:
     ap.add_argument("--export", action="store_true")
     ap.add_argument("--windows", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--formats", type=str, default=",".join(FORMATS), help="subset to run now")
     args = ap.parse_args()
     if args.pqi:
         pqi_table(args.windows or 4)
     if args.quality:
-        quality(args.windows or 16)
+        quality(args.windows or 16, args.formats.split(","))
     if args.export:
         export(args.windows or 4, args.repeats)
 

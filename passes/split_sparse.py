@@ -10,7 +10,7 @@ longer has to cover them. Two kinds of weights go to ``S``:
    Lagrangian solution of "least total relative weight error for the budget": layers whose
    error falls fastest with outliers removed get more of them.
 2. **Significant weights** (step-wise detach): in steps of ``beta``, the weights with the
-   largest post-quantization integral ``ΔFᵢ = Δwᵢ ∫₀¹ ∂ᵢF(w + tΔw) dt`` over the whole model
+   largest magnitude of the post-quantization integral ``ΔFᵢ = Δwᵢ ∫₀¹ ∂ᵢF(w + tΔw) dt`` over the whole model
    (``F`` = next-token loss on calibration windows, ``Δw`` = the current split's error) move
    to ``S``, up to ``significant`` percent; PQI is recomputed after each step. ``ΔFᵢ`` is in
    loss units, so the selection is global across layers.
@@ -216,9 +216,13 @@ class SplitSparse(Pass):
         return {"steps": history, "detached": moved}
 
     def _score(self, x: _Layer, result) -> torch.Tensor:
+        """|ΔFᵢ|, not ΔFᵢ: the per-weight terms of the integral cancel heavily (on SmolLM2 W4 the
+        positive ones sum to far more than the total), and detaching only the positive ones
+        removes that cancellation — measured there, detaching 0.125 % of weights by signed ΔFᵢ
+        raised the loss change from 0.73 to 4.08, by |ΔFᵢ| lowered it to 0.35."""
         if self.opt("sensitivity") == "magnitude":
             return (x.split.weight - x.w).abs()
-        return result.sensitivity[x.name].float()
+        return result.sensitivity[x.name].float().abs()
 
     def _scores(self, model: Model, layers: list[_Layer]):
         kind = self.opt("sensitivity")
