@@ -121,3 +121,27 @@ def test_pqi_predicts_the_loss_change_of_w4_on_smollm2(lm):
     assert abs(res.total - res.actual) <= 0.1 * res.actual
     first = pqi_kernels.taylor_first(loss_fn, params, deltas, batches, compute_actual=False)
     assert abs(first.total - res.actual) > 2 * abs(res.total - res.actual)
+
+
+def test_significant_weight_detach_lowers_the_loss_on_smollm2(lm):
+    """Moving the 0.1 % of weights with the largest |PQI| into the sparse part lowers the loss
+    change of W4 RTN (a regression test: selecting by signed ΔFᵢ raised it several-fold)."""
+    from qgraph.passes.split_sparse import SplitSparse, loss_setup
+
+    model = fresh(lm)
+    qgraph.run_pipeline(model, "quantize{w=int4:channel}")
+    p = SplitSparse(outliers=0.0, significant=0.1, windows=1, tokens=128, intervals=2)
+    layers = p._layers(model)
+    p._outliers(layers, 0.0)
+    loss_fn, params, batches = loss_setup(model, layers, 1, 128)
+
+    def loss_change() -> float:
+        with torch.no_grad():
+            point = {x.name: x.split.weight for x in layers}
+            return float(loss_fn(point, batches[0]) - loss_fn(params, batches[0]))
+
+    before = loss_change()
+    n = sum(x.w.numel() for x in layers)
+    p._detach(model, layers, 0.001, 0.001, n)
+    assert sum(x.significant for x in layers) == int(0.001 * n)
+    assert loss_change() < 0.8 * before
