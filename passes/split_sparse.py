@@ -124,7 +124,15 @@ class SplitSparse(Pass):
                 "outliers": nnz_out,
                 "significant": sum(x.significant for x in layers),
                 "sparse_fraction_percent": 100 * sum(x.split.sparse.nnz for x in layers) / n_total,
-                "outlier_ratio_per_layer": {x.name: x.outlier_ratio for x in layers},
+                "layers_per_outlier_percent": _histogram(100 * x.outlier_ratio for x in layers),
+                "most_outliers": [
+                    (x.name, 100 * x.outlier_ratio)
+                    for x in sorted(layers, key=lambda x: -x.outlier_ratio)[:5]
+                ],
+                "most_significant": [
+                    (x.name, x.significant)
+                    for x in sorted(layers, key=lambda x: -x.significant)[:5]
+                ],
                 "outlier_seconds": round(t_out, 3),
                 "seconds": round(time.perf_counter() - start, 3),
             }
@@ -270,6 +278,14 @@ class SplitSparse(Pass):
                 u.replace_input_with(x.node, add)
         gm.graph.lint()
         gm.recompile()
+
+
+def _histogram(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        key = f"{v:.4g}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: float(kv[0])))
 
 
 def loss_setup(model: Model, layers: list[_Layer], windows: int, tokens: int):
