@@ -199,8 +199,8 @@ class Expand(Pass):
             heapq.heappush(heap, (-error(layer, layer.size), i))
 
     def _apply(self, gm: fx.GraphModule, layer: _Layer) -> None:
+        # the new rotation reads the layer's original input; the old one becomes dead code
         lin, rot = layer.lin, layer.rot
-        online_rotation.remove(gm, lin.node, rot, lin.weight)
         online_rotation.insert(
             gm, lin.node, lin.weight, layer.size, self.opt("seed") + layer.size, lin.name,
             source=rot.source, weight=layer.weight,

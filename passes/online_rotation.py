@@ -109,14 +109,6 @@ def insert(
     return OnlineRotation(h, x if size > n_in else None, origin, n_in, size, signs)
 
 
-def remove(gm: fx.GraphModule, lin_node: fx.Node, rot: OnlineRotation, weight_target: str):
-    """Undo ``rot`` on ``lin_node``: returns the un-rotated ``[out, N]`` float64 weight; the
-    layer reads ``rot.source`` again (the rotation's nodes become dead code)."""
-    back = unrotated_weight(gm, weight_target, rot)
-    lin_node.args = (rot.source, *lin_node.args[1:])
-    return back
-
-
 def unrotated_weight(gm: fx.GraphModule, weight_target: str, rot: OnlineRotation) -> torch.Tensor:
     """The layer's ``[out, N]`` weight without its online rotation, in float64."""
     w = get_tensor(gm, weight_target).double()

@@ -155,11 +155,9 @@ class Rotate(Pass):
 def _online(model: Model, which: set[str], seed: int) -> dict[str, Any]:
     gm, sv = model.gm, model.structure
     out: dict[str, Any] = {}
-    targets = []
-    if "r2" in which:
-        targets += [(att.o, seed + 2) for att in sv.attention if att.o is not None]
-    if "r4" in which:
-        targets += [(lin, seed + 4) for lin in sv.linears if lin.role == "mlp_out"]
+    o_layers = [att.o for att in sv.attention if att.o is not None] if "r2" in which else []
+    down_layers = [lin for lin in sv.linears if lin.role == "mlp_out"] if "r4" in which else []
+    targets = [(lin, seed + 2) for lin in o_layers] + [(lin, seed + 4) for lin in down_layers]
     padded = []
     for lin, s in targets:
         if online_rotation.find(lin.node, gm) is not None:
@@ -169,9 +167,9 @@ def _online(model: Model, which: set[str], seed: int) -> dict[str, Any]:
             padded.append(f"{lin.name}: {lin.in_features} → {size}")
         online_rotation.insert(gm, lin.node, lin.weight, size, s, lin.name)
     if "r2" in which:
-        out["r2_online_layers"] = sum(1 for lin, s in targets if s == seed + 2)
+        out["r2_online_layers"] = len(o_layers)
     if "r4" in which:
-        out["r4_layers"] = sum(1 for lin, s in targets if s == seed + 4)
+        out["r4_layers"] = len(down_layers)
     if padded:
         out["online_padded"] = (
             "no Hadamard matrix of the input width is known; zero-padded to the next supported "

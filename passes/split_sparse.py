@@ -64,7 +64,6 @@ class _Layer:
     split: DenseSparseSplit | None = None
     outlier_ratio: float = 0.0
     significant: int = 0
-    twin_attr: str = ""
 
     @property
     def qspec(self) -> QuantSpec:
@@ -193,9 +192,12 @@ class SplitSparse(Pass):
         moved = 0
         target_total = int(r_s * n_total)
         history = []
+        setup = None  # the float twin depends only on the float weights: build it once
+        if self.opt("sensitivity") != "magnitude":
+            setup = loss_setup(model, layers, self.opt("windows"), self.opt("tokens"))
         while moved < target_total:
             step = min(int(beta * n_total), target_total - moved) or (target_total - moved)
-            result = self._scores(model, layers)
+            result = self._scores(layers, setup)
             history.append(
                 {"predicted": result.total, "actual": result.actual, "method": result.method}
             )
@@ -232,13 +234,11 @@ class SplitSparse(Pass):
             return (x.split.weight - x.w).abs()
         return result.sensitivity[x.name].float().abs()
 
-    def _scores(self, model: Model, layers: list[_Layer]):
+    def _scores(self, layers: list[_Layer], setup):
         kind = self.opt("sensitivity")
-        if kind == "magnitude":
+        if setup is None:
             return pqi_kernels.SensitivityResult({}, {}, 0.0, None, None, "magnitude")
-        loss_fn, params, batches = loss_setup(
-            model, layers, self.opt("windows"), self.opt("tokens")
-        )
+        loss_fn, params, batches = setup
         deltas = {x.name: (x.split.weight - x.w).detach() for x in layers}
         if kind == "pqi":
             return pqi_kernels.pqi(loss_fn, params, deltas, batches, self.opt("intervals"))
@@ -299,6 +299,7 @@ def loss_setup(model: Model, layers: list[_Layer], windows: int, tokens: int):
     graph.output(remap)
     twin = fx.GraphModule(gm, graph)
     by_name = {x.name: x for x in layers}
+    names: dict[str, str] = {}  # layer name -> the twin's weight attribute
     for node in list(twin.graph.nodes):
         info = node.meta.get("qgraph_quant") if node.op == "call_function" else None
         if node.target is not QLINEAR or info is None or info["name"] not in by_name:
@@ -312,10 +313,9 @@ def loss_setup(model: Model, layers: list[_Layer], windows: int, tokens: int):
             )
         node.replace_all_uses_with(lin)
         twin.graph.erase_node(node)
-        by_name[info["name"]].twin_attr = attr
+        names[info["name"]] = attr
     twin.graph.eliminate_dead_code()
     twin.recompile()
-    names = {x.name: x.twin_attr for x in layers}
     params = {x.name: x.w for x in layers}
     batches = [
         model.calibration[i : i + 1, :tokens] for i in range(min(windows, len(model.calibration)))
