@@ -47,6 +47,9 @@ VARIANTS = {
     "+ outliers": ",split-sparse{outliers=0.5}",
     "+ significant": ",split-sparse{outliers=0,significant=0.5}",
     "+ both": ",split-sparse{outliers=0.25,significant=0.25}",
+    # the split on top of GPTQ: gptq re-solves the dense part around the sparse weights
+    "GPTQ": ",gptq",
+    "+ both, then GPTQ": ",split-sparse{outliers=0.25,significant=0.25},gptq",
 }
 
 
