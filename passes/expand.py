@@ -235,6 +235,8 @@ def _source_hessians(
         hit = wanted.get(node)
         if hit is not None:
             out[hit[0]] = input_hessian(run.env[hit[1]])
+            if len(out) == len(wanted):
+                run.stop()
 
     with torch.inference_mode():
         ResumableRun(model.gm, before).run(model.calibration[:windows])

@@ -46,6 +46,7 @@ def solve_in_graph_order(model: Model, windows: int, desc: str, solve: Solver) -
     gm = model.gm
     groups = quantized_groups(gm)
     first = {g[0]: g for g in groups}
+    left = len(groups)
     bar = tqdm(total=len(groups), desc=desc, unit="group", leave=False, disable=None)
 
     def before(node: fx.Node, run: ResumableRun) -> None:
@@ -62,6 +63,10 @@ def solve_in_graph_order(model: Model, windows: int, desc: str, solve: Solver) -
                 arg.meta["val"] = value
                 run.refresh_attr(arg)
         bar.update(1)
+        nonlocal left
+        left -= 1
+        if left == 0:
+            run.stop()  # nothing after the last layer needs the calibration batch
 
     with torch.inference_mode():
         ResumableRun(gm, before).run(batch)

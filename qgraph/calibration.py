@@ -16,12 +16,31 @@ import torch
 from torch import fx
 
 
+class _StopRun(Exception):
+    """Raised by :meth:`ResumableRun.stop` to end the run early."""
+
+
 class ResumableRun(fx.Interpreter):
     """Run ``gm`` on ``inputs``; ``before(node, run)`` is called before each node executes."""
 
     def __init__(self, gm: fx.GraphModule, before: Callable[[fx.Node, ResumableRun], None]):
         super().__init__(gm, garbage_collect_values=True)
         self.before = before
+        self.stopped = False
+
+    def run(self, *args, **kwargs):
+        """The graph's outputs, or None when ``before`` called :meth:`stop`."""
+        try:
+            return super().run(*args, **kwargs)
+        except _StopRun:
+            self.stopped = True
+            self.env.clear()
+            return None
+
+    def stop(self) -> None:
+        """End the run now: a pass that has what it needs skips the rest of the graph (for an
+        LLM, the lm_head logits — ``tokens × vocab`` floats, the largest tensor of the run)."""
+        raise _StopRun
 
     def run_node(self, n: fx.Node):
         self.before(n, self)

@@ -77,3 +77,25 @@ def test_gptq_hessian_comes_from_the_rewritten_graph():
 def test_gptq_requires_quantize_first():
     with pytest.raises(qgraph.PipelineError, match="quantize"):
         qgraph.PassManager("gptq").run(qgraph.from_hf(tiny_llama()))
+
+
+def test_resumable_run_stops_before_the_rest_of_the_graph():
+    """A pass that has what it needs ends the run: no later node (here lm_head) executes."""
+    from qgraph.calibration import ResumableRun
+
+    model = qgraph.from_hf(tiny_llama())
+    nodes = [n for n in model.gm.graph.nodes if n.op == "call_function"]
+    stop_at, seen = nodes[len(nodes) // 2], []
+
+    def before(node, run):
+        seen.append(node)
+        if node is stop_at:
+            run.stop()
+
+    run = ResumableRun(model.gm, before)
+    ids = torch.randint(0, 256, (1, 8))
+    assert run.run(ids) is None and run.stopped
+    assert seen[-1] is stop_at and not set(nodes[len(nodes) // 2 + 1 :]) & set(seen)
+    out = ResumableRun(model.gm, lambda n, r: None).run(ids)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert torch.equal(out, model(ids))
