@@ -119,34 +119,56 @@ def scaling(windows: int, points: list[int]) -> None:
         )
 
 
+MIXED = (
+    "quantize{w=int4:channel}",
+    "mixed-precision{budget=4.5,choices=3+4+8}",
+    ROTATE + "quantize{w=int4:channel},gptq",
+    ROTATE + "mixed-precision{budget=4.5,choices=3+4+8},gptq",
+    # widths >= 4 only: GPTQ recovers less at 3 bits than the RTN noise model predicts
+    ROTATE + "mixed-precision{budget=4.5,choices=4+5+6+8},gptq",
+    # the widths ONNX Runtime runs natively (MatMulNBits int4, int8)
+    ROTATE + "mixed-precision{budget=4.5,choices=4+8},gptq",
+)
+
+
 def mixed(windows: int) -> None:
-    j = job(windows)
-    rows = []
-    for pipeline in (
-        "quantize{w=int4:channel}",
-        "mixed-precision{budget=4.5}",
-        ROTATE + "quantize{w=int4:channel},gptq",
-        ROTATE + "mixed-precision{budget=4.5},gptq",
-        # widths >= 4 only: GPTQ recovers less at 3 bits than the RTN noise model predicts
-        ROTATE + "mixed-precision{budget=4.5,choices=4+5+6+8},gptq",
-    ):
+    """Mixed precision vs uniform int4; resumable (results/mixed_w{windows}.json)."""
+    path = RESULTS / f"mixed_w{windows}.json"
+    done = _load(path)
+    j = None
+    for pipeline in MIXED:
+        if pipeline in done:
+            continue
+        j = j or job(windows)
         rep = j.run(pipeline)
         mp = next((p for p in rep["passes"] if p["name"] == "mixed-precision"), None)
-        rows.append((pipeline, rep, mp))
+        done[pipeline] = {
+            "ppl": rep["ppl"],
+            "mixed": {k: mp[k] for k in ("seconds", "peak_rss_mb", "summary")} if mp else None,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        write_json(path, done)
         print(pipeline, rep["ppl"], file=sys.stderr)
     cmd = f".venv/bin/python benchmarks/weight_solvers.py --mixed --windows {windows}"
     print(header("Mixed precision at 4.5 bits vs uniform int4 (SmolLM2-135M)", cmd))
     print("| pipeline | average code bits | perplexity | mixed-precision s | peak RSS MB |")
     print("|---|---|---|---|---|")
-    for pipeline, rep, mp in rows:
+    for pipeline in MIXED:
+        r = done.get(pipeline)
+        if not r:
+            continue
+        mp = r["mixed"]
         bits = f"{mp['summary']['average_bits']:.3f}" if mp else "4.0"
         secs = f"{mp['seconds']:.0f}" if mp else "–"
         rss = f"{mp['peak_rss_mb']:.0f}" if mp else "–"
-        print(f"| `{pipeline}` | {bits} | {rep['ppl']:.3f} | {secs} | {rss} |")
-    for pipeline, _, mp in rows:
+        print(f"| `{pipeline}` | {bits} | {r['ppl']:.3f} | {secs} | {rss} |")
+    for pipeline in MIXED:
+        mp = (done.get(pipeline) or {}).get("mixed")
         if mp:
+            top = [(n, round(s, 4), b) for n, s, b in mp["summary"]["most_sensitive"]]
             print(
-                f"\n`{pipeline}` allocation: {mp['summary']['layers_per_width']}, most sensitive {mp['summary']['most_sensitive']}"
+                f"\n`{pipeline}` allocation (layers per width): "
+                f"{mp['summary']['layers_per_width']}; most sensitive: {top}"
             )
 
 
