@@ -83,7 +83,13 @@ class MixedPrecision(Pass):
     )
     options = (
         Option("budget", float, 4.5, "average code bits per weight over the selected layers"),
-        Option("choices", str, "3+4+8", "candidate widths separated by '+'"),
+        Option(
+            "choices",
+            str,
+            "4+8",
+            "candidate widths separated by '+' (4+8: the widths ONNX Runtime runs natively; "
+            "3-bit layers lost to 4/8 on SmolLM2 with rotation + GPTQ, benchmarks/README.md)",
+        ),
         Option("w", str, "int4:channel", "weight spec template (its width is replaced per layer)"),
         Option("a", str, "none", "activation spec, as in quantize"),
         Option("layers", str, "all", "regex on 'layer-name role' selecting layers"),
@@ -103,6 +109,11 @@ class MixedPrecision(Pass):
             ) from None
         if not self.choices or not all(2 <= c <= 8 for c in self.choices):
             raise PipelineError("mixed-precision: widths must be between 2 and 8")
+        if self.opt("budget") < self.choices[0]:  # before minutes of sensitivity measurement
+            raise PipelineError(
+                f"mixed-precision: budget {self.opt('budget')} is below the smallest width "
+                f"{self.choices[0]} (choices {self.opt('choices')})"
+            )
         self.template = parse_weight_spec(self.opt("w"))
         Quantize(w=self.opt("w"), a=self.opt("a"))  # validates the activation spec
 

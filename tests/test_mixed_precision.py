@@ -78,3 +78,23 @@ def test_pass_allocates_and_quantizes_each_layer_at_its_width():
         if isinstance(m, torch.nn.Linear) and name != "lm_head"
     ]  # fmt: skip
     assert model.accounting()["quantized_params"] == sum(linear_sizes)
+
+
+def test_default_widths_and_budget_below_them():
+    """The default widths are 4 and 8; a budget below the narrowest width is refused."""
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2,
+        )
+    ).eval()  # fmt: skip
+    model = qgraph.from_hf(hf)
+    model.set_calibration(
+        torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    )
+    qgraph.run_pipeline(model, "mixed-precision{budget=5}")
+    summary = model.log[0].summary
+    assert set(summary["allocation"].values()) <= {4, 8}
+    assert 4.0 < summary["average_bits"] <= 5.0
+    with pytest.raises(qgraph.PipelineError, match="below the smallest width 4"):
+        qgraph.run_pipeline(qgraph.from_hf(hf), "mixed-precision{budget=3.5}")
