@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,11 +282,8 @@ class SplitSparse(Pass):
 
 
 def _histogram(values) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        key = f"{v:.4g}"
-        out[key] = out.get(key, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: float(kv[0])))
+    counts = Counter(f"{v:.4g}" for v in values)
+    return dict(sorted(counts.items(), key=lambda kv: float(kv[0])))
 
 
 def loss_setup(model: Model, layers: list[_Layer], windows: int, tokens: int):

@@ -50,6 +50,7 @@ def solve_in_graph_order(model: Model, windows: int, desc: str, solve: Solver) -
     bar = tqdm(total=len(groups), desc=desc, unit="group", leave=False, disable=None)
 
     def before(node: fx.Node, run: ResumableRun) -> None:
+        nonlocal left
         group = first.get(node)
         if group is None:
             return
@@ -63,7 +64,6 @@ def solve_in_graph_order(model: Model, windows: int, desc: str, solve: Solver) -
                 arg.meta["val"] = value
                 run.refresh_attr(arg)
         bar.update(1)
-        nonlocal left
         left -= 1
         if left == 0:
             run.stop()  # nothing after the last layer needs the calibration batch
