@@ -21,7 +21,7 @@ Modes:
 from __future__ import annotations
 
 import heapq
-import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,15 +30,16 @@ from torch import fx
 
 from qgraph.calibration import ResumableRun, input_hessian
 from qgraph.errors import DataError, PipelineError, StructureError
+from qgraph.formats import parse_weight_spec
 from qgraph.graph_edits import finish
 from qgraph.kernels.gptq import gptq_quantize, rtn_error
 from qgraph.kernels.hadamard import fast_hadamard_transform
 from qgraph.model import Model
-from qgraph.pass_manager import Option, Pass, register
+from qgraph.pass_manager import Option, Pass, register, working_on
+from qgraph.selection import LayerSelector, selector_options
 from qgraph.structure import Linear
 
 from . import online_rotation
-from .quantize import parse_weight_spec
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Expand(Pass):
         "Hadamard. Exact in float; gives GPTQ a nullspace to put rounding error in."
     )
     options = (
-        Option("layers", str, "all", "regex on 'layer-name role' selecting layers to expand"),
+        *selector_options("lm_head"),
         Option("step", int, 1, "sizes to grow by (selective: per layer; progressive: per growth)"),
         Option("budget", float, 0.0, "added parameters in percent of the model's (0: use step)"),
         Option("mode", str, "selective", "how to spend the budget", ("selective", "progressive")),
@@ -85,11 +86,17 @@ class Expand(Pass):
             raise PipelineError(f"expand: multiple must be >= 1, got {self.opt('multiple')}")
         if self.opt("mode") == "progressive" and self.opt("budget") <= 0:
             raise PipelineError("expand: mode=progressive needs a budget (percent of parameters)")
-        parse_weight_spec(self.opt("w"))
         try:
-            re.compile(self.opt("layers"))
-        except re.error as exc:
-            raise PipelineError(f"expand: bad layers regex {self.opt('layers')!r}: {exc}") from exc
+            self.spec = parse_weight_spec(self.opt("w"))
+        except PipelineError as exc:
+            raise PipelineError(f"expand: {exc}") from None
+        self.selector = LayerSelector.from_pass(self)
+
+    def check(self, model: Model) -> None:
+        if self.opt("mode") == "progressive" and model.calibration is None:
+            raise DataError(
+                "expand: mode=progressive needs calibration data (Model.set_calibration)"
+            )
 
     def run(self, model: Model) -> dict[str, Any]:
         gm = model.gm
@@ -106,19 +113,20 @@ class Expand(Pass):
                 layer.index = self.opt("step")
         for layer in layers:
             if layer.size != layer.rot.size:
-                self._apply(gm, layer)
+                with working_on(layer.lin.name):
+                    self._apply(gm, layer)
         finish(gm)
-        model.invalidate()
         acc = model.accounting()
         after = acc["params"]
-        widths: dict[str, str] = {}
-        for layer in layers:
-            widths[layer.lin.name] = f"{layer.rot.in_features}→{layer.size}"
+        widths = {x.lin.name: f"{x.rot.in_features}→{x.size}" for x in layers}
+        changes = Counter(widths.values())
         return {
             "layers_expanded": sum(1 for x in layers if x.size != x.rot.in_features),
+            "layers_seen": len(layers),
+            "params_added_percent": round(100 * (after - params_before) / params_before, 3),
+            "width_changes": ", ".join(f"{k} ×{n}" for k, n in sorted(changes.items())),
             "params_before": params_before,
             "params_added": after - params_before,
-            "params_added_percent": round(100 * (after - params_before) / params_before, 3),
             "volume_mb_before": round(before["volume_mb"], 3),
             "volume_mb_after": round(acc["volume_mb"], 3),
             "widths": widths,
@@ -126,12 +134,9 @@ class Expand(Pass):
 
     # -- selection -----------------------------------------------------------------------
     def _select(self, model: Model) -> list[_Layer]:
-        gm, pattern = model.gm, re.compile(self.opt("layers"))
+        gm = model.gm
         chosen = [
-            lin
-            for lin in model.structure.linears
-            if lin.role != "lm_head"
-            and (self.opt("layers") == "all" or pattern.search(f"{lin.name} {lin.role}"))
+            lin for lin in self.selector.select(model.structure.linears) if lin.role != "lm_head"
         ]
         out: list[_Layer] = []
         missing: list[str] = []
@@ -170,7 +175,7 @@ class Expand(Pass):
             layer.index = step
 
     def _progressive(self, model: Model, layers: list[_Layer], budget: float) -> None:
-        spec = parse_weight_spec(self.opt("w"))
+        spec = self.spec
         hessians = _source_hessians(model, layers, self.opt("calib-windows"))
         step = self.opt("step")
 

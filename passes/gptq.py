@@ -14,13 +14,15 @@ from typing import Any
 
 import torch
 
+from qgraph.formats import WeightSpec
 from qgraph.kernels.gptq import gptq_quantize, rtn_error
 from qgraph.kernels.quant import fake_quantize_weight
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
+from qgraph.quantized import QuantizedLayer
+from qgraph.selection import selector_options
 
-from .quantize import WeightSpec
-from .weight_solver import solve_in_graph_order
+from .weight_solver import check_solvable, solve_in_graph_order
 
 
 @register
@@ -38,15 +40,21 @@ class GPTQ(Pass):
         Option(
             "calib-windows", int, 16, "calibration windows used (of the model's calibration data)"
         ),
+        *selector_options("", "quantized layers"),
     )
-    requires = frozenset({"quantized"})
+    requires = frozenset({"quantized", "float-weights"})
     provides = frozenset({"gptq"})
     forbids = frozenset({"gptq", "learned-rounding"})
+    preserves = frozenset({"structure", "quantized-layers"})  # only codes and scales change
+
+    def check(self, model: Model) -> None:
+        check_solvable(self, model)
 
     def run(self, model: Model) -> dict[str, Any]:
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
 
-        def solve(node, w: torch.Tensor, spec: WeightSpec, h: torch.Tensor):
+        def solve(rec: QuantizedLayer, w: torch.Tensor, h: torch.Tensor):
+            spec = rec.weight
             res = gptq_quantize(
                 w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
                 damp=self.opt("damp"), act_order=self.opt("act-order"),
@@ -57,7 +65,7 @@ class GPTQ(Pass):
             stats["rtn_error"] += rtn_error(w, h, _rtn_weight(w, spec))
             return res.codes, res.scale, res.zero
 
-        groups, tokens = solve_in_graph_order(model, self.opt("calib-windows"), "gptq", solve)
+        groups, tokens = solve_in_graph_order(model, self, solve)
         n = max(1, stats["layers"])
         return {
             "layers": stats["layers"],

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from qgraph.errors import PipelineError
+from qgraph.formats import weight_grid
 from qgraph.kernels.adaround import learn_rounding
-from qgraph.kernels.gptq import mse_clip_search
-from qgraph.kernels.quant import weight_qparams
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
+from qgraph.quantized import QuantizedLayer
+from qgraph.selection import selector_options
 
-from .quantize import WeightSpec
-from .weight_solver import solve_in_graph_order
+from .weight_solver import check_solvable, solve_in_graph_order
 
 
 @register
@@ -47,10 +47,12 @@ class LearnRounding(Pass):
         Option(
             "calib-windows", int, 16, "calibration windows used (of the model's calibration data)"
         ),
+        *selector_options("", "quantized layers"),
     )
-    requires = frozenset({"quantized"})
+    requires = frozenset({"quantized", "float-weights"})
     provides = frozenset({"learned-rounding"})
     forbids = frozenset({"gptq", "learned-rounding"})
+    preserves = frozenset({"structure", "quantized-layers"})  # only codes change
 
     def validate(self) -> None:
         if self.opt("iters") < 0:
@@ -64,16 +66,19 @@ class LearnRounding(Pass):
                 f"learn-rounding: calib-windows must be >= 1, got {self.opt('calib-windows')}"
             )
 
+    def check(self, model: Model) -> None:
+        check_solvable(self, model)
+
     def run(self, model: Model) -> dict[str, Any]:
         start = time.perf_counter()
         stats = {"layers": 0, "rtn_error": 0.0, "learned_error": 0.0, "fell_back": 0}
 
-        def solve(node, w: torch.Tensor, spec: WeightSpec, h: torch.Tensor):
-            w = w.float()
+        def solve(rec: QuantizedLayer, w: torch.Tensor, h: torch.Tensor):
+            w, spec = w.float(), rec.weight
             # the grid quantize chose (RTN's, or the MSE-clipped one); only the rounding is learned
-            clip = node.meta["qgraph_quant"].get("clip")
-            qparams = mse_clip_search if clip == "mse" else weight_qparams
-            scale, zero = qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size)
+            scale, zero = weight_grid(rec.clip)(
+                w, spec.bits, spec.symmetric, spec.granularity, spec.group_size
+            )
             res = learn_rounding(
                 w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
                 iters=self.opt("iters"), lr=self.opt("lr"), reg=self.opt("reg"),
@@ -85,9 +90,7 @@ class LearnRounding(Pass):
             stats["fell_back"] += int(res.fell_back)
             return res.codes, res.scale, res.zero
 
-        groups, tokens = solve_in_graph_order(
-            model, self.opt("calib-windows"), "learn-rounding", solve
-        )
+        groups, tokens = solve_in_graph_order(model, self, solve)
         n = max(1, stats["layers"])
         return {
             "layers": stats["layers"],

@@ -4,9 +4,11 @@ Sensitivity of a layer = the increase of the calibration loss (mean next-token N
 that layer's weight is round-to-nearest quantized at the lowest candidate width, measured on
 the graph as it is now (so after rotations). The loss increase of a layer at a wider width is
 modelled as ``s_l · 4^(b_min - b)`` (uniform quantization noise power falls by 4× per bit), and
-widths are allocated greedily by loss saved per extra bit until the average-bits budget
-(code bits per weight over the selected layers) is spent. The chosen widths are then applied
-with the ``quantize`` pass, so ``gptq`` can follow as usual.
+the widths minimising the summed modelled loss under the average-bits budget (code bits per
+weight over the selected layers) are found exactly, as a multiple-choice knapsack solved by
+dynamic programming (:func:`allocate_bits`). The chosen widths are then applied by running the
+``quantize`` pass once per width through the pass manager (each gets its own log record, op
+diff and verification), so ``gptq`` can follow as usual.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tqdm import tqdm
-
 from qgraph.errors import DataError, PipelineError
 from qgraph.evaluate import window_nll
+from qgraph.formats import parse_act_spec, parse_weight_spec
 from qgraph.graph_edits import get_tensor, set_tensor
 from qgraph.kernels.quant import fake_quantize_weight
 from qgraph.model import Model
-from qgraph.pass_manager import Option, Pass, register
-
-from .quantize import Quantize, _select, parse_weight_spec
+from qgraph.pass_manager import Option, Pass, register, registry, run_nested, working_on
+from qgraph.progress import bar
+from qgraph.selection import LayerSelector, selector_options
 
 
 def allocate_bits(
@@ -92,13 +93,12 @@ class MixedPrecision(Pass):
         ),
         Option("w", str, "int4:channel", "weight spec template (its width is replaced per layer)"),
         Option("a", str, "none", "activation spec, as in quantize"),
-        Option("layers", str, "all", "regex on 'layer-name role' selecting layers"),
-        Option("exclude", str, "lm_head", "regex on 'layer-name role' of layers kept in float"),
+        *selector_options("lm_head"),
         Option("windows", int, 2, "calibration windows used to measure sensitivity"),
         Option("tokens", int, 256, "tokens per window used to measure sensitivity"),
     )
-    provides = frozenset({"quantized", "mixed-precision"})
-    forbids = frozenset({"quantized"})
+    provides = frozenset({"quantized", "float-weights", "mixed-precision"})
+    forbids = frozenset({"gptq", "learned-rounding", "sparse-split", "mixed-precision"})
 
     def validate(self) -> None:
         try:
@@ -114,50 +114,57 @@ class MixedPrecision(Pass):
                 f"mixed-precision: budget {self.opt('budget')} is below the smallest width "
                 f"{self.choices[0]} (choices {self.opt('choices')})"
             )
-        self.template = parse_weight_spec(self.opt("w"))
-        Quantize(w=self.opt("w"), a=self.opt("a"))  # validates the activation spec
+        try:
+            self.template = parse_weight_spec(self.opt("w"))
+            parse_act_spec(self.opt("a"))
+        except PipelineError as exc:
+            raise PipelineError(f"mixed-precision: {exc}") from None
+        self.selector = LayerSelector.from_pass(self)
 
-    def _spec_text(self, bits: int) -> str:
-        t = self.template
-        gran = f"group{t.group_size}" if t.granularity == "group" else t.granularity
-        return f"int{bits}:{gran}:{'sym' if t.symmetric else 'asym'}"
-
-    def run(self, model: Model) -> dict[str, Any]:
+    def check(self, model: Model) -> None:
         if model.calibration is None:
             raise DataError("mixed-precision: needs calibration data to measure sensitivity")
+        registry()["quantize"](layers=self.opt("layers"), exclude=self.opt("exclude")).check(model)
+
+    def run(self, model: Model) -> dict[str, Any]:
         data = model.calibration[: self.opt("windows"), : self.opt("tokens")]
         gm = model.gm
-        chosen = _select(model, self.opt("layers"), self.opt("exclude"))
+        chosen = self.selector.select(model.structure.linears)
         if not chosen:
-            raise PipelineError("mixed-precision: no linear layer matches layers/exclude")
+            raise PipelineError(
+                f"mixed-precision: no unquantized linear layer matches {self.selector.describe()}"
+            )
         base_nll, count = window_nll(model, data)
         b_min = self.choices[0]
         sens = []
-        for lin in tqdm(chosen, desc="sensitivity", unit="layer", leave=False, disable=None):
+        t = self.template
+        for lin in bar(chosen, desc="sensitivity", unit="layer", leave=False):
             w = get_tensor(gm, lin.weight)
-            t = self.template
-            set_tensor(
-                gm,
-                lin.weight,
-                fake_quantize_weight(w, b_min, t.symmetric, t.granularity, t.group_size),
-            )
-            try:
-                nll, _ = window_nll(model, data)
-            finally:
-                set_tensor(gm, lin.weight, w)
+            with working_on(lin.name):
+                set_tensor(
+                    gm,
+                    lin.weight,
+                    fake_quantize_weight(w, b_min, t.symmetric, t.granularity, t.group_size),
+                )
+                try:
+                    nll, _ = window_nll(model, data)
+                finally:
+                    set_tensor(gm, lin.weight, w)
             sens.append((nll - base_nll) / count)
         sizes = [lin.in_features * lin.out_features for lin in chosen]
         bits = allocate_bits(sizes, sens, self.choices, self.opt("budget"))
         names = {lin.name: b for lin, b in zip(chosen, bits, strict=True)}
+        quantize = registry()["quantize"]
         for width in self.choices:
             group = [re.escape(n) for n, b in names.items() if b == width]
-            if not group:
-                continue
-            model.invalidate()
-            Quantize(
-                w=self._spec_text(width), a=self.opt("a"), layers="^(" + "|".join(group) + ") ",
-                exclude="",
-            ).run(model)  # fmt: skip
+            if group:
+                run_nested(
+                    quantize(
+                        w=self.template.with_bits(width).text(), a=self.opt("a"),
+                        layers="^(" + "|".join(group) + ") ", exclude="",
+                    ),
+                    model, self,
+                )  # fmt: skip
         average = sum(n * b for n, b in zip(sizes, bits, strict=True)) / sum(sizes)
         order = sorted(range(len(chosen)), key=lambda i: -sens[i])
         return {

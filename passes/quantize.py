@@ -6,7 +6,8 @@ activation spec ``none``, ``int<b>:token[:sym|:asym]`` (dynamic per token, defau
 data as the graph is now). Each selected ``linear`` becomes ``qgraph::qlinear`` with int codes
 in ``[in, out]`` layout, preceded by an activation quantizer when asked.
 
-Range choice (qgraph/kernels/ranges.py, METHODS.md section 5), static activations only:
+Range choice (qgraph/kernels/ranges.py; KL-J after Settle et al., arXiv 1805.07941), static
+activations only:
 
 * ``range=minmax`` (default): the observed (min, max) over all calibration windows;
 * ``range=percentile``: ``percentile_range(sample, percentile, symmetric)``, i.e.
@@ -26,12 +27,16 @@ calibrated exactly), see :func:`calibrate_ranges`.
 ``clip=mse`` chooses the weight scales per row/group by ``kernels.gptq.mse_clip_search``
 (the clip ratio of least reconstruction error, 1.0 = RTN included) instead of
 ``weight_qparams``.
+
+Formats, the stored layout and the accounting are :mod:`qgraph.formats`; each rewritten layer
+gets a :class:`qgraph.quantized.QuantizedLayer` record in ``model.quant``. ``quantize`` may run
+more than once on disjoint layers (e.g. ``quantize{w=int8:channel,layers=mlp},quantize{w=int4:
+channel,exclude='mlp|lm_head'}``); selecting a layer an earlier one quantized is refused.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,145 +44,23 @@ import torch
 from torch import fx
 
 from qgraph import ops  # noqa: F401  (registers torch.ops.qgraph)
+from qgraph.calibration import ResumableRun
 from qgraph.errors import DataError, PipelineError
+from qgraph.formats import CLIPS, parse_act_spec, parse_weight_spec, rtn_quantize, weight_grid
 from qgraph.graph_edits import finish, get_attr_node, get_tensor, new_attr
 from qgraph.kernels import quant as qk
 from qgraph.kernels import ranges as rk
-from qgraph.kernels.gptq import mse_clip_search
 from qgraph.model import Model
-from qgraph.pass_manager import Option, Pass, register
+from qgraph.pass_manager import Option, Pass, register, working_on
+from qgraph.quantized import QuantizedLayer
+from qgraph.selection import LayerSelector, selector_options
 from qgraph.structure import Linear
-
-_SPEC = re.compile(r"^int([2-8])((?::[a-z0-9]+)*)$")
 
 #: Most values of one layer input kept for the range searches (over all calibration windows).
 SAMPLE_CAP = 1 << 20
 #: Most values handed to ``mse_range`` (100 fake-quantizations each; slow on large inputs).
 MSE_SAMPLE_CAP = 100_000
 RANGES = ("minmax", "percentile", "mse", "klj")
-CLIPS = ("none", "mse")
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    bits: int
-    granularity: str  # tensor | channel | group
-    group_size: int | None
-    symmetric: bool
-
-
-@dataclass(frozen=True)
-class ActSpec:
-    bits: int
-    mode: str  # token | tensor
-    symmetric: bool
-
-
-def parse_weight_spec(text: str) -> WeightSpec:
-    m = _SPEC.match(text.strip().lower())
-    if not m:
-        raise PipelineError(
-            f"quantize: weight spec {text!r} is not int<2-8>[:channel|:tensor|:group<g>][:sym|:asym]"
-        )
-    bits, gran, group, sym = int(m.group(1)), "channel", None, True
-    for part in filter(None, m.group(2).split(":")):
-        if part in ("channel", "tensor"):
-            gran = part
-        elif part.startswith("group") and part[5:].isdigit() and int(part[5:]) > 0:
-            gran, group = "group", int(part[5:])
-        elif part in ("sym", "asym"):
-            sym = part == "sym"
-        else:
-            raise PipelineError(f"quantize: unknown part {part!r} in weight spec {text!r}")
-    return WeightSpec(bits, gran, group, sym)
-
-
-def parse_act_spec(text: str) -> ActSpec | None:
-    if text.strip().lower() in ("none", "", "float"):
-        return None
-    m = _SPEC.match(text.strip().lower())
-    if not m:
-        raise PipelineError(
-            f"quantize: activation spec {text!r} is not none or int<2-8>:token|tensor[:sym|:asym]"
-        )
-    bits, mode, sym = int(m.group(1)), "token", False
-    for part in filter(None, m.group(2).split(":")):
-        if part in ("token", "tensor"):
-            mode = part
-        elif part in ("sym", "asym"):
-            sym = part == "sym"
-        else:
-            raise PipelineError(f"quantize: unknown part {part!r} in activation spec {text!r}")
-    return ActSpec(bits, mode, sym)
-
-
-def storage_group(in_features: int, spec: WeightSpec) -> int:
-    """Rows of ``[in, out]`` codes that share one scale row in the stored form.
-
-    Per-channel/per-tensor scales are stored as identical blocks of a power-of-two size (16–256)
-    when the input size allows, so that ONNX Runtime can fuse ``DequantizeLinear → MatMul``
-    into ``MatMulNBits``; this is the same function, only a different layout.
-    """
-    if spec.granularity == "group":
-        return spec.group_size
-    for block in (256, 128, 64, 32, 16):
-        if in_features % block == 0:
-            return block
-    return in_features
-
-
-def quantize_linear_weight(
-    w: torch.Tensor, spec: WeightSpec, clip: str = "none"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """RTN-quantize ``w [out, in]``; returns (codes [in,out], scale [G,out], zero [G,out], group, n_scales).
-
-    ``clip="mse"`` picks each row's/group's clip ratio by weight MSE (``mse_clip_search``)
-    instead of the full min/max range of ``weight_qparams``; the rounding is RTN either way.
-    """
-    if clip not in CLIPS:
-        raise PipelineError(f"quantize: clip must be one of {', '.join(CLIPS)}; got {clip!r}")
-    qparams = mse_clip_search if clip == "mse" else qk.weight_qparams
-    scale, zero = qparams(w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size)
-    codes = qk.quantize_weight(w.float(), scale, zero, spec.bits, spec.group_size)  # [out, in]
-    return to_storage(codes, scale, zero, spec)
-
-
-def to_storage(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """From quant.py's layout (codes [out,in], scale/zero [out or 1, G]) to qlinear's stored
-    layout (codes [in,out], scale/zero [in/group, out]); also the storage group and the number
-    of distinct scales."""
-    out_f, in_f = codes.shape
-    group = storage_group(in_f, spec)
-    n_scales = scale.numel() if spec.granularity != "tensor" else 1
-    reps = -(-in_f // group)  # a ragged last group is allowed (ONNX blocks use ceil too)
-    scale_kn = scale.expand(out_f, -1).T
-    zero_kn = zero.expand(out_f, -1).T
-    if scale_kn.shape[0] != reps:
-        scale_kn = scale_kn.repeat_interleave(reps // scale_kn.shape[0], 0)
-        zero_kn = zero_kn.repeat_interleave(reps // zero_kn.shape[0], 0)
-    return (
-        codes.T.contiguous(),
-        scale_kn.contiguous().float(),
-        zero_kn.contiguous().to(torch.int8),
-        group,
-        n_scales,
-    )
-
-
-def _select(model: Model, pattern: str, exclude: str) -> list[Linear]:
-    inc = re.compile(pattern) if pattern != "all" else None
-    exc = re.compile(exclude) if exclude else None
-    chosen = []
-    for lin in model.structure.linears:
-        label = f"{lin.name} {lin.role}"
-        if inc is not None and not inc.search(label):
-            continue
-        if exc is not None and exc.search(label):
-            continue
-        chosen.append(lin)
-    return chosen
 
 
 class _Reservoir:
@@ -259,28 +142,30 @@ def calibrate_ranges(
         )
     order = {x: i for i, x in enumerate(dict.fromkeys(n.args[0] for n in nodes))}
     inputs: dict[fx.Node, ActStats] = {}  # by the observed input tensor's node
+    position = {n: i for i, n in enumerate(model.gm.graph.nodes)}
+    last = max(order, key=position.__getitem__) if order else None
 
-    class Observer(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in order:  # each observed tensor once per window, however many layers read it
-                lo, hi = float(out.min()), float(out.max())
-                st = inputs.get(n)
-                if st is None:
-                    res = _Reservoir(sample_cap, seed * 1_000_003 + order[n])
-                    st = inputs[n] = ActStats(lo, hi, 0, res if sample_cap > 0 else None)
-                if math.isnan(lo) or math.isnan(hi):  # min/max below would skip a NaN
-                    lo = hi = math.nan
-                st.lo = lo if math.isnan(lo) else min(st.lo, lo)
-                st.hi = hi if math.isnan(hi) else max(st.hi, hi)
-                st.count += out.numel()
-                if st.reservoir is not None:
-                    st.reservoir.add(out)
-            return out
+    def observe(n: fx.Node, out: torch.Tensor, run: ResumableRun) -> None:
+        if n not in order:  # each observed tensor once per window, however many layers read it
+            return
+        lo, hi = float(out.min()), float(out.max())
+        st = inputs.get(n)
+        if st is None:
+            res = _Reservoir(sample_cap, seed * 1_000_003 + order[n])
+            st = inputs[n] = ActStats(lo, hi, 0, res if sample_cap > 0 else None)
+        if math.isnan(lo) or math.isnan(hi):  # min/max below would skip a NaN
+            lo = hi = math.nan
+        st.lo = lo if math.isnan(lo) else min(st.lo, lo)
+        st.hi = hi if math.isnan(hi) else max(st.hi, hi)
+        st.count += out.numel()
+        if st.reservoir is not None:
+            st.reservoir.add(out)
+        if n is last:
+            run.stop()  # nothing after the last observed input is needed
 
     with torch.inference_mode():
         for i in range(min(batches, model.calibration.shape[0])):
-            Observer(model.gm).run(model.calibration[i : i + 1])
+            ResumableRun(model.gm, after=observe).run(model.calibration[i : i + 1])
     stats = {n: inputs[n.args[0]] for n in nodes if n.args[0] in inputs}
     for n, st in stats.items():
         if not (math.isfinite(st.lo) and math.isfinite(st.hi)):
@@ -340,8 +225,7 @@ class Quantize(Pass):
             "none",
             "activation spec none | int<b>:token[:sym|:asym] | int<b>:tensor[:sym|:asym]",
         ),
-        Option("layers", str, "all", "regex on 'layer-name role' selecting layers (default all)"),
-        Option("exclude", str, "lm_head", "regex on 'layer-name role' of layers to keep in float"),
+        *selector_options("lm_head"),
         Option("calib-batches", int, 8, "calibration windows used for static activation ranges"),
         Option(
             "range",
@@ -375,19 +259,16 @@ class Quantize(Pass):
             choices=CLIPS,
         ),
     )
-    provides = frozenset({"quantized"})
-    forbids = frozenset({"quantized"})
+    provides = frozenset({"quantized", "float-weights"})
+    forbids = frozenset({"gptq", "learned-rounding", "sparse-split"})
 
     def validate(self) -> None:
-        self.wspec = parse_weight_spec(self.opt("w"))
-        self.aspec = parse_act_spec(self.opt("a"))
-        for key in ("layers", "exclude"):
-            try:
-                re.compile(self.opt(key))
-            except re.error as exc:
-                raise PipelineError(
-                    f"quantize: option {key}={self.opt(key)!r} is not a valid regex: {exc}"
-                ) from None
+        try:
+            self.wspec = parse_weight_spec(self.opt("w"))
+            self.aspec = parse_act_spec(self.opt("a"))
+        except PipelineError as exc:
+            raise PipelineError(f"quantize: {exc}") from None
+        self.selector = LayerSelector.from_pass(self)
         static = self.aspec is not None and self.aspec.mode == "tensor"
         method = self.opt("range")
         if method != "minmax" and not static:
@@ -406,11 +287,27 @@ class Quantize(Pass):
         if self.opt("pow2") and method != "klj":
             raise PipelineError(f"quantize: option pow2 only applies to range=klj (range={method})")
 
+    def check(self, model: Model) -> None:
+        done = [r for r in model.quant.values() if self.selector.matches(r.name, r.role)]
+        if done:
+            names = ", ".join(r.name for r in done[:3]) + (" ..." if len(done) > 3 else "")
+            raise PipelineError(
+                f"quantize: {len(done)} selected layer(s) are already quantized ({names}, "
+                f"w={done[0].weight.text()}); a further quantize must select other layers: "
+                "narrow layers= or add them to exclude="
+            )
+        if self.aspec is not None and self.aspec.mode == "tensor" and model.calibration is None:
+            raise DataError(
+                "quantize: static activation quantization needs calibration data "
+                "(Model.set_calibration or --calib-text)"
+            )
+
     def run(self, model: Model) -> dict[str, Any]:
-        gm = model.gm
-        chosen = _select(model, self.opt("layers"), self.opt("exclude"))
+        chosen = self.selector.select(model.structure.linears)
         if not chosen:
-            raise PipelineError("quantize: no linear layer matches layers/exclude")
+            raise PipelineError(
+                f"quantize: no unquantized linear layer matches {self.selector.describe()}"
+            )
         method = self.opt("range")
         self._range = None  # the range method recorded, None without static activations
         qparams: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -442,12 +339,13 @@ class Quantize(Pass):
                 qparams[n] = done[id(st)]
         self._token_quant: dict[fx.Node, fx.Node] = {}
         for lin in chosen:
-            self._rewrite(gm, lin, qparams.get(lin.node))
-        finish(gm)
+            with working_on(lin.name):
+                model.quant[lin.name] = self._rewrite(model.gm, lin, qparams.get(lin.node))
+        finish(model.gm)
         summary = {
             "layers_quantized": len(chosen),
-            "weights": self.opt("w"),
-            "activations": self.opt("a"),
+            "weights": self.wspec.text(),
+            "activations": self.aspec.text() if self.aspec else "none",
             "range": self._range,
             "clip": self.opt("clip"),
         }
@@ -457,12 +355,10 @@ class Quantize(Pass):
             summary["pow2"] = self.opt("pow2")
         return summary
 
-    def _rewrite(self, gm: fx.GraphModule, lin: Linear, act_qparams) -> None:
+    def _rewrite(self, gm: fx.GraphModule, lin: Linear, act_qparams) -> QuantizedLayer:
         node = lin.node
         w = get_tensor(gm, lin.weight)
-        codes, scale, zero, group, n_scales = quantize_linear_weight(
-            w, self.wspec, self.opt("clip")
-        )
+        stored = rtn_quantize(w, self.wspec, weight_grid(self.opt("clip")))
         g = gm.graph
         x = node.args[0]
         if self.aspec is not None and self.aspec.mode == "token":
@@ -488,27 +384,26 @@ class Quantize(Pass):
                 )
             attrs = [
                 get_attr_node(gm, node, new_attr(gm, lin.name + suffix, t))
-                for suffix, t in ((".codes", codes), (".scale", scale), (".zero", zero))
+                for suffix, t in zip((".codes", ".scale", ".zero"), stored.tensors(), strict=True)
             ]
             bias = node.args[2] if len(node.args) > 2 else None
             q = g.call_function(
-                torch.ops.qgraph.qlinear.default, (x, *attrs, bias, group, self.wspec.bits)
+                torch.ops.qgraph.qlinear.default, (x, *attrs, bias, stored.group, self.wspec.bits)
             )
         q.meta["val"] = node.meta.get("val")
-        q.meta["qgraph_quant"] = {
-            "name": lin.name,
-            "bits": self.wspec.bits,
-            "granularity": self.wspec.granularity,
-            "group_size": self.wspec.group_size,
-            "symmetric": self.wspec.symmetric,
-            "in_features": lin.in_features,
-            "out_features": lin.out_features,
-            "scales": n_scales,
-            "act": self.opt("a"),
-            "float_weight": w,  # a reference (no copy) for passes that re-solve the weights
-            "group_storage": group,
-            "range": self._range,
-            "clip": self.opt("clip"),
-        }
         node.replace_all_uses_with(q)
         g.erase_node(node)
+        return QuantizedLayer(
+            name=lin.name,
+            role=lin.role,
+            in_features=lin.in_features,
+            out_features=lin.out_features,
+            weight=self.wspec,
+            act=self.aspec,
+            codes_attr=attrs[0].target,
+            group=stored.group,
+            n_scales=stored.n_scales,
+            act_range=self._range,
+            clip=self.opt("clip"),
+            float_weight=w,  # a reference (no copy) for passes that re-solve the weights
+        )

@@ -17,6 +17,7 @@ is zero-padded to the next supported size (exact; reported in the summary).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -171,10 +172,12 @@ def _online(model: Model, which: set[str], seed: int) -> dict[str, Any]:
     if "r4" in which:
         out["r4_layers"] = len(down_layers)
     if padded:
+        widths = Counter(p.split(": ", 1)[1] for p in padded)
         out["online_padded"] = (
-            "no Hadamard matrix of the input width is known; zero-padded to the next supported "
-            "size (exact): " + "; ".join(padded)
+            ", ".join(f"{k} ×{n}" for k, n in sorted(widths.items()))
+            + " (no Hadamard matrix of the input width is known; zero-padded, exact)"
         )
+        out["online_padded_layers"] = padded
     if "r3" in which:
         out["r3_attention_layers"] = _rotate_qk(gm, sv.attention, seed + 3)
     return out

@@ -33,11 +33,11 @@ from torch import fx
 
 from qgraph import sparse_ops
 from qgraph.errors import DataError, PipelineError
+from qgraph.formats import to_storage
 from qgraph.graph_edits import get_attr_node, insert_call, new_attr, set_tensor
 from qgraph.kernels import pqi as pqi_kernels
 from qgraph.kernels.sparse_split import (
     DenseSparseSplit,
-    QuantSpec,
     choose_outlier_ratio,
     count_for_ratio,
     significant_weight_detach,
@@ -45,12 +45,10 @@ from qgraph.kernels.sparse_split import (
     top_k_mask,
 )
 from qgraph.model import Model
-from qgraph.pass_manager import Option, Pass, register
+from qgraph.pass_manager import Option, Pass, register, working_on
+from qgraph.quantized import BoundLayer, SparseBranch
+from qgraph.selection import LayerSelector, selector_options
 
-from .quantize import WeightSpec, to_storage
-from .weight_solver import layer_spec
-
-QLINEAR = torch.ops.qgraph.qlinear.default
 SPARSE = torch.ops.qgraph.sparse_matmul.default
 OUTLIER_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # × the mean outlier ratio
 ESTIMATORS = ("pqi", "taylor1", "taylor2", "magnitude")
@@ -58,18 +56,23 @@ ESTIMATORS = ("pqi", "taylor1", "taylor2", "magnitude")
 
 @dataclass
 class _Layer:
-    node: fx.Node
-    name: str
+    bound: BoundLayer
     w: torch.Tensor  # float weight [out, in]
-    spec: WeightSpec
     split: DenseSparseSplit | None = None
     outlier_ratio: float = 0.0
     significant: int = 0
 
     @property
-    def qspec(self) -> QuantSpec:
-        s = self.spec
-        return QuantSpec(s.bits, s.symmetric, s.granularity, s.group_size)
+    def name(self) -> str:
+        return self.bound.name
+
+    @property
+    def node(self) -> fx.Node:
+        return self.bound.node
+
+    @property
+    def qspec(self):
+        return self.bound.record.weight
 
 
 @register
@@ -87,9 +90,9 @@ class SplitSparse(Pass):
         Option("intervals", int, 8, "PQI sub-intervals N"),
         Option("windows", int, 4, "calibration windows for the sensitivity"),
         Option("tokens", int, 256, "tokens per calibration window for the sensitivity"),
-        Option("layers", str, "all", "regex on layer names selecting quantized layers"),
+        *selector_options("", "quantized layers"),
     )
-    requires = frozenset({"quantized"})
+    requires = frozenset({"quantized", "float-weights"})
     provides = frozenset({"sparse-split"})
     forbids = frozenset({"gptq", "learned-rounding", "sparse-split"})
 
@@ -101,10 +104,25 @@ class SplitSparse(Pass):
                 )
         if self.opt("intervals") < 1 or self.opt("windows") < 1 or self.opt("tokens") < 2:
             raise PipelineError("split-sparse: intervals, windows must be >= 1 and tokens >= 2")
-        try:
-            re.compile(self.opt("layers"))
-        except re.error as exc:
-            raise PipelineError(f"split-sparse: bad layers regex: {exc}") from exc
+        self.selector = LayerSelector.from_pass(self)
+
+    def check(self, model: Model) -> None:
+        chosen = self.selector.select(list(model.quantized))
+        if not chosen:
+            raise PipelineError(
+                f"split-sparse: no quantized layer matches {self.selector.describe()} "
+                "(run quantize first)"
+            )
+        missing = [b.name for b in chosen if b.record.float_weight is None]
+        if missing:
+            raise PipelineError(
+                f"split-sparse: {missing[0]} (and {len(missing) - 1} more) have no float weight "
+                "to split; save with qgraph.save(model, path, float_weights=True)"
+            )
+        if self.opt("significant") > 0 and model.calibration is None:
+            raise DataError(
+                "split-sparse: the significant-weight sensitivity needs calibration data"
+            )
 
     def run(self, model: Model) -> dict[str, Any]:
         start = time.perf_counter()
@@ -141,19 +159,10 @@ class SplitSparse(Pass):
 
     # -- selection ------------------------------------------------------------------------
     def _layers(self, model: Model) -> list[_Layer]:
-        pattern = None if self.opt("layers") == "all" else re.compile(self.opt("layers"))
-        out = []
-        for node in model.gm.graph.nodes:
-            info = node.meta.get("qgraph_quant") if node.op == "call_function" else None
-            if node.target is not QLINEAR or info is None:
-                continue
-            if pattern is not None and not pattern.search(info["name"]):
-                continue
-            w = info["float_weight"].detach().float()
-            out.append(_Layer(node, info["name"], w, layer_spec(node)))
-        if not out:
-            raise PipelineError("split-sparse: no quantized layer selected (run quantize first)")
-        return out
+        return [
+            _Layer(b, b.record.float_weight.detach().float())
+            for b in self.selector.select(list(model.quantized))
+        ]
 
     def _outliers(self, layers: list[_Layer], budget: float) -> float:
         """Choose each layer's outlier ratio under a shared price; returns the price."""
@@ -162,7 +171,10 @@ class SplitSparse(Pass):
                 x.split = split_weight(x.w, torch.zeros_like(x.w, dtype=torch.bool), x.qspec)
             return 0.0
         grid = [budget * g for g in OUTLIER_GRID]
-        tables = [choose_outlier_ratio(x.w, x.qspec, grid).table for x in layers]
+        tables = []
+        for x in layers:
+            with working_on(x.name):
+                tables.append(choose_outlier_ratio(x.w, x.qspec, grid).table)
         allowed = budget * sum(x.w.numel() for x in layers)
 
         def pick(price: float) -> list[tuple[float, int]]:
@@ -252,12 +264,13 @@ class SplitSparse(Pass):
         gm = model.gm
         for x in layers:
             dense = x.split.dense
-            stored = to_storage(dense.codes, dense.scale, dense.zero, x.spec)[:3]
+            rec = x.bound.record
+            stored = to_storage(dense.codes, dense.scale, dense.zero, rec.weight).tensors()
             for arg, value in zip(x.node.args[1:4], stored, strict=True):
                 set_tensor(gm, arg.target, value)
                 arg.meta["val"] = value
-            info = x.node.meta["qgraph_quant"]
-            info["float_weight"] = x.w.masked_fill(x.split.mask, 0.0)
+            rec.float_weight = x.w.masked_fill(x.split.mask, 0.0)
+            rec.solver = "split"
             sp = x.split.sparse
             if sp.nnz == 0:
                 continue
@@ -268,10 +281,9 @@ class SplitSparse(Pass):
                 for k, t in (("rows", rows), ("cols", cols), ("values", values))
             ]
             s = insert_call(gm, x.node, SPARSE, (x.node.args[0], *attrs, x.w.shape[0]))
-            s.meta["qgraph_sparse"] = {
-                "name": x.name, "nnz": sp.nnz, "outliers": sp.nnz - x.significant,
-                "significant": x.significant,
-            }  # fmt: skip
+            rec.sparse = SparseBranch(
+                attrs[2].target, sp.nnz, sp.nnz - x.significant, x.significant
+            )
             with gm.graph.inserting_after(x.node):
                 add = gm.graph.call_function(torch.ops.aten.add.Tensor, (x.node, s))
             add.meta["val"] = x.node.meta.get("val")
@@ -293,17 +305,16 @@ def loss_setup(model: Model, layers: list[_Layer], windows: int, tokens: int):
         raise DataError("split-sparse: the sensitivity needs calibration data")
     gm = model.gm
     graph = fx.Graph()
-    remap = graph.graph_copy(gm.graph, {})
+    copies: dict[fx.Node, fx.Node] = {}
+    remap = graph.graph_copy(gm.graph, copies)
     graph.output(remap)
     twin = fx.GraphModule(gm, graph)
-    by_name = {x.name: x for x in layers}
+    by_node = {x.node: x for x in layers}
     names: dict[str, str] = {}  # layer name -> the twin's weight attribute
-    for node in list(twin.graph.nodes):
-        info = node.meta.get("qgraph_quant") if node.op == "call_function" else None
-        if node.target is not QLINEAR or info is None or info["name"] not in by_name:
-            continue
-        attr = "pqi_" + re.sub(r"\W", "_", info["name"])
-        twin.register_buffer(attr, by_name[info["name"]].w)
+    for original, x in by_node.items():
+        node = copies[original]
+        attr = "pqi_" + re.sub(r"\W", "_", x.name)
+        twin.register_buffer(attr, x.w)
         with twin.graph.inserting_before(node):
             w = twin.graph.get_attr(attr)
             lin = twin.graph.call_function(
@@ -311,7 +322,7 @@ def loss_setup(model: Model, layers: list[_Layer], windows: int, tokens: int):
             )
         node.replace_all_uses_with(lin)
         twin.graph.erase_node(node)
-        names[info["name"]] = attr
+        names[x.name] = attr
     twin.graph.eliminate_dead_code()
     twin.recompile()
     params = {x.name: x.w for x in layers}

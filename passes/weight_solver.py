@@ -8,68 +8,79 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import fx
-from tqdm import tqdm
 
 from qgraph.calibration import ResumableRun, input_hessian
-from qgraph.errors import DataError
+from qgraph.errors import DataError, PipelineError
+from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
 from qgraph.model import Model
+from qgraph.pass_manager import Pass, working_on
+from qgraph.progress import bar
+from qgraph.quantized import BoundLayer, QuantizedLayer
+from qgraph.selection import LayerSelector
 
-from .quantize import WeightSpec, to_storage
-
-QLINEAR = torch.ops.qgraph.qlinear.default
-
-#: solve(node, float weight [out, in], spec, hessian) -> (codes, scale, zero) in quant.py layout
-Solver = Callable[[fx.Node, torch.Tensor, WeightSpec, torch.Tensor], tuple]
-
-
-def quantized_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """Quantized linear nodes grouped by their (shared) input, in graph order."""
-    by_input: dict[fx.Node, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is QLINEAR and "qgraph_quant" in node.meta:
-            by_input.setdefault(node.args[0], []).append(node)
-    return list(by_input.values())
+#: solve(record, float weight [out, in], hessian) -> (codes, scale, zero) in the kernels' layout
+Solver = Callable[[QuantizedLayer, torch.Tensor, torch.Tensor], tuple]
 
 
-def layer_spec(node: fx.Node) -> WeightSpec:
-    info = node.meta["qgraph_quant"]
-    return WeightSpec(info["bits"], info["granularity"], info["group_size"], info["symmetric"])
-
-
-def solve_in_graph_order(model: Model, windows: int, desc: str, solve: Solver) -> tuple[int, int]:
-    """Run ``solve`` on every quantized layer; returns (groups, calibration tokens)."""
+def check_solvable(p: Pass, model: Model) -> None:
+    """Refuse before running what a re-solving pass cannot do, with the reason."""
     if model.calibration is None:
-        raise DataError(f"{desc}: needs calibration data (Model.set_calibration or --calib-text)")
-    batch = model.calibration[:windows]
-    gm = model.gm
-    groups = quantized_groups(gm)
-    first = {g[0]: g for g in groups}
-    left = len(groups)
-    bar = tqdm(total=len(groups), desc=desc, unit="group", leave=False, disable=None)
+        raise DataError(f"{p.name}: needs calibration data (Model.set_calibration or --calib-text)")
+    if p.opt("calib-windows") < 1:
+        raise PipelineError(f"{p.name}: calib-windows must be >= 1, got {p.opt('calib-windows')}")
+    chosen = _chosen(p, model)
+    if not chosen:
+        raise PipelineError(
+            f"{p.name}: no quantized layer matches {LayerSelector.from_pass(p).describe()}"
+        )
+    missing = [b.name for b in chosen if b.record.float_weight is None]
+    if missing:
+        raise PipelineError(
+            f"{p.name}: {len(missing)} layer(s) have no float weight to re-solve from "
+            f"({missing[0]}, ...): save models with qgraph.save(model, path, float_weights=True) "
+            "or 'qgraph run --save-float-weights' to re-solve them later"
+        )
 
-    def before(node: fx.Node, run: ResumableRun) -> None:
+
+def _chosen(p: Pass, model: Model) -> list[BoundLayer]:
+    return LayerSelector.from_pass(p).select(list(model.quantized))
+
+
+def solve_in_graph_order(model: Model, p: Pass, solve: Solver) -> tuple[int, int]:
+    """Run ``solve`` on every selected quantized layer; returns (groups, calibration tokens)."""
+    batch = model.calibration[: p.opt("calib-windows")]
+    gm = model.gm
+    chosen = {id(b) for b in _chosen(p, model)}
+    groups = [[b for b in g if id(b) in chosen] for g in model.quantized.groups()]
+    groups = [g for g in groups if g]
+    first = {g[0].node: g for g in groups}
+    left = len(groups)
+    progress = bar(total=len(groups), desc=p.name, unit="group", leave=False)
+
+    def before(node, run: ResumableRun) -> None:
         nonlocal left
         group = first.get(node)
         if group is None:
             return
         h = input_hessian(run.env[node.args[0]])
-        for q in group:
-            spec = layer_spec(q)
-            codes, scale, zero = solve(q, q.meta["qgraph_quant"]["float_weight"], spec, h)
-            stored = to_storage(codes, scale, zero, spec)[:3]
-            for arg, value in zip(q.args[1:4], stored, strict=True):
+        for layer in group:
+            rec = layer.record
+            with working_on(rec.name):
+                codes, scale, zero = solve(rec, rec.float_weight, h)
+            stored = to_storage(codes, scale, zero, rec.weight).tensors()
+            for arg, value in zip(layer.node.args[1:4], stored, strict=True):
                 set_tensor(gm, arg.target, value)
                 arg.meta["val"] = value
                 run.refresh_attr(arg)
-        bar.update(1)
+            rec.solver = p.name
+        progress.update(1)
         left -= 1
         if left == 0:
             run.stop()  # nothing after the last layer needs the calibration batch
 
     with torch.inference_mode():
         ResumableRun(gm, before).run(batch)
-    bar.close()
+    progress.close()
     gm.recompile()
     return len(groups), int(batch.numel())

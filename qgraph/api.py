@@ -7,6 +7,7 @@ import os
 import torch
 
 from .data import load_text, token_windows
+from .errors import DataError
 from .loaders import load_causal_lm
 from .model import Model
 from .pass_manager import Pass, PassManager
@@ -74,11 +75,21 @@ def calibration_windows(
     model: Model, source=None, windows: int = 16, length: int = 512
 ) -> torch.Tensor:
     """Token windows of the calibration split (disjoint from the evaluation split)."""
-    return token_windows(model.tokenizer, load_text(source, "calib"), length, windows)
+    return token_windows(_tokenizer(model), load_text(source, "calib"), length, windows)
 
 
 def eval_windows(model: Model, source=None, windows: int = 16, length: int = 512) -> torch.Tensor:
-    return token_windows(model.tokenizer, load_text(source, "eval"), length, windows)
+    """Token windows of the evaluation split."""
+    return token_windows(_tokenizer(model), load_text(source, "eval"), length, windows)
+
+
+def _tokenizer(model: Model):
+    if model.tokenizer is None:
+        raise DataError(
+            f"model {model.name!r} has no tokenizer, so text cannot be turned into tokens: pass "
+            "tokenizer= to qgraph.load/from_hf, or give token windows to Model.set_calibration"
+        )
+    return model.tokenizer
 
 
 def run_pipeline(model: Model, pipeline: str | list[Pass], **kw) -> Model:

@@ -21,11 +21,19 @@ class _StopRun(Exception):
 
 
 class ResumableRun(fx.Interpreter):
-    """Run ``gm`` on ``inputs``; ``before(node, run)`` is called before each node executes."""
+    """Run ``gm`` on ``inputs``; ``before(node, run)`` is called before each node executes and
+    ``after(node, value, run)`` after it (to observe its output). The one calibration
+    interpreter of qgraph: every pass that needs activations uses it."""
 
-    def __init__(self, gm: fx.GraphModule, before: Callable[[fx.Node, ResumableRun], None]):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        before: Callable[[fx.Node, ResumableRun], None] | None = None,
+        after: Callable[[fx.Node, object, ResumableRun], None] | None = None,
+    ):
         super().__init__(gm, garbage_collect_values=True)
         self.before = before
+        self.after = after
         self.stopped = False
 
     def run(self, *args, **kwargs):
@@ -43,8 +51,12 @@ class ResumableRun(fx.Interpreter):
         raise _StopRun
 
     def run_node(self, n: fx.Node):
-        self.before(n, self)
-        return super().run_node(n)
+        if self.before is not None:
+            self.before(n, self)
+        out = super().run_node(n)
+        if self.after is not None:
+            self.after(n, out, self)
+        return out
 
     def refresh_attr(self, node: fx.Node) -> None:
         """Re-read a get_attr node's tensor after a pass rebound the attribute mid-run."""

@@ -4,20 +4,115 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from . import progress
 from .errors import QGraphError
+
+_SEED_LIMIT = 2**64  # torch.manual_seed takes seeds in [0, 2**64)
+
+
+class _UsageError(Exception):
+    """A command-line argument is invalid (raised by :class:`_Parser` instead of exiting)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors reach :func:`main` (one line, exit code 2, no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _int_range(low: int, high: int | None = None, high_text: str = "") -> Callable[[str], int]:
+    """An argparse ``type=`` that accepts an integer in ``[low, high)`` with a clear message."""
+    want = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high_text or high})"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def check_output_path(option: str, path: str | os.PathLike) -> Path:
+    """Fail early, before anything slow runs, if ``path`` cannot be written as a file.
+
+    Its directory must exist and be writable (checked by creating and deleting a temporary
+    file there), and the path must not be a directory or an existing file that is not
+    writable. Raises :class:`QGraphError` naming ``option`` and ``path``; returns the path.
+    """
+    target = Path(path).expanduser()
+    where = f"{option} {path}"
+    if target.is_dir():
+        raise QGraphError(f"{where}: is a directory; give a file path")
+    if target.exists() and not target.is_file():
+        raise QGraphError(f"{where}: exists and is not a regular file")
+    parent = target.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise QGraphError(f"{where}: directory {parent} {what}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".qgraph-write-check-", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise QGraphError(
+            f"{where}: directory {parent} is not writable ({exc.strerror or exc})"
+        ) from None
+    if target.exists() and not os.access(target, os.W_OK):
+        raise QGraphError(f"{where}: the existing file is not writable")
+    return target
+
+
+def _check_output_dir(option: str, path: str | os.PathLike) -> Path:
+    """Create directory ``path`` if missing and check that files can be written in it."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise QGraphError(f"{option} {path}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QGraphError(
+            f"{option} {path}: cannot create the directory ({exc.strerror or exc})"
+        ) from None
+    check_output_path(option, out / "demo-report.json")
+    return out
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .pass_manager import check_order, parse_pipeline
     from .workflow import Job, float_row, format_table, write_json
 
-    check_order(parse_pipeline(args.pipeline), set())  # fail before the slow loading
-    for out in (args.export, args.report, args.save):
-        if out and not Path(out).resolve().parent.is_dir():
-            raise QGraphError(f"output directory of {out} does not exist")
+    have: set[str] = set()
+    if args.model and str(args.model).endswith(".pt2"):
+        from .saving import read_metadata
+
+        meta = read_metadata(args.model)  # cheap: no graph is loaded
+        have = set(meta["properties"])
+        if not meta.get("float_weights"):
+            have.discard("float-weights")
+    check_order(parse_pipeline(args.pipeline), have)  # fail before the slow loading
+    outputs: dict[Path, str] = {}
+    for option, out in (
+        ("--export", args.export),
+        ("--report", args.report),
+        ("--save", args.save),
+    ):
+        if out:
+            key = check_output_path(option, out).resolve()
+            if key in outputs:
+                raise QGraphError(f"{outputs[key]} and {option} both write {out}")
+            outputs[key] = option
     job = Job(
         args.model,
         args.calib_text,
@@ -31,6 +126,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.pipeline,
         export=args.export,
         save=args.save,
+        save_float_weights=args.save_float_weights,
         verify_each=args.verify_each,
         seed=args.seed,
     )
@@ -43,13 +139,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .workflow import RECIPES, Job, float_row, format_table, log, write_json
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _check_output_dir("--out", args.out)
     job = Job(args.model, eval_windows=args.eval_windows, progress=not args.no_progress)
     rows = []
     for label, pipeline in RECIPES.items():
         log(f"recipe {label}: {pipeline}")
-        report = job.run(pipeline, export=out / f"{job.lm.name}-{label}.onnx", verify_each=True)
+        report = job.run(pipeline, export=out / f"{job.name}-{label}.onnx", verify_each=True)
         rows.append({**report, "label": label})
     table = format_table([float_row(rows[0]), *rows])
     print(table)
@@ -69,6 +164,8 @@ def _cmd_passes(args: argparse.Namespace) -> int:
             flags.append("requires " + ",".join(sorted(cls.requires)))
         if cls.provides:
             flags.append("provides " + ",".join(sorted(cls.provides)))
+        if cls.forbids:
+            flags.append("forbids " + ",".join(sorted(cls.forbids)))
         print(f"{name}  [{'; '.join(flags)}]")
         print(f"    {cls.help}")
         for o in cls.options:
@@ -99,12 +196,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qgraph", description="Quantize models by graph rewriting.")
+    p = _Parser(prog="qgraph", description="Quantize models by graph rewriting.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="rewrite a model with a pipeline, evaluate and export it")
     run.add_argument(
-        "--model", default=None, help="built-in name (smollm2-135m), .gguf file or HF directory"
+        "--model",
+        default=None,
+        help="built-in name (smollm2-135m), .gguf file, HF directory, or a .pt2 saved by --save "
+        "(the pipeline continues from it)",
     )
     run.add_argument(
         "--pipeline",
@@ -122,10 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="UTF-8 text file for evaluation (default: stdlib docstrings)",
     )
     run.add_argument(
-        "--eval-windows", type=int, default=8, help="number of 512-token evaluation windows"
+        "--eval-windows", type=_int_range(1), default=8, help="number of evaluation windows (>= 1)"
     )
-    run.add_argument("--calib-windows", type=int, default=16, help="number of calibration windows")
-    run.add_argument("--window", type=int, default=512, help="tokens per window")
+    run.add_argument(
+        "--calib-windows",
+        type=_int_range(1),
+        default=16,
+        help="number of calibration windows (>= 1)",
+    )
+    run.add_argument(
+        "--window",
+        type=_int_range(2),
+        default=512,
+        help="tokens per window (>= 2: a window predicts its tokens after the first)",
+    )
     run.add_argument(
         "--export",
         default=None,
@@ -136,11 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--save", default=None, help="save the rewritten model (.pt2, reload with qgraph.load)"
     )
     run.add_argument(
+        "--save-float-weights",
+        action="store_true",
+        help="with --save: keep the float weights too, so gptq/learn-rounding/split-sparse can "
+        "re-solve the saved model later (a larger file)",
+    )
+    run.add_argument(
         "--verify-each", action="store_true", help="numerically verify every exact pass"
     )
     run.add_argument(
         "--seed",
-        type=int,
+        type=_int_range(0, _SEED_LIMIT, "2**64"),
         default=None,
         help="seed for passes that take one (unless set in the pipeline)",
     )
@@ -151,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the best recipes on the default model and print a table"
     )
     demo.add_argument("--model", default=None)
-    demo.add_argument("--out", default="out")
-    demo.add_argument("--eval-windows", type=int, default=8)
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--out", default="out", help="directory for the ONNX files and the report")
+    demo.add_argument(
+        "--eval-windows", type=_int_range(1), default=8, help="number of evaluation windows (>= 1)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
     passes = sub.add_parser("passes", help="list every pass with its options")
@@ -168,13 +286,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _debug() -> bool:
+    return os.environ.get("QGRAPH_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit code: 0 success, 2 usage or qgraph error, 3 internal
+    error (no traceback unless ``QGRAPH_DEBUG=1``), 130 interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"qgraph: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    was_enabled = progress.enabled()
+    if getattr(args, "no_progress", False):
+        progress.set_enabled(False)
     try:
         return args.func(args)
     except QGraphError as exc:
         print(f"qgraph: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early, e.g. ``qgraph passes | head``
+        try:  # keep Python from failing again when it flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except KeyboardInterrupt:
+        print("qgraph: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if _debug():
+            raise
+        print(
+            f"qgraph: internal error: {type(exc).__name__}: {exc} "
+            "(set QGRAPH_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 3
+    finally:
+        progress.set_enabled(was_enabled)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ class ModelFileError(QGraphError):
     """A model file is missing, unreadable, truncated or of an unknown format."""
 
 
+class PassError(QGraphError):
+    """A pass failed on this model; the message names the pass and, where known, the layer."""
+
+
 class StructureError(QGraphError):
     """The graph has a structure a pass cannot rewrite safely."""
 

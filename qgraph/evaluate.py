@@ -8,13 +8,12 @@ and numbers from different backends are directly comparable.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from qgraph import progress as _progress
 from qgraph.errors import DataError
 
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
@@ -65,7 +64,8 @@ def window_nll(
     count = 0
     starts = range(0, n, batch_size)
     with torch.inference_mode():
-        for start in tqdm(starts, desc=desc, unit="batch", file=sys.stderr, disable=not progress):
+        # A bar shows only if both ``progress`` and the process-wide switch allow it.
+        for start in _progress.bar(starts, desc=desc, unit="batch", disable=not progress):
             ids = windows[start : start + batch_size]
             logp = torch.log_softmax(_logits(forward, ids), dim=-1)
             nan_rows = torch.isnan(logp).flatten(1).any(dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -10,7 +11,15 @@ from torch import fx
 
 from .data import check_finite
 from .errors import DataError
+from .formats import sparse_storage_bits
+from .quantized import QuantizedLayer, QuantizedLayers
 from .structure import StructureView
+
+#: The analyses a Model serves, by the name passes use in ``preserves``.
+ANALYSES: dict[str, Callable[[Model], Any]] = {
+    "structure": lambda model: StructureView(model.gm),
+    QuantizedLayers.name: QuantizedLayers,
+}
 
 
 @dataclass
@@ -23,16 +32,20 @@ class PassRecord:
     peak_rss_mb: float
     verify_max_rel_err: float | None
     summary: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None  # the pass that ran this one (mixed-precision runs quantize)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Model:
-    """A traced graph plus its structure view, established properties, calibration data and log.
+    """A traced graph plus its analyses, quantized-layer records, properties, calibration data
+    and log.
 
-    Passes edit ``gm`` through :mod:`qgraph.graph_edits`; the structure view is an analysis
-    cached until :meth:`invalidate` is called (the pass manager does so after every pass).
+    Passes edit ``gm`` through :mod:`qgraph.graph_edits`. Analyses (:data:`ANALYSES`: the
+    structure view, the quantized layers) are computed on demand and cached; after each pass the
+    pass manager drops every analysis the pass does not declare in ``preserves``, so no pass
+    invalidates by hand. ``quant`` holds the typed record of each quantized layer, by name.
     """
 
     def __init__(
@@ -56,18 +69,36 @@ class Model:
         self.properties: set[str] = set()
         self.log: list[PassRecord] = []
         self.calibration: torch.Tensor | None = None
-        self._structure: StructureView | None = None
+        self.quant: dict[str, QuantizedLayer] = {}
+        self._analyses: dict[str, Any] = {}
         self.check_weights()
 
     # -- analyses ----------------------------------------------------------------------------
+    def analysis(self, name: str) -> Any:
+        """The named analysis of the graph as it is now (cached until invalidated)."""
+        if name not in self._analyses:
+            self._analyses[name] = ANALYSES[name](self)
+        return self._analyses[name]
+
+    def cached_analyses(self) -> dict[str, Any]:
+        return dict(self._analyses)
+
+    def invalidate(self, preserved: Iterable[str] = ()) -> None:
+        """Drop every cached analysis except ``preserved`` (the pass manager's job)."""
+        keep = set(preserved)
+        self._analyses = {k: v for k, v in self._analyses.items() if k in keep}
+
     @property
     def structure(self) -> StructureView:
-        if self._structure is None:
-            self._structure = StructureView(self.gm)
-        return self._structure
+        return self.analysis("structure")
 
-    def invalidate(self) -> None:
-        self._structure = None
+    @property
+    def quantized(self) -> QuantizedLayers:
+        return self.analysis(QuantizedLayers.name)
+
+    def float_weights_kept(self) -> bool:
+        """True when every quantized layer still has the float weight re-solving passes need."""
+        return all(r.float_weight is not None for r in self.quant.values())
 
     # -- execution ---------------------------------------------------------------------------
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -128,31 +159,23 @@ class Model:
         suit ONNX Runtime's blocked kernels are not counted twice. A sparse side branch counts
         its values as parameters and its values and row/column indices at their stored widths.
         """
+        from .graph_edits import get_tensor
+
         params = 0
         volume = 0.0
         quant_weights = 0
         seen: set[str] = set()
-        for node in self.gm.graph.nodes:
-            if "qgraph_sparse" in node.meta:  # sparse side branch: values and indices as stored
-                from .graph_edits import get_tensor
-
-                parts = [get_tensor(self.gm, a.target) for a in node.args[1:4]]
-                seen.update(a.target for a in node.args[1:4])
+        for layer in QuantizedLayers(self):  # fresh: accounting may run in the middle of a pass
+            rec = layer.record
+            seen.update(a.target for a in layer.node.args[1:4])
+            params += rec.in_features * rec.out_features
+            quant_weights += rec.in_features * rec.out_features
+            volume += rec.storage_bits()
+            if layer.sparse_node is not None:
+                parts = [get_tensor(self.gm, a.target) for a in layer.sparse_node.args[1:4]]
+                seen.update(a.target for a in layer.sparse_node.args[1:4])
                 params += parts[2].numel()
-                volume += sum(t.numel() * t.element_size() * 8 for t in parts)
-                continue
-            info = node.meta.get("qgraph_quant")
-            if info is None:
-                continue
-            codes_t = node.args[1].target
-            seen.update({codes_t, node.args[2].target, node.args[3].target})
-            k, n = info["in_features"], info["out_features"]
-            params += k * n
-            quant_weights += k * n
-            n_scales = info["scales"]
-            volume += k * n * info["bits"] + n_scales * 32
-            if not info["symmetric"]:
-                volume += n_scales * info["bits"]
+                volume += sparse_storage_bits(*parts)
         for target, tensor in self.tensors().items():
             if target in seen or not tensor.is_floating_point() or tensor.dim() == 0:
                 continue

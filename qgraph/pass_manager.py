@@ -8,18 +8,21 @@ invalid order fails at once with a message that says what to add.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import psutil
 import torch
 
-from .errors import PipelineError, VerificationError
+from .errors import PassError, PipelineError, QGraphError, VerificationError
 from .model import Model, PassRecord
 
 
@@ -74,6 +77,8 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     forbids: ClassVar[frozenset[str]] = frozenset()  # properties after which it may not run
+    #: analyses (names in qgraph.model.ANALYSES) still valid after the pass; the rest are dropped
+    preserves: ClassVar[frozenset[str]] = frozenset()
     exact: ClassVar[bool] = False
 
     def __init__(self, **opts: Any):
@@ -97,12 +102,24 @@ class Pass:
     def opt(self, key: str) -> Any:
         return self.opts[key]
 
+    def check(self, model: Model) -> None:
+        """Refuse, before anything runs, a model this pass cannot work on (raise a QGraphError
+        that says what to do). Facts the pipeline order cannot tell (calibration data, ...)."""
+
     def run(self, model: Model) -> dict[str, Any]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        inner = ",".join(f"{k}={self.opts[k]}" for k in sorted(self.explicit))
+        inner = ",".join(f"{k}={format_value(self.opts[k])}" for k in sorted(self.explicit))
         return f"{self.name}{{{inner}}}" if inner else self.name
+
+
+def format_value(value: Any) -> str:
+    """An option value as pipeline text, quoted when it holds , { } or quotes."""
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if not re.search(r"[,{}'\"\s]", text):
+        return text
+    return f"'{text}'" if "'" not in text else f'"{text}"'
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -121,39 +138,123 @@ def registry() -> dict[str, type[Pass]]:
     return REGISTRY
 
 
-_ITEM = re.compile(r"\s*([A-Za-z][\w-]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+_NAME = re.compile(r"[A-Za-z][\w-]*")
+_KEY = re.compile(r"[A-Za-z][\w-]*")
+
+
+class _Scanner:
+    """Reads pipeline text: ``name{key=value,key='quoted, {value}'},name2``."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+
+    def error(self, what: str) -> PipelineError:
+        snippet = self.text[self.pos : self.pos + 30]
+        return PipelineError(
+            f"cannot parse pipeline at character {self.pos}: {what} (at {snippet!r})"
+        )
+
+    def skip(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def word(self, pattern: re.Pattern, what: str) -> str:
+        self.skip()
+        m = pattern.match(self.text, self.pos)
+        if m is None:
+            raise self.error(f"expected {what}")
+        self.pos = m.end()
+        return m.group(0)
+
+    def value(self, pass_name: str, key: str) -> str:
+        self.skip()
+        quote = self.peek()
+        if quote in ("'", '"'):
+            end = self.text.find(quote, self.pos + 1)
+            if end < 0:
+                raise self.error(f"pass '{pass_name}': option '{key}' has an unterminated {quote}")
+            value = self.text[self.pos + 1 : end]
+            self.pos = end + 1
+            return value
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in ",{}":
+            self.pos += 1
+        if self.peek() == "{":
+            raise self.error(
+                f"pass '{pass_name}': option '{key}' contains '{{'; quote a value holding , {{ or }}"
+                f", e.g. {key}='{self.text[start : start + 12]}...'"
+            )
+        return self.text[start : self.pos].strip()
+
+    def options(self, pass_name: str) -> dict[str, str]:
+        opts: dict[str, str] = {}
+        self.pos += 1  # the opening brace
+        self.skip()
+        if self.peek() == "}":
+            self.pos += 1
+            return opts
+        while True:
+            key = self.word(_KEY, f"an option name of pass '{pass_name}'")
+            self.skip()
+            if self.peek() != "=":
+                raise self.error(f"pass '{pass_name}': option '{key}' is not of the form key=value")
+            self.pos += 1
+            if key in opts:
+                raise PipelineError(f"pass '{pass_name}': option '{key}' is given twice")
+            opts[key] = self.value(pass_name, key)
+            self.skip()
+            sep = self.peek()
+            self.pos += 1
+            if sep == "}":
+                return opts
+            if sep != ",":
+                self.pos -= 1
+                raise self.error(f"pass '{pass_name}': expected ',' or '}}' after option '{key}'")
 
 
 def parse_pipeline(text: str) -> list[Pass]:
-    """Parse ``name{key=value,...},name2`` into pass objects, with errors that point at the text."""
+    r"""Parse ``name{key=value,...},name2`` into pass objects, with errors that point at the text.
+
+    A value holding ``,``, ``{`` or ``}`` (a regex such as ``layers\.(0|1)\.`` or ``{2,3}``) is
+    written in single or double quotes; the quoted text is taken literally.
+    """
     passes = registry()
     if not text or not text.strip():
         raise PipelineError("empty pipeline")
+    scan = _Scanner(text.strip())
     out: list[Pass] = []
-    pos = 0
-    text = text.strip()
-    while pos < len(text):
-        m = _ITEM.match(text, pos)
-        if m is None or m.end() == pos:
-            raise PipelineError(
-                f"cannot parse pipeline at character {pos}: {text[pos : pos + 30]!r}"
-            )
-        name, body = m.group(1), m.group(2)
+    while True:
+        name = scan.word(_NAME, "a pass name")
         if name not in passes:
             close = [p for p in passes if p.split("-")[0] == name.split("-")[0]]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise PipelineError(
                 f"unknown pass '{name}'{hint}; known passes: {', '.join(sorted(passes))}"
             )
-        opts: dict[str, str] = {}
-        for item in filter(None, (s.strip() for s in (body or "").split(","))):
-            if "=" not in item:
-                raise PipelineError(f"pass '{name}': option {item!r} is not of the form key=value")
-            key, value = (s.strip() for s in item.split("=", 1))
-            opts[key] = value
+        scan.skip()
+        opts = scan.options(name) if scan.peek() == "{" else {}
         out.append(passes[name](**opts))
-        pos = m.end()
-    return out
+        scan.skip()
+        if not scan.peek():
+            return out
+        if scan.peek() != ",":
+            raise scan.error(f"expected ',' after pass '{name}'")
+        scan.pos += 1
+
+
+#: Missing property -> (the property that makes "add X before it" the wrong advice, what to do).
+PROPERTY_HINTS = {
+    "float-weights": (
+        "quantized",
+        "the float weights it re-solves from are not in this model (a model saved without "
+        "them): save with qgraph.save(model, path, float_weights=True) or "
+        "'qgraph run --save-float-weights', or start again from the float model",
+    ),
+}
 
 
 def check_order(passes: list[Pass], properties: set[str]) -> None:
@@ -161,6 +262,14 @@ def check_order(passes: list[Pass], properties: set[str]) -> None:
     providers = {prop: p.name for p in reversed(list(registry().values())) for prop in p.provides}
     for i, p in enumerate(passes):
         missing = p.requires - have
+        hinted = [
+            m for m in sorted(missing) if m in PROPERTY_HINTS and PROPERTY_HINTS[m][0] in have
+        ]
+        if hinted:
+            raise PipelineError(
+                f"pass '{p.name}' (position {i + 1}) requires {hinted[0]}: "
+                f"{PROPERTY_HINTS[hinted[0]][1]}"
+            )
         if missing:
             need = ", ".join(sorted(missing))
             add = ", ".join(sorted({providers.get(m, "?") for m in missing}))
@@ -241,20 +350,33 @@ class PassManager:
             self.run_one(p, model)
         return model
 
-    def run_one(self, p: Pass, model: Model) -> PassRecord:
+    def run_one(self, p: Pass, model: Model, parent: str | None = None) -> PassRecord:
+        """Run one pass with instrumentation; its record goes to ``model.log``.
+
+        Any exception escaping the pass becomes a :class:`~qgraph.errors.QGraphError` that names
+        the pass and, when the pass said which layer it was working on (:func:`working_on`), the
+        layer. After the pass every analysis it does not declare in ``preserves`` is dropped.
+        """
+        p.check(model)
         probe = ref = None
         if self.verify_each:
             probe = model.probe_inputs()
             ref = model(*probe)
         before = _op_histogram(model)
         start = time.perf_counter()
-        with _PeakRss() as mem:
-            summary = p.run(model) or {}
+        token = _MANAGER.set(self)
+        try:
+            with _PeakRss() as mem, _failures_named(p.name):
+                summary = p.run(model) or {}
+        finally:
+            _MANAGER.reset(token)
         seconds = time.perf_counter() - start
-        model.invalidate()
+        preserved = model.cached_analyses()
+        model.invalidate(p.preserves)
         model.properties |= set(p.provides)
         err = None
         if self.verify_each:
+            self._check_preserved(p, model, preserved)
             out = model(*probe)
             err, index = relative_error(ref, out)
             if p.exact and err > self.verify_tol:
@@ -266,19 +388,96 @@ class PassManager:
         after = _op_histogram(model)
         diff = {k: after[k] - before[k] for k in set(before) | set(after) if after[k] != before[k]}
         summary = {**summary, "op_diff": diff}
-        record = PassRecord(p.name, dict(p.opts), seconds, mem.peak / 2**20, err, summary)
+        record = PassRecord(p.name, dict(p.opts), seconds, mem.peak / 2**20, err, summary, parent)
         model.log.append(record)
         if self.print_after:
             self.stream.write(format_record(record) + "\n")
         return record
 
+    @staticmethod
+    def _check_preserved(p: Pass, model: Model, before: dict[str, Any]) -> None:
+        """A pass that claims to preserve an analysis must leave it as a fresh one computes it."""
+        from .model import ANALYSES
 
-def format_record(r: PassRecord) -> str:
+        for name in p.preserves & set(before):
+            cached = before[name]
+            if not hasattr(cached, "fingerprint"):
+                continue
+            if cached.fingerprint() != ANALYSES[name](model).fingerprint():
+                raise VerificationError(
+                    f"pass '{p.name}' declares that it preserves the analysis '{name}' but "
+                    "changed it; remove it from the pass's preserves"
+                )
+
+
+_MANAGER: contextvars.ContextVar[PassManager | None] = contextvars.ContextVar(
+    "qgraph_manager", default=None
+)
+_LAYER: contextvars.ContextVar[str | None] = contextvars.ContextVar("qgraph_layer", default=None)
+
+
+def run_nested(p: Pass, model: Model, parent: Pass) -> PassRecord:
+    """Run ``p`` from inside ``parent``'s run through the active pass manager, so it gets a log
+    record (marked with its parent), an op diff and verification like any other pass."""
+    manager = _MANAGER.get() or PassManager([])
+    return manager.run_one(p, model, parent=parent.name)
+
+
+@contextlib.contextmanager
+def working_on(layer: str) -> Iterator[None]:
+    """Say which layer the running pass is working on, for error messages."""
+    token = _LAYER.set(layer)
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "qgraph_layer", None) is None:
+            exc.qgraph_layer = layer  # the innermost layer, read once the stack has unwound
+        raise
+    finally:
+        _LAYER.reset(token)
+
+
+@contextlib.contextmanager
+def _failures_named(pass_name: str) -> Iterator[None]:
+    try:
+        yield
+    except QGraphError as exc:
+        layer = getattr(exc, "qgraph_layer", None)
+        if layer and layer not in str(exc):
+            exc.args = (f"{exc} (pass '{pass_name}', layer {layer})", *exc.args[1:])
+        raise
+    except Exception as exc:
+        layer = getattr(exc, "qgraph_layer", None)
+        where = f"pass '{pass_name}'" + (f" at layer {layer}" if layer else "")
+        raise PassError(
+            f"{where} failed: {type(exc).__name__}: {exc}. The model was left part-rewritten; "
+            "start again from the model before the pipeline"
+        ) from exc
+
+
+def format_record(r: PassRecord, width: int = 110) -> str:
+    """A few lines for people: time, memory, verification, op diff and the scalar notes of the
+    summary. Tables and per-layer details (dicts, lists) stay in the log and the JSON report."""
     verify = f", verify {r.verify_max_rel_err:.2e}" if r.verify_max_rel_err is not None else ""
+    nested = f" (in {r.parent})" if r.parent else ""
     diff = ", ".join(f"{k}{v:+d}" for k, v in sorted(r.summary.get("op_diff", {}).items()))
-    notes = {k: v for k, v in r.summary.items() if k != "op_diff"}
+    notes, hidden = [], 0
+    for key, value in r.summary.items():
+        if key == "op_diff":
+            continue
+        if isinstance(value, (dict, list, tuple, set)):
+            hidden += 1
+        elif isinstance(value, float):
+            notes.append(f"{key} {value:.4g}")
+        elif value is not None:
+            notes.append(f"{key} {value}")
+    line = ", ".join(notes)
+    if len(line) > width:
+        line = line[: width - 3].rsplit(", ", 1)[0] + ", ..."
+    if hidden:
+        line += ("; " if line else "") + "details in the report"
     return (
-        f"[qgraph] {r.name}: {r.seconds:.2f}s, peak RSS {r.peak_rss_mb:.0f} MB{verify}"
+        f"[qgraph] {r.name}{nested}: {r.seconds:.2f}s, peak RSS {r.peak_rss_mb:.0f} MB{verify}"
         + (f"\n    ops: {diff}" if diff else "")
-        + (f"\n    {notes}" if notes else "")
+        + (f"\n    {line}" if line else "")
     )

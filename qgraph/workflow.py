@@ -17,10 +17,12 @@ import torch
 from . import __version__
 from .api import from_hf
 from .data import load_text, token_windows
+from .errors import DataError
 from .evaluate import perplexity
 from .loaders import LoadedLM, load_causal_lm
 from .model import Model
 from .pass_manager import PassManager, parse_pipeline
+from .saving import load_saved
 
 # The best recipe so far for each format (see benchmarks/README.md for the measurements).
 RECIPES = {
@@ -51,20 +53,44 @@ class Job:
         progress: bool = True,
     ):
         t = time.perf_counter()
-        self.lm: LoadedLM = load_causal_lm(model_spec)
-        log(f"loaded {self.lm.name} from {self.lm.source} in {time.perf_counter() - t:.1f}s")
+        self.lm: LoadedLM | None = None
+        self.saved: Path | None = None
+        self._loaded: Model | None = None
+        if model_spec is not None and str(model_spec).endswith(".pt2"):
+            # a model saved by `qgraph run --save`: pipelines continue from it as saved
+            self.saved = Path(model_spec)
+            self._loaded = load_saved(self.saved)
+            if self._loaded.tokenizer is None:
+                raise DataError(
+                    f"{self.saved}: saved without a tokenizer, so no text can be tokenized for it; "
+                    "save it again with this version of qgraph"
+                )
+            self.name, self.source = self._loaded.name, str(self.saved)
+            self.tokenizer = self._loaded.tokenizer
+        else:
+            self.lm = load_causal_lm(model_spec)
+            self.name, self.source, self.tokenizer = self.lm.name, self.lm.source, self.lm.tokenizer
+        log(f"loaded {self.name} from {self.source} in {time.perf_counter() - t:.1f}s")
         self.calib = token_windows(
-            self.lm.tokenizer, load_text(calib_text, "calib"), window, calib_windows
+            self.tokenizer, load_text(calib_text, "calib"), window, calib_windows
         )
         self.eval = token_windows(
-            self.lm.tokenizer, load_text(eval_text, "eval"), window, eval_windows
+            self.tokenizer, load_text(eval_text, "eval"), window, eval_windows
         )
         self.progress = progress
         self._float_ppl: float | None = None
 
+    @property
+    def baseline(self) -> str:
+        """What the "before" row is: the float model, or the saved model as loaded."""
+        return "float32" if self.saved is None else "as saved"
+
     def fresh_model(self) -> Model:
-        model = from_hf(self.lm.model, self.lm.tokenizer, self.lm.name)
-        model.source = self.lm.source
+        if self.saved is not None:
+            model, self._loaded = self._loaded or load_saved(self.saved), None
+        else:
+            model = from_hf(self.lm.model, self.lm.tokenizer, self.lm.name)
+            model.source = self.lm.source
         model.set_calibration(self.calib)
         return model
 
@@ -79,6 +105,7 @@ class Job:
         *,
         export: str | os.PathLike | None = None,
         save: str | os.PathLike | None = None,
+        save_float_weights: bool = False,
         verify_each: bool = False,
         seed: int | None = None,
     ) -> dict[str, Any]:
@@ -93,7 +120,10 @@ class Job:
         model = self.fresh_model()
         float_acc = model.accounting()
         ppl_float = self.float_ppl(model)
-        log(f"float perplexity {ppl_float:.4f} on {self.eval.shape[0]}×{self.eval.shape[1]} tokens")
+        what = "float" if self.saved is None else "saved model's"
+        log(
+            f"{what} perplexity {ppl_float:.4f} on {self.eval.shape[0]}×{self.eval.shape[1]} tokens"
+        )
         manager = PassManager(passes, verify_each=verify_each, print_after=True)
         manager.run(model)
         ppl = perplexity(model, self.eval, progress=self.progress, desc="rewritten ppl")
@@ -103,6 +133,7 @@ class Job:
             "qgraph_version": __version__,
             "model": model.name,
             "pipeline": pipeline,
+            "baseline": self.baseline,
             "eval": {"windows": int(self.eval.shape[0]), "window": int(self.eval.shape[1])},
             "passes": [
                 {
@@ -126,7 +157,7 @@ class Job:
         if save:
             from .saving import save as save_model
 
-            report["saved"] = str(save_model(model, save))
+            report["saved"] = str(save_model(model, save, float_weights=save_float_weights))
             log(f"saved the rewritten model to {save}")
         if export:
             report["export"] = export_and_check(model, export, pipeline, self.eval, self.progress)
@@ -188,7 +219,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def float_row(report: dict[str, Any]) -> dict[str, Any]:
     return {
-        "label": "float32",
+        "label": report.get("baseline", "float32"),
         "ppl": report["ppl_float"],
         "ppl_float": report["ppl_float"],
         "params": report["params_float"],

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from qgraph.errors import DataError
+from qgraph.formats import WeightSpec
 from qgraph.kernels.gptq import rtn_error
 from qgraph.kernels.quant import fake_quantize_weight, weight_qparams
 from qgraph.kernels.sparse_split import (
-    QuantSpec,
     SparsePart,
-    bits_per_weight,
     choose_outlier_ratio,
     count_for_ratio,
     layer_error,
@@ -19,19 +18,17 @@ from qgraph.kernels.sparse_split import (
     quantize_dense,
     significant_weight_detach,
     sparse_matmul,
-    split_cost,
     split_weight,
-    storage_cost,
     top_k_mask,
 )
 
 F64 = torch.float64
 SPECS = [
-    QuantSpec(4, True, "tensor"),
-    QuantSpec(3, True, "channel"),
-    QuantSpec(4, False, "channel"),
-    QuantSpec(3, False, "group", 16),
-    QuantSpec(4, True, "group", 12),  # ragged last group for in = 40
+    WeightSpec(4, "tensor", None, True),
+    WeightSpec(3, "channel", None, True),
+    WeightSpec(4, "channel", None, False),
+    WeightSpec(3, "group", 16, False),
+    WeightSpec(4, "group", 12, True),  # ragged last group for in = 40
 ]
 
 
@@ -169,7 +166,7 @@ def test_quantize_dense_grid_ignores_masked(spec):
 def test_removing_huge_outlier_shrinks_scale(symmetric, granularity):
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(4), dtype=F64) * 0.1
     w[3, 17] = 25.0
-    spec = QuantSpec(4, symmetric, granularity)
+    spec = WeightSpec(4, granularity, None, symmetric)
     mask = outlier_mask(w, 1 / w.numel())
     assert mask[3, 17] and int(mask.sum()) == 1
     plain = quantize_dense(w, torch.zeros_like(mask), spec)
@@ -198,7 +195,7 @@ def test_error_decreases_with_ratio(spec):
 
 def test_choose_outlier_ratio_cap_price_and_hessian():
     w = _heavy(32, 48, seed=6)
-    spec = QuantSpec(3, True, "channel")
+    spec = WeightSpec(3, "channel", None, True)
     capped = choose_outlier_ratio(w, spec, max_ratio=0.005)
     assert capped.ratio == 0.005 and max(capped.errors) == 0.005
     assert choose_outlier_ratio(w, spec, price=1e6).ratio == 0.0  # bits too dear
@@ -224,7 +221,7 @@ def test_choose_outlier_ratio_cap_price_and_hessian():
 
 
 def _spec_and_weight():
-    return QuantSpec(3, True, "channel"), _heavy(30, 40, seed=8)
+    return WeightSpec(3, "channel", None, True), _heavy(30, 40, seed=8)
 
 
 def test_detach_follows_sensitivity_order_and_budget():
@@ -304,48 +301,3 @@ def test_detach_bad_inputs():
         significant_weight_detach(w, w.abs(), spec, 0.01, 0.0)
     with pytest.raises(ValueError):
         significant_weight_detach(w, w.abs(), spec, 0.01, 0.01, base_mask=torch.zeros(w.shape))
-
-
-# --------------------------------------------------------------------------------------
-# storage accounting
-# --------------------------------------------------------------------------------------
-
-
-def test_storage_cost_hand_numbers():
-    # 128 x 128, W4 per-channel symmetric (128 fp16 scales), 41 outliers (0.25 %), fp16 values
-    c = storage_cost((128, 128), 4, 41, n_scales=128)
-    assert c.dense == 16384 * 4 == 65536
-    assert c.qparams == 128 * 16 == 2048
-    assert c.values == 41 * 16 == 656
-    # CSR: 8-bit columns (in - 1 = 127 < 256) + 129 row pointers of 8 bits (nnz = 41 < 256)
-    assert c.indices == 41 * 8 + 129 * 8 == 1360
-    assert c.total == 69600
-    assert c.bits_per_weight == pytest.approx(69600 / 16384)
-    # COO: one 16-bit flat index (16383 < 65536) per value
-    assert storage_cost((128, 128), 4, 41, n_scales=128, encoding="coo").indices == 41 * 16
-    # 576 x 1536 W3 groups of 128, asymmetric (fp16 scales, 3-bit zeros), 0.5 % fp16 outliers
-    nnz = count_for_ratio(0.005, 576 * 1536)
-    assert nnz == 4423
-    c = storage_cost((576, 1536), 3, nnz, n_scales=576 * 12, n_zeros=576 * 12)
-    assert c.qparams == 6912 * 16 + 6912 * 3
-    assert c.indices == nnz * 16 + 577 * 16
-    expected = (576 * 1536 * 3 + 6912 * 19 + nnz * 32 + 577 * 16) / (576 * 1536)
-    assert bits_per_weight((576, 1536), 3, nnz, n_scales=6912, n_zeros=6912) == pytest.approx(
-        expected
-    )
-    # no sparse part: no index cost at all
-    assert storage_cost((8, 8), 4, 0).total == 256
-    with pytest.raises(ValueError):
-        storage_cost((8, 8), 4, 65)
-    with pytest.raises(ValueError):
-        storage_cost((8, 8), 4, 2, encoding="bsr")
-
-
-def test_split_cost_counts_qparams_of_the_split():
-    w = _heavy(16, 32, seed=10)
-    sym = split_weight(w, outlier_mask(w, 0.01), QuantSpec(4, True, "group", 8))
-    c = split_cost(sym, QuantSpec(4, True, "group", 8), value_bits=32, encoding="coo")
-    assert c.qparams == 16 * 4 * 16 and c.values == 5 * 32 and c.indices == 5 * 16
-    asym_spec = QuantSpec(4, False, "channel")
-    asym = split_weight(w, outlier_mask(w, 0.01), asym_spec)
-    assert split_cost(asym, asym_spec).qparams == 16 * 16 + 16 * 4

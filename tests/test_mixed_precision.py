@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama, tokens
 
 import qgraph
 from qgraph.passes.mixed_precision import allocate_bits
@@ -48,17 +48,10 @@ def test_allocation_matches_the_exhaustive_optimum():
         assert model_loss(sens, greedy, 3) <= best * (1 + 1e-9) + 1e-15
 
 
-def test_pass_allocates_and_quantizes_each_layer_at_its_width():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    hf = LlamaForCausalLM(cfg).eval()
+def test_pass_allocates_and_quantizes_each_layer_at_its_width(llama96):
+    hf = llama96
     model = qgraph.from_hf(hf)
-    model.set_calibration(
-        torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
-    )
+    model.set_calibration(tokens(256, 4, 64, seed=1))
     qgraph.run_pipeline(model, "mixed-precision{budget=4.5,choices=3+4+8},gptq")
     summary = model.log[0].summary
     assert summary["average_bits"] <= 4.5
@@ -67,11 +60,10 @@ def test_pass_allocates_and_quantizes_each_layer_at_its_width():
     top_name, _, top_bits = summary["most_sensitive"][0]
     assert top_bits == max(allocation.values())
     seen = 0
-    for node in model.gm.graph.nodes:
-        if node.target is QLINEAR:
-            info = node.meta["qgraph_quant"]
-            assert node.args[6] == info["bits"] == allocation[info["name"]]
-            seen += 1
+    for layer in model.quantized:
+        assert layer.node.target is QLINEAR
+        assert layer.node.args[6] == layer.record.weight.bits == allocation[layer.name]
+        seen += 1
     assert seen == 14
     linear_sizes = [
         m.weight.numel() for name, m in hf.named_modules()
@@ -82,16 +74,9 @@ def test_pass_allocates_and_quantizes_each_layer_at_its_width():
 
 def test_default_widths_and_budget_below_them():
     """The default widths are 4 and 8; a budget below the narrowest width is refused."""
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=2,
-        )
-    ).eval()  # fmt: skip
+    hf = tiny_llama(layers=1, tied=False, max_positions=2048)  # was built unseeded
     model = qgraph.from_hf(hf)
-    model.set_calibration(
-        torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
-    )
+    model.set_calibration(tokens(256, 2, 32, seed=3))
     qgraph.run_pipeline(model, "mixed-precision{budget=5}")
     summary = model.log[0].summary
     assert set(summary["allocation"].values()) <= {4, 8}

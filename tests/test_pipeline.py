@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama, tokens
 
 import qgraph
 from qgraph.graph_edits import finish, get_tensor, set_arg_tensor
@@ -52,28 +52,12 @@ if BreakWeights.name not in registry():
 
 @pytest.fixture(scope="module")
 def traced() -> qgraph.Model:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        initializer_range=0.05,
-    )
-    return qgraph.from_hf(LlamaForCausalLM(cfg).eval())
-
-
-@pytest.fixture
-def model(traced) -> qgraph.Model:
-    return copy.deepcopy(traced)
+    """Untied, vocab 128, init 0.05, no calibration data; conftest's ``model`` copies it."""
+    return qgraph.from_hf(tiny_llama(vocab=128, tied=False, init=0.05, max_positions=128))
 
 
 def ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return tokens(128, batch, length, seed)
 
 
 # ---------------------------------------------------------------------------- parse_pipeline
@@ -93,7 +77,7 @@ def test_parse_typed_options() -> None:
     assert quant.opt("calib-batches") == 4 and quant.opt("layers") == "mlp"
     assert quant.opt("exclude") == "lm_head"  # default kept
     assert quant.explicit == {"w", "a", "calib-batches", "layers"}
-    assert repr(rot) == "rotate{kind=random,r1=False,r2=True,seed=3}"
+    assert repr(rot) == "rotate{kind=random,r1=false,r2=true,seed=3}"
 
 
 def test_parse_defaults_and_whitespace() -> None:
@@ -201,7 +185,7 @@ def test_order_checked_before_anything_runs(model) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["fuse-norms,quantize,rotate", "quantize,fuse-norms", "quantize,quantize"]
+    "text", ["fuse-norms,quantize,rotate", "quantize,fuse-norms", "quantize,expand"]
 )
 def test_quantized_models_refuse_further_rewrites(text: str) -> None:
     with pytest.raises(qgraph.PipelineError, match="quantized"):

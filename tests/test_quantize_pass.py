@@ -24,8 +24,8 @@ import copy
 
 import pytest
 import torch
+from helpers import hf_logits, tiny_llama, tiny_opt, token_batches, tokens
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import qgraph
 import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
@@ -116,29 +116,6 @@ class StaticAsym(PerTokenAsym):
 # ---------------------------------------------------------------------------- models
 
 
-def tiny_llama(tied: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        tie_word_embeddings=tied,
-        max_position_embeddings=128,
-        initializer_range=0.05,
-    )
-    hf = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-    return hf
-
-
 def linears(hf: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in hf.named_modules() if isinstance(m, nn.Linear)}
 
@@ -153,11 +130,6 @@ def reference(hf: nn.Module, fq_weight, select=lambda name: name != "lm_head", a
         if act is not None:
             lin.register_forward_pre_hook(lambda mod, args, name=name: (act(name, args[0]),))
     return ref
-
-
-def hf_logits(hf: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(input_ids=ids, use_cache=False).logits
 
 
 def token_errors(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -177,12 +149,13 @@ QUANTIZERS = (torch.ops.qgraph.quantize_per_token.default, torch.ops.qgraph.quan
 def run_graph_recording(model: qgraph.Model, ids: torch.Tensor):
     """Logits of the graph and, per quantized layer name, the input of its activation quantizer."""
     seen: dict[str, torch.Tensor] = {}
+    names = {b.node: b.name for b in model.quantized}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             if n.op == "call_function" and n.target in QUANTIZERS:
                 for user in n.users:  # a quantizer may feed several layers (q/k/v)
-                    seen[user.meta["qgraph_quant"]["name"]] = self.env[n.args[0]].clone()
+                    seen[names[user]] = self.env[n.args[0]].clone()
             return super().run_node(n)
 
     with torch.inference_mode():
@@ -240,8 +213,7 @@ def assert_matches_up_to_ties(model, ref_model, act, ids_list, min_untied: float
 
 
 def inputs(seed: int = 2) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, shape, generator=gen) for shape in [(2, 16), (1, 29), (3, 8)]]
+    return token_batches(VOCAB, [(2, 16), (1, 29), (3, 8)], seed)
 
 
 def qlinear_nodes(model: qgraph.Model) -> list[torch.fx.Node]:
@@ -249,26 +221,25 @@ def qlinear_nodes(model: qgraph.Model) -> list[torch.fx.Node]:
 
 
 def quantized_names(model: qgraph.Model) -> set[str]:
-    return {n.meta["qgraph_quant"]["name"] for n in qlinear_nodes(model)}
+    return {b.name for b in model.quantized}
 
 
 # ---------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
-def hf() -> LlamaForCausalLM:
-    return tiny_llama()
+def hf():
+    """Tied, init 0.05, norm γ ∈ [0.5, 1.5) from generator seed 1."""
+    return tiny_llama(
+        vocab=VOCAB, hidden=96, intermediate=192, layers=LAYERS, head_dim=24, init=0.05,
+        max_positions=128, random_norms=True, norm_seed=1,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def traced(hf) -> qgraph.Model:
+    """Without calibration data; conftest's ``model`` gives each test a fresh copy of it."""
     return qgraph.from_hf(hf)
-
-
-@pytest.fixture
-def model(traced) -> qgraph.Model:
-    traced.invalidate()
-    return copy.deepcopy(traced)
 
 
 # ---------------------------------------------------------------------------- rewriting
@@ -282,14 +253,12 @@ def test_every_selected_linear_becomes_qlinear(model) -> None:
     assert len(remaining) == 1  # the lm_head stays a float aten.linear by default
     assert remaining[0].args[1].target.endswith("lm_head.weight")
     assert "lm_head" not in quantized_names(model)
-    for n in nodes:
-        info = n.meta["qgraph_quant"]
-        assert info["bits"] == 4 and info["granularity"] == "channel" and info["symmetric"]
-        codes = model.gm.get_buffer(n.args[1].target)
-        assert codes.dtype == torch.int8 and codes.shape == (
-            info["in_features"],
-            info["out_features"],
-        )
+    assert [b.node for b in model.quantized] == nodes
+    for layer in model.quantized:
+        rec = layer.record
+        assert rec.weight.bits == 4 and rec.weight.granularity == "channel" and rec.weight.symmetric
+        codes, _, _ = layer.stored(model.gm)
+        assert codes.dtype == torch.int8 and codes.shape == (rec.in_features, rec.out_features)
         assert int(codes.min()) >= -8 and int(codes.max()) <= 7
     # summary and structure agree
     assert model.log[-1].summary["layers_quantized"] == 7 * LAYERS
@@ -340,23 +309,10 @@ def test_per_token_activations_match_reference(hf, model, spec: str, fq) -> None
 
 def test_linear_biases_are_kept() -> None:
     """OPT: every linear has a bias; the quantized layers must add it after the int matmul."""
-    torch.manual_seed(0)
-    cfg = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        ffn_dim=128,
-        num_attention_heads=4,
-        word_embed_proj_dim=64,
-        num_hidden_layers=LAYERS,
-        max_position_embeddings=64,
-        init_std=0.05,
-    )
-    opt = OPTForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in opt.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    opt = tiny_opt(
+        vocab=VOCAB, hidden=64, layers=LAYERS, max_positions=64, bias_std=0.1, bias_seed=3,
+        norm_biases=True,
+    )  # fmt: skip
     qmodel = qgraph.from_hf(opt)
     qgraph.run_pipeline(qmodel, "quantize{w=int4:group32:asym}")
     nodes = qlinear_nodes(qmodel)
@@ -386,7 +342,7 @@ def test_static_activations_need_calibration(model) -> None:
 
 
 def test_static_activations_with_calibration_match_reference(hf, model) -> None:
-    calib = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(5))
+    calib = tokens(VOCAB, 4, 24, seed=5)
     model.set_calibration(calib)
     qgraph.run_pipeline(model, "quantize{w=int8:channel,a=int8:tensor}")
     static = torch.ops.qgraph.quantize_static.default
@@ -464,7 +420,7 @@ def test_layer_selection(model, options: str, expected: set[str]) -> None:
 
 
 def test_selection_matching_nothing(model) -> None:
-    with pytest.raises(qgraph.PipelineError, match="no linear layer"):
+    with pytest.raises(qgraph.PipelineError, match="no unquantized linear layer"):
         qgraph.run_pipeline(model, "quantize{layers=nothing_is_called_this}")
 
 
@@ -493,12 +449,10 @@ def test_ragged_group_size(model) -> None:
     """Group 7 does not divide the input sizes: the last group of each row is shorter, and the
     stored scales have ceil(in / 7) rows (ONNX blocked layout)."""
     qgraph.run_pipeline(model, "quantize{w=int4:group7}")
-    for node in model.gm.graph.nodes:
-        if node.target is torch.ops.qgraph.qlinear.default:
-            info = node.meta["qgraph_quant"]
-            scale = node.args[2].meta["val"]
-            assert node.args[5] == 7
-            assert scale.shape[0] == -(-info["in_features"] // 7)
+    for layer in model.quantized:
+        scale = layer.node.args[2].meta["val"]
+        assert layer.node.args[5] == 7
+        assert scale.shape[0] == -(-layer.record.in_features // 7)
 
 
 # ---------------------------------------------------------------------------- accounting

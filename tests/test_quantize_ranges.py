@@ -18,29 +18,23 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import qgraph
 import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
 from qgraph.kernels.ranges import klj_threshold
 from qgraph.passes.quantize import calibrate_ranges
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
+# The range searches run many small ops: see conftest.one_thread (mse_range is ~40x slower with
+# 2 threads on a busy 2-core machine).
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning"),
+]
 
 QLINEAR = torch.ops.qgraph.qlinear.default
 STATIC = torch.ops.qgraph.quantize_static.default
 LAYER = "model.layers.1.mlp.down_proj"  # 128 input features, after SiLU(gate) * up
 SHARED = "model.layers.0.self_attn.k_proj"  # reads the same tensor as q_proj / v_proj
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The range searches run many small ops; on a busy 2-core machine intra-op threads only
-    # wait for each other (mse_range is ~40x slower with 2 threads there).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------- references
@@ -74,25 +68,8 @@ def np_mse_range(v: np.ndarray, bits: int, symmetric: bool, grid: int = 100):
 
 
 # ---------------------------------------------------------------------------- models
-
-
-@pytest.fixture(scope="module")
-def traced() -> qgraph.Model:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = qgraph.from_hf(LlamaForCausalLM(cfg).eval())
-    model.set_calibration(
-        torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-    )
-    return model
+# ``traced`` and ``model`` are conftest's: the tiny Llama (vocab 256, hidden 64) with 4
+# calibration windows of 32 tokens.
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +93,8 @@ def captured(traced) -> dict[str, np.ndarray]:
     return {name: np.concatenate(parts) for name, parts in seen.items()}
 
 
-@pytest.fixture
-def model(traced) -> qgraph.Model:
-    traced.invalidate()
-    return copy.deepcopy(traced)
-
-
 def qlinears(model: qgraph.Model) -> dict[str, torch.fx.Node]:
-    return {n.meta["qgraph_quant"]["name"]: n for n in model.gm.graph.nodes if n.target is QLINEAR}
+    return {b.name: b.node for b in model.quantized}
 
 
 def act_qparams(model: qgraph.Model, name: str) -> tuple[np.float32, np.float32]:
@@ -186,7 +157,7 @@ def test_static_scale_matches_reference(model, captured, spec, options, expected
             assert lo > v.min() or hi < v.max()
         assert act_qparams(model, layer) == np_qparams(lo, hi, bits, symmetric), layer
     assert model.log[-1].summary["range"] == method
-    assert all(n.meta["qgraph_quant"]["range"] == method for n in qlinears(model).values())
+    assert all(r.act_range == method for r in model.quant.values())
 
 
 @pytest.mark.parametrize("spec", ["int8:tensor:sym", "int8:tensor"])
@@ -253,7 +224,7 @@ def weight_errors(model: qgraph.Model) -> dict[str, float]:
     for name, n in qlinears(model).items():
         codes, scale, zero = (model.gm.get_buffer(a.target) for a in n.args[1:4])
         w_hat = qgraph.ops.dequantize_kn(codes, scale, zero, n.args[5]).double()
-        w = n.meta["qgraph_quant"]["float_weight"].detach().double()
+        w = model.quant[name].float_weight.detach().double()
         errs[name] = float((w_hat - w.T).square().mean())
     return errs
 
@@ -270,8 +241,8 @@ def test_clip_mse_never_worse_than_rtn(model, spec) -> None:
     assert sum(e_mse.values()) < 0.95 * sum(e_rtn.values())
     assert model.log[-1].summary["clip"] == "mse" and rtn.log[-1].summary["clip"] == "none"
     assert model.log[-1].summary["range"] is None  # no static activations
-    info = next(iter(qlinears(model).values())).meta["qgraph_quant"]
-    assert info["clip"] == "mse" and info["range"] is None
+    rec = next(iter(model.quant.values()))
+    assert rec.clip == "mse" and rec.act_range is None
 
 
 # ---------------------------------------------------------------------------- option errors

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 import torch
-from test_exactness import inputs, tiny_llama
+from helpers import hf_logits, probe_inputs, tokens
 
 import qgraph
 from qgraph.errors import ExportError, ModelFileError
@@ -22,11 +22,9 @@ def count(model: qgraph.Model, target) -> int:
 
 
 @pytest.fixture(scope="module")
-def rewritten():
-    model = qgraph.from_hf(tiny_llama())
-    model.set_calibration(
-        torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    )
+def rewritten(llama_exact):
+    model = qgraph.from_hf(llama_exact)
+    model.set_calibration(tokens(128, 4, 32, seed=0))
     qgraph.run_pipeline(
         model,
         "fuse-norms,rotate{online=all},expand{step=1},quantize{w=int4:channel,a=int8:token},gptq",
@@ -38,7 +36,7 @@ def test_reloaded_model_is_identical(rewritten, tmp_path):
     path = qgraph.save(rewritten, tmp_path / "model.pt2")
     assert sorted(os.listdir(tmp_path)) == ["model.pt2"]  # no temporary left behind
     back = qgraph.load(path)
-    for ids in inputs(128):  # several batch sizes and lengths: dynamic shapes survive
+    for ids in probe_inputs(128):  # several batch sizes and lengths: dynamic shapes survive
         assert torch.equal(back(ids), rewritten(ids))
     assert count(back, HADAMARD) == count(rewritten, HADAMARD) == 8
     assert count(back, QLINEAR) == count(rewritten, QLINEAR) == 14
@@ -53,15 +51,14 @@ def test_reloaded_model_is_identical(rewritten, tmp_path):
     assert len(expanded) == 4
 
 
-def test_reloaded_float_model_can_be_rewritten_further(tmp_path):
-    hf = tiny_llama()
+def test_reloaded_float_model_can_be_rewritten_further(llama_exact, tmp_path):
+    hf = llama_exact
     model = qgraph.from_hf(hf)
     qgraph.run_pipeline(model, "fuse-norms,rotate{online=r4}")
     back = qgraph.load(qgraph.save(model, tmp_path / "m.pt2"))
     qgraph.run_pipeline(back, "expand{step=2}", verify_each=True)
-    ids = inputs(128)[3]
-    with torch.no_grad():
-        ref = hf(input_ids=ids, use_cache=False).logits
+    ids = probe_inputs(128)[3]
+    ref = hf_logits(hf, ids)
     assert float((back(ids) - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
@@ -95,17 +92,16 @@ def test_failed_save_keeps_the_existing_file(rewritten, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["model.pt2"]
 
 
-def test_onnx_file_keeps_online_rotations_and_expansion(tmp_path):
+def test_onnx_file_keeps_online_rotations_and_expansion(llama_exact, tmp_path):
     """The exported file holds the online rotations as qgraph-domain nodes with model-local
     functions; reloaded in stock ONNX Runtime it computes what the torch graph and the original
     Hugging Face model compute (float: exact; W4A16: same as torch)."""
     import onnx
-    from test_exactness import hf_logits
 
     from qgraph.backends.onnx_backend import export_model
     from qgraph.backends.ort_runtime import OrtModel, optimized_op_histogram
 
-    hf = tiny_llama()
+    hf = llama_exact
     for pipeline, to_hf in (
         ("fuse-norms,rotate{online=all},expand{step=3}", 1e-4),
         ("fuse-norms,rotate{online=all},expand{step=1},quantize{w=int4:channel}", None),
@@ -118,7 +114,7 @@ def test_onnx_file_keeps_online_rotations_and_expansion(tmp_path):
         assert len(qnodes) == 8 and {f.name for f in proto.functions} == set(qnodes)
         assert sum(1 for n in proto.graph.node if n.op_type == "Pad") == 4
         runner = OrtModel(path, threads=1, matmulnbits_accuracy_level=0)
-        for ids in inputs(128):
+        for ids in probe_inputs(128):
             out = torch.from_numpy(runner(ids.numpy()))
             ref = model(ids)
             assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
@@ -129,15 +125,15 @@ def test_onnx_file_keeps_online_rotations_and_expansion(tmp_path):
             assert optimized_op_histogram(path).get("com.microsoft::MatMulNBits") == 14
 
 
-def test_split_sparse_model_round_trips(tmp_path):
-    model = qgraph.from_hf(tiny_llama())
-    model.set_calibration(
-        torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    )
+def test_split_sparse_model_round_trips(llama_exact, tmp_path):
+    model = qgraph.from_hf(llama_exact)
+    model.set_calibration(tokens(128, 4, 32, seed=1))
     qgraph.run_pipeline(model, "quantize{w=int3:channel},split-sparse{outliers=1}")
     back = qgraph.load(qgraph.save(model, tmp_path / "s.pt2"))
-    for ids in inputs(128)[:3]:
+    for ids in probe_inputs(128)[:3]:
         assert torch.equal(back(ids), model(ids))
     assert back.accounting() == model.accounting()
     sparse = [n for n in back.gm.graph.nodes if n.target is torch.ops.qgraph.sparse_matmul.default]
-    assert len(sparse) == 14 and all("qgraph_sparse" in n.meta for n in sparse)
+    assert len(sparse) == 14
+    assert {b.sparse_node for b in back.quantized} == set(sparse)
+    assert [b.record for b in back.quantized] == [b.record for b in model.quantized]

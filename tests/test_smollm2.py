@@ -103,7 +103,7 @@ def test_online_rotations_and_expansion_exact_on_smollm2(lm, windows):
 
 def test_pqi_predicts_the_loss_change_of_w4_on_smollm2(lm):
     """The post-quantization integral (N = 2) predicts the loss change of quantizing every layer
-    to W4 within 10 %; first-order Taylor does not come close (METHODS.md §4)."""
+    to W4 within 10 %; first-order Taylor does not come close (ReQuant, arXiv 2503.01901)."""
     from qgraph.kernels import pqi as pqi_kernels
     from qgraph.kernels.sparse_split import split_weight
     from qgraph.passes.split_sparse import SplitSparse, loss_setup

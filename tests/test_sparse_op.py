@@ -17,7 +17,8 @@ from qgraph.backends import onnx_export
 from qgraph.backends.onnx_export import export_onnx, op_histogram
 from qgraph.backends.onnx_sparse import SMALL_BATCH, SPARSE_TRANSLATIONS
 from qgraph.backends.ort_runtime import OrtModel, optimized_op_histogram
-from qgraph.kernels.sparse_split import QuantSpec, outlier_mask, split_weight
+from qgraph.formats import WeightSpec
+from qgraph.kernels.sparse_split import outlier_mask, split_weight
 
 ops = torch.ops.qgraph
 F64 = torch.float64
@@ -204,7 +205,7 @@ def quantized_split(out: int, inp: int, ratio: float, group: int, seed: int):
     ``group`` inputs) + S (the ⌊ratio·n⌋ largest |w|), with qgraph.kernels' quantizer."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=gen) * (1 + 9 * torch.rand(out, inp, generator=gen) ** 8)
-    return split_weight(w, outlier_mask(w, ratio), QuantSpec(4, False, "group", group))
+    return split_weight(w, outlier_mask(w, ratio), WeightSpec(4, "group", group, False))
 
 
 class SplitLinear(torch.nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_exactness import hf_logits, tiny_llama
+from helpers import logits_rel_err, token_batches
 
 import qgraph
 from qgraph.errors import PipelineError
@@ -17,14 +17,9 @@ QLINEAR = torch.ops.qgraph.qlinear.default
 
 
 @pytest.fixture(scope="module")
-def setup():
-    hf = tiny_llama(hidden=96, intermediate=192, layers=2)
-    gen = torch.Generator().manual_seed(0)
-    return (
-        hf,
-        torch.randint(0, 128, (8, 64), generator=gen),
-        torch.randint(0, 128, (4, 64), generator=gen),
-    )
+def setup(llama_exact):
+    calib, held = token_batches(128, [(8, 64), (4, 64)], seed=0)
+    return llama_exact, calib, held
 
 
 def run(hf, calib, pipeline: str) -> qgraph.Model:
@@ -34,20 +29,15 @@ def run(hf, calib, pipeline: str) -> qgraph.Model:
     return model
 
 
-def rel_err(model, hf, ids) -> float:
-    ref = hf_logits(hf, ids)
-    return float((model(ids) - ref).norm() / ref.norm())
-
-
 def effective_weights(model: qgraph.Model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (dense dequantized [out, in], sparse part as dense [out, in]) read from the graph."""
     gm, out = model.gm, {}
+    names = {b.node: b.name for b in model.quantized}
     for node in gm.graph.nodes:
         if node.target is SPARSE:
             (add,) = node.users  # add(qlinear, sparse_matmul)
             q = add.args[0]
             assert q.target is QLINEAR
-            info = q.meta["qgraph_quant"]
             codes, scale, zero = (get_tensor(gm, a.target) for a in q.args[1:4])
             group = q.args[5]
             dense = ((codes.float() - zero.float().repeat_interleave(group, 0)[: codes.shape[0]])
@@ -55,15 +45,14 @@ def effective_weights(model: qgraph.Model) -> dict[str, tuple[torch.Tensor, torc
             rows, cols, values = (get_tensor(gm, a.target) for a in node.args[1:4])
             sparse = torch.zeros_like(dense)
             sparse.index_put_((rows.long(), cols.long()), values.float(), accumulate=True)
-            out[info["name"]] = (dense, sparse)
+            out[names[q]] = (dense, sparse)
     return out
 
 
 def test_outliers_are_exact_sparse_values_within_budget(setup):
     hf, calib, held = setup
     base = run(hf, calib, "quantize{w=int3:channel}")
-    float_w = {n.meta["qgraph_quant"]["name"]: n.meta["qgraph_quant"]["float_weight"]
-               for n in base.gm.graph.nodes if n.target is QLINEAR}  # fmt: skip
+    float_w = {name: rec.float_weight for name, rec in base.quant.items()}
     model = run(hf, calib, "quantize{w=int3:channel},split-sparse{outliers=1}")
     parts = effective_weights(model)
     assert len(parts) == 14
@@ -81,7 +70,7 @@ def test_outliers_are_exact_sparse_values_within_budget(setup):
             assert w[mask].abs().min() >= w[~mask].abs().max() - 1e-6
             # the dense grid no longer covers them: its per-row scale shrank where rows lost one
             assert dense.abs().max() < w.abs().max()
-    assert rel_err(model, hf, held) < rel_err(base, hf, held)
+    assert logits_rel_err(model, hf, held) < logits_rel_err(base, hf, held)
     bits = model.accounting()["volume_bits"] - base.accounting()["volume_bits"]
     assert bits == nnz * (16 + 16 + 16)  # int16 row, int16 column, float16 value
 
@@ -93,8 +82,7 @@ def test_significant_weights_follow_pqi_and_budget(setup):
         "quantize{w=int3:channel},split-sparse{outliers=0,significant=1,beta=0.5,windows=2,tokens=64,intervals=4}",
     )  # fmt: skip
     summary = model.log[-1].summary
-    total = sum(n.meta["qgraph_quant"]["float_weight"].numel()
-                for n in model.gm.graph.nodes if n.target is QLINEAR)  # fmt: skip
+    total = sum(r.in_features * r.out_features for r in model.quant.values())
     assert abs(summary["significant"] - int(0.01 * total)) <= 14
     steps = summary["sensitivity"]["steps"]
     assert len(steps) == 2 and all(s["method"] == "pqi/midpoint/4" for s in steps)
@@ -110,7 +98,7 @@ def test_gptq_after_split_improves_and_onnx_matches(setup, tmp_path):
     hf, calib, held = setup
     split = run(hf, calib, "quantize{w=int4:channel},split-sparse{outliers=1}")
     both = run(hf, calib, "quantize{w=int4:channel},split-sparse{outliers=1},gptq")
-    assert rel_err(both, hf, held) < rel_err(split, hf, held)
+    assert logits_rel_err(both, hf, held) < logits_rel_err(split, hf, held)
     path = export_model(both, tmp_path / "m.onnx", "split")
     runner = OrtModel(path, threads=1, matmulnbits_accuracy_level=0)
     for ids in (held[:1, :7], held):

@@ -184,18 +184,17 @@ def gptq_quantize(
     """Quantize w [out, in] with GPTQ given the Hessian [in, in] of its inputs (∝ XᵀX).
 
     Dead inputs (diag H == 0) get diag 1 and zero weights; damp · mean(diag H) is added to the
-    diagonal. granularity is 'channel' (scale/zero [out, 1]) or 'group' (needs group_size
-    dividing in; [out, in / group_size]); 'tensor' is not supported. mse_search picks each
+    diagonal. granularity is 'tensor' (one scale/zero [1, 1], fixed from the whole weight before
+    any update), 'channel' (scale/zero [out, 1]) or 'group' (needs group_size; [out, ceil(in /
+    group_size)], each group's grid taken when its first column is reached). mse_search picks each
     row's (channel) or group's clip ratio from mse_grid by MSE (mse_clip_search); for groups
     it is applied to the group's current weights. See the module docstring for the design.
     Inputs are never modified.
     """
     check_layer_inputs(w, hessian)
     qrange(bits)
-    if granularity == "tensor":
-        raise ValueError("gptq_quantize supports granularity 'channel' or 'group', not 'tensor'")
-    if granularity not in ("channel", "group"):
-        raise ValueError(f"unknown granularity {granularity!r}; use 'channel' or 'group'")
+    if granularity not in ("tensor", "channel", "group"):
+        raise ValueError(f"unknown granularity {granularity!r}; use 'tensor', 'channel' or 'group'")
     out, inp = w.shape
     if granularity == "group":
         if group_size is None or group_size < 1:
@@ -232,6 +231,12 @@ def gptq_quantize(
     if granularity == "channel":
         s, z = params(weight)
         scale[:, :1], zero[:, :1] = s, z
+        ready[0] = True
+    elif granularity == "tensor":
+        grid = mse_clip_search if mse_search else weight_qparams
+        kw = {"grid": mse_grid} if mse_search else {}
+        s, z = grid(weight, bits, symmetric, "tensor", None, **kw)
+        scale[:, :1], zero[:, :1] = s.expand(out, 1), z.expand(out, 1)
         ready[0] = True
 
     perm = None
@@ -285,6 +290,8 @@ def gptq_quantize(
     codes[:, order] = codes_p
     w_hat = dequantize_weight(codes, scale, zero, gs if granularity == "group" else None)
     w_hat = w_hat.to(w.dtype)
+    if granularity == "tensor":
+        scale, zero = scale[:1], zero[:1]
     return GPTQResult(
         weight=w_hat,
         codes=codes,

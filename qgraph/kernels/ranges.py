@@ -180,7 +180,7 @@ def klj_threshold(
     * P and Q are normalised and compared by the symmetric Jeffreys divergence
       J = KL(P‖Q) + KL(Q‖P) = Σ (p - q) log(p / q).
 
-    ``on="cdf"`` (default, as METHODS.md reads the paper) evaluates that sum on the
+    ``on="cdf"`` (default, as the paper, Settle et al. arXiv 1805.07941, is read here) evaluates that sum on the
     cumulative distributions P(≤ j), Q(≤ j) instead of the bin masses. Why: on the PDFs J is
     blind to *where* mass moves (permuting bins changes nothing) and is infinite whenever a
     level of Q is empty where P is not (TensorRT needs an epsilon smoothing there); on the
@@ -219,7 +219,7 @@ def _pow2_ceil(t: float) -> float:
 def klj_scale(
     threshold: float, bits: int, signed: bool = True, power_of_two: bool = False
 ) -> float:
-    """Scale t / 2^(bits - signed) of the KL-J scheme (METHODS.md section 5).
+    """Scale t / 2^(bits - signed) of the KL-J scheme (Settle et al., arXiv 1805.07941).
 
     This is the paper's convention (codes -2^(b-1)..2^(b-1)-1 cover [-t, t) for signed), so
     t itself clips to the last code; it differs from quant.py's symmetric s = amax / qmax,

@@ -21,8 +21,9 @@ Design decisions
   ``values`` sorted row-major (by row, then column), i.e. CSR without the row pointer
   (``row_ptr()`` derives it). Flat, sorted arrays make the ONNX lowering direct; see
   ``sparse_matmul``.
-* **Storage accounting** (``storage_cost``) models a compact file encoding, not the int64
-  runtime arrays; see there.
+* **Storage accounting** is qgraph's one accounting (:mod:`qgraph.formats`, used by
+  ``Model.accounting`` and the reports): the sparse part counts its values and indices as the
+  graph stores them (``qgraph.sparse_ops.storage``: int16 indices, float16 values).
 * **Ratio choice.** ``choose_outlier_ratio`` minimises the layer error plus a price on the
   extra bits; with no price it is the plain argmin of the error (ties: smallest ratio). See
   there for why a price (a Lagrange multiplier shared by all layers) is the useful knob.
@@ -37,8 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from qgraph.errors import DataError
+from qgraph.formats import WeightSpec
 from qgraph.kernels.gptq import rtn_error
-from qgraph.kernels.quant import dequantize_weight, qrange, quantize_weight, weight_qparams
+from qgraph.kernels.quant import dequantize_weight, quantize_weight, weight_qparams
 
 __all__ = [
     "DEFAULT_OUTLIER_RATIOS",
@@ -46,10 +48,8 @@ __all__ = [
     "DenseSparseSplit",
     "DetachResult",
     "OutlierChoice",
-    "QuantSpec",
+    "WeightSpec",
     "SparsePart",
-    "StorageCost",
-    "bits_per_weight",
     "choose_outlier_ratio",
     "count_for_ratio",
     "layer_error",
@@ -57,9 +57,7 @@ __all__ = [
     "quantize_dense",
     "significant_weight_detach",
     "sparse_matmul",
-    "split_cost",
     "split_weight",
-    "storage_cost",
     "top_k_mask",
 ]
 
@@ -70,25 +68,6 @@ DEFAULT_OUTLIER_RATIOS: tuple[float, ...] = (0.0, 0.0005, 0.001, 0.0025, 0.005, 
 # --------------------------------------------------------------------------------------
 # base quantizer and selections
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """The base uniform quantizer of the dense part (the arguments of quant.weight_qparams)."""
-
-    bits: int
-    symmetric: bool = True
-    granularity: str = "channel"
-    group_size: int | None = None
-    clip_ratio: float = 1.0
-
-    def __post_init__(self) -> None:
-        qrange(self.bits)
-
-    @property
-    def ragged_group_size(self) -> int | None:
-        """group_size as quantize/dequantize_weight need it (None unless grouped)."""
-        return self.group_size if self.granularity == "group" else None
 
 
 def count_for_ratio(ratio: float, n: int) -> int:
@@ -241,7 +220,7 @@ class DenseSparseSplit:
     weight: torch.Tensor
 
 
-def quantize_dense(w: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) -> DenseQuant:
+def quantize_dense(w: torch.Tensor, mask: torch.Tensor, spec: WeightSpec) -> DenseQuant:
     """Quantize W with the masked entries zeroed; the grid is fitted to the unmasked weights
     only (zeros never widen a range), and masked positions dequantize to exactly 0."""
     _check_weight(w)
@@ -255,7 +234,7 @@ def quantize_dense(w: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) -> Dens
     return DenseQuant(codes, scale, zero, dequantize_weight(codes, scale, zero, gs).to(w.dtype))
 
 
-def split_weight(w: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) -> DenseSparseSplit:
+def split_weight(w: torch.Tensor, mask: torch.Tensor, spec: WeightSpec) -> DenseSparseSplit:
     """Q(W with mask zeroed) + the exact masked entries."""
     dense = quantize_dense(w, mask, spec)
     sparse = SparsePart.from_mask(w, mask)
@@ -298,7 +277,7 @@ class OutlierChoice:
 
 def choose_outlier_ratio(
     w: torch.Tensor,
-    spec: QuantSpec,
+    spec: WeightSpec,
     candidates: Sequence[float] = DEFAULT_OUTLIER_RATIOS,
     *,
     hessian: torch.Tensor | None = None,
@@ -379,7 +358,7 @@ def _ordered(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def significant_weight_detach(
     w: torch.Tensor,
     sensitivity: torch.Tensor,
-    spec: QuantSpec,
+    spec: WeightSpec,
     total_ratio: float,
     step_ratio: float,
     *,
@@ -426,104 +405,3 @@ def significant_weight_detach(
             if sensitivity.shape != w.shape:
                 raise ValueError("recompute returned a score of the wrong shape")
     return DetachResult(split, detached, tuple(steps))
-
-
-# --------------------------------------------------------------------------------------
-# storage accounting
-# --------------------------------------------------------------------------------------
-
-
-def _int_bits(max_value: int) -> int:
-    """Smallest standard unsigned width (8/16/32/64) holding max_value."""
-    for bits in (8, 16, 32, 64):
-        if max_value < 2**bits:
-            return bits
-    raise ValueError(f"{max_value} does not fit in 64 bits")
-
-
-@dataclass(frozen=True)
-class StorageCost:
-    """Bits of one split layer, by component; bits_per_weight = total / (out · in)."""
-
-    n_weights: int
-    dense: int
-    qparams: int
-    values: int
-    indices: int
-
-    @property
-    def total(self) -> int:
-        return self.dense + self.qparams + self.values + self.indices
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.total / self.n_weights
-
-
-def storage_cost(
-    shape: tuple[int, int],
-    dense_bits: int,
-    nnz: int,
-    *,
-    n_scales: int = 0,
-    scale_bits: int = 16,
-    n_zeros: int = 0,
-    zero_bits: int | None = None,
-    value_bits: int = 16,
-    encoding: str = "csr",
-) -> StorageCost:
-    """Storage of Q(W_dense) + S for a weight of ``shape`` = (out, in).
-
-    dense: out·in·dense_bits (every position has a code, zeros included); qparams:
-    n_scales·scale_bits + n_zeros·zero_bits (zero_bits defaults to dense_bits; pass
-    scale.numel() and, when asymmetric, zero.numel()); values: nnz·value_bits. Indices use
-    the smallest standard width (8/16/32/64 bits) that holds their largest value:
-      * "csr": a column index per value (width for in - 1) plus a row pointer of out + 1
-        entries (width for nnz);
-      * "coo": one flat index row·in + col per value (width for out·in - 1).
-    An empty sparse part (nnz = 0) costs nothing: the layer is a plain quantized weight.
-    """
-    out, inp = shape
-    if out < 1 or inp < 1 or not 0 <= nnz <= out * inp:
-        raise ValueError(f"bad shape {shape} or nnz {nnz}")
-    dense = out * inp * dense_bits
-    qparams = n_scales * scale_bits + n_zeros * (dense_bits if zero_bits is None else zero_bits)
-    if nnz == 0:
-        values = indices = 0
-    elif encoding == "csr":
-        values = nnz * value_bits
-        indices = nnz * _int_bits(inp - 1) + (out + 1) * _int_bits(nnz)
-    elif encoding == "coo":
-        values = nnz * value_bits
-        indices = nnz * _int_bits(out * inp - 1)
-    else:
-        raise ValueError(f"unknown sparse encoding {encoding!r}; use 'csr' or 'coo'")
-    return StorageCost(out * inp, dense, qparams, values, indices)
-
-
-def split_cost(
-    split: DenseSparseSplit,
-    spec: QuantSpec,
-    *,
-    scale_bits: int = 16,
-    value_bits: int = 16,
-    encoding: str = "csr",
-) -> StorageCost:
-    """storage_cost of a split: scales always counted, zero points only when asymmetric."""
-    return storage_cost(
-        split.sparse.shape,
-        spec.bits,
-        split.sparse.nnz,
-        n_scales=split.dense.scale.numel(),
-        scale_bits=scale_bits,
-        n_zeros=0 if spec.symmetric else split.dense.zero.numel(),
-        value_bits=value_bits,
-        encoding=encoding,
-    )
-
-
-def bits_per_weight(
-    shape: tuple[int, int], dense_bits: int, nnz: int, **kwargs: int | str | None
-) -> float:
-    """storage_cost(shape, dense_bits, nnz, **kwargs).bits_per_weight."""
-    return storage_cost(shape, dense_bits, nnz, **kwargs).bits_per_weight  # type: ignore[arg-type]
