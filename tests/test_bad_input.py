@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import raises_naming, tiny_llama
 from onnx import TensorProto, helper
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import qgraph
 import qgraph.loaders
@@ -49,21 +49,6 @@ def float_model(module: nn.Module | None = None) -> qgraph.Model:
     return qgraph.from_module(module or TwoLinear(), (torch.randn(2, 8),))
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 # ---------------------------------------------------------------------------- tracing
 
 
@@ -94,13 +79,14 @@ def test_non_finite_weight_from_module(bad: float) -> None:
 
 
 def test_nan_weight_from_hf_names_the_tensor() -> None:
-    hf = tiny_llama()
+    hf = tiny_llama(  # its own: the test writes a NaN into it
+        vocab=64, hidden=32, intermediate=64, heads=2, kv_heads=1, head_dim=16, tied=False,
+        max_positions=64,
+    )  # fmt: skip
     with torch.no_grad():
         hf.model.layers[1].mlp.up_proj.weight[3, 7] = float("nan")
-    with pytest.raises(qgraph.DataError) as info:
+    with raises_naming(qgraph.DataError, "model.layers.1.mlp.up_proj.weight", "NaN", "(3, 7)"):
         qgraph.from_hf(hf)
-    msg = str(info.value)
-    assert "model.layers.1.mlp.up_proj.weight" in msg and "NaN" in msg and "(3, 7)" in msg
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -175,9 +161,8 @@ def test_truncated_gguf(tmp_path) -> None:
     ]:
         path = tmp_path / name
         path.write_bytes(data)
-        with pytest.raises(qgraph.ModelFileError) as info:
+        with raises_naming(qgraph.ModelFileError, str(path)):
             load_causal_lm(path)
-        assert str(path) in str(info.value)
 
 
 def test_missing_gguf(tmp_path) -> None:
@@ -191,9 +176,8 @@ def test_missing_gguf(tmp_path) -> None:
 )
 def test_hf_directory_with_bad_config(tmp_path, config: str) -> None:
     (tmp_path / "config.json").write_text(config)
-    with pytest.raises(qgraph.ModelFileError) as info:
+    with raises_naming(qgraph.ModelFileError, str(tmp_path)):
         load_causal_lm(tmp_path)
-    assert str(tmp_path) in str(info.value)
 
 
 def test_hf_directory_without_config(tmp_path) -> None:
@@ -232,9 +216,8 @@ def test_inspect_valid_then_damaged_onnx(tmp_path) -> None:
     for name, content in [("garbage.onnx", os.urandom(700)), ("cut.onnx", data[: len(data) // 2])]:
         bad = tmp_path / name
         bad.write_bytes(content)
-        with pytest.raises(qgraph.ModelFileError) as err:
+        with raises_naming(qgraph.ModelFileError, name):
             inspect_model(str(bad))
-        assert name in str(err.value)
     with pytest.raises(qgraph.ModelFileError, match="does not exist"):
         inspect_model(str(tmp_path / "absent.onnx"))
 
@@ -246,9 +229,8 @@ def test_export_into_missing_directory_writes_nothing(tmp_path) -> None:
     model = float_model()
     before = sorted(p.name for p in tmp_path.iterdir())
     target = tmp_path / "missing" / "m.onnx"
-    with pytest.raises(qgraph.ExportError) as info:
+    with raises_naming(qgraph.ExportError, "missing"):
         export_model(model, target, "quantize")
-    assert "missing" in str(info.value)
     assert not target.parent.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import raises_naming, tokens
 
 from qgraph.data import check_finite, load_text, stdlib_docstring_text, token_windows
 from qgraph.errors import DataError
@@ -133,10 +134,8 @@ def test_check_finite() -> None:
     t = torch.zeros(2, 3)
     t[1, 2] = float("nan")
     t[0, 1] = float("inf")
-    with pytest.raises(DataError) as info:
+    with raises_naming(DataError, "layer.weight", "1 NaN", "1 Inf", "(0, 1)"):
         check_finite("layer.weight", t)
-    msg = str(info.value)
-    assert "layer.weight" in msg and "1 NaN" in msg and "1 Inf" in msg and "(0, 1)" in msg
 
 
 # ---------------------------------------------------------------- perplexity
@@ -181,7 +180,7 @@ def test_uniform_model_perplexity_is_vocab_size() -> None:
     def forward(ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*ids.shape, vocab)
 
-    windows = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(1))
+    windows = tokens(vocab, 4, 16, seed=1)
     assert perplexity(forward, windows, batch_size=3, progress=False) == pytest.approx(
         vocab, rel=1e-6
     )

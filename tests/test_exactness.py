@@ -12,107 +12,23 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from helpers import (
+    assert_exact,
+    exact_llama,
+    exact_opt,
+    fresh_copy,
+    hf_logits,
+    max_rel_err,
+    probe_inputs,
+)
 
 import qgraph
 from qgraph.graph_edits import get_tensor
 
 TOL = 1e-4
-SHAPES = [(1, 2), (1, 7), (3, 16), (2, 29), (1, 48)]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def randomize_norms(hf: torch.nn.Module, seed: int) -> None:
-    """Random positive norm scales (and small random norm shifts) so that fusion matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" not in name:
-                continue
-            if name.endswith("weight"):
-                p.copy_(torch.rand(p.shape, generator=gen) * 1.5 + 0.25)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-
-def tiny_llama(
-    *,
-    hidden: int = 96,
-    heads: int = 4,
-    kv_heads: int = 2,
-    head_dim: int = 24,
-    intermediate: int = 192,
-    layers: int = 2,
-    vocab: int = 128,
-    tied: bool = True,
-    seed: int = 0,
-) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        tie_word_embeddings=tied,
-        max_position_embeddings=256,
-        initializer_range=0.05,
-    )
-    hf = LlamaForCausalLM(cfg).eval()
-    randomize_norms(hf, seed + 100)
-    return hf
-
-
-def tiny_opt(seed: int = 0) -> OPTForCausalLM:
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        vocab_size=128,
-        hidden_size=96,
-        ffn_dim=192,
-        num_attention_heads=4,
-        word_embed_proj_dim=96,
-        do_layer_norm_before=True,
-        num_hidden_layers=2,
-        max_position_embeddings=128,
-        enable_bias=True,
-        init_std=0.05,
-    )
-    hf = OPTForCausalLM(cfg).eval()
-    randomize_norms(hf, seed + 100)
-    gen = torch.Generator().manual_seed(seed + 200)
-    with torch.no_grad():  # non-zero linear biases, so that β folding and bias rotation matter
-        for name, p in hf.named_parameters():
-            if name.endswith("bias") and "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return hf
-
-
-def hf_logits(hf: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(input_ids=ids, use_cache=False).logits
-
-
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return float((out - ref).abs().max() / ref.abs().max())
-
-
-def inputs(vocab: int, seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, shape, generator=gen) for shape in SHAPES]
-
-
-def assert_exact(hf: torch.nn.Module, model: qgraph.Model, vocab: int) -> None:
-    for ids in inputs(vocab):
-        ref = hf_logits(hf, ids)
-        out = model(ids)
-        assert out.shape == ref.shape
-        err = rel_err(ref, out)
-        assert err <= TOL, f"input {tuple(ids.shape)}: max|Δlogit|/max|logit| = {err:.3g}"
 
 
 def rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -152,9 +68,8 @@ def assert_state_identical(module: torch.nn.Module, before: dict[str, torch.Tens
 
 
 @pytest.fixture(scope="module")
-def llama_tied():
-    hf = tiny_llama(tied=True, seed=0)
-    return hf, qgraph.from_hf(hf)
+def llama_tied(llama_exact, llama_exact_traced):
+    return llama_exact, llama_exact_traced
 
 
 # ---------------------------------------------------------------------------- (a) GQA, tied
@@ -162,13 +77,13 @@ def llama_tied():
 
 def test_traced_graph_matches_hf_before_rewriting(llama_tied) -> None:
     hf, model = llama_tied
-    for ids in inputs(128):
-        assert rel_err(hf_logits(hf, ids), model(ids)) <= 1e-6
+    for ids in probe_inputs(128):
+        assert max_rel_err(model(ids), hf_logits(hf, ids)) <= 1e-6
 
 
 def test_llama_gqa_tied_fuse_norms_and_rotate_exact(llama_tied) -> None:
     hf, traced = llama_tied
-    model = copy.deepcopy(traced)
+    model = fresh_copy(traced)
     qgraph.run_pipeline(model, "fuse-norms", verify_each=True)
     assert_exact(hf, model, 128)
     # every norm scale was folded away (γ = 1 everywhere): no norm has a γ any more
@@ -193,7 +108,7 @@ def test_llama_gqa_tied_fuse_norms_and_rotate_exact(llama_tied) -> None:
 
 def test_rotation_really_changes_weights(llama_tied) -> None:
     hf, traced = llama_tied
-    model = copy.deepcopy(traced)
+    model = fresh_copy(traced)
     qgraph.run_pipeline(model, "fuse-norms,rotate{seed=0}", verify_each=True)
     emb = embedding_of(model)
     emb_ref = hf.model.embed_tokens.weight.detach()
@@ -216,7 +131,7 @@ def test_rotation_really_changes_weights(llama_tied) -> None:
 
 
 def test_llama_untied_exact() -> None:
-    hf = tiny_llama(tied=False, seed=3)
+    hf = exact_llama(tied=False, seed=3)
     assert hf.lm_head.weight is not hf.model.embed_tokens.weight
     model = qgraph.from_hf(hf)
     qgraph.run_pipeline(model, "fuse-norms,rotate{seed=5}", verify_each=True)
@@ -230,7 +145,7 @@ def test_llama_untied_exact() -> None:
 
 
 def test_llama_hidden_576_exact() -> None:
-    hf = tiny_llama(
+    hf = exact_llama(
         hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=256, layers=1, seed=4
     )
     model = qgraph.from_hf(hf)
@@ -247,7 +162,7 @@ def test_llama_hidden_576_exact() -> None:
 
 
 def test_opt_layernorm_to_rms_and_rotate_exact() -> None:
-    hf = tiny_opt(seed=0)
+    hf = exact_opt(seed=0)
     model = qgraph.from_hf(hf)
     before = model.structure.summary()
     assert before["norms"] == {"rms": 0, "layer": 5}
@@ -264,7 +179,7 @@ def test_opt_layernorm_to_rms_and_rotate_exact() -> None:
 
 
 def test_opt_fold_affine_only_is_exact_and_rotate_refuses_layernorm() -> None:
-    hf = tiny_opt(seed=1)
+    hf = exact_opt(seed=1)
     model = qgraph.from_hf(hf)
     qgraph.run_pipeline(model, "fuse-norms{ln-to-rms=false}", verify_each=True)
     assert_exact(hf, model, 128)
@@ -295,7 +210,7 @@ def test_opt_fold_affine_only_is_exact_and_rotate_refuses_layernorm() -> None:
 
 def test_rotate_kind_random_exact(llama_tied) -> None:
     hf, traced = llama_tied
-    model = copy.deepcopy(traced)
+    model = fresh_copy(traced)
     qgraph.run_pipeline(model, "fuse-norms,rotate{kind=random,seed=7}", verify_each=True)
     assert_exact(hf, model, 128)
     summary = model.log[-1].summary
@@ -308,17 +223,17 @@ def test_rotate_kind_random_exact(llama_tied) -> None:
 
 def test_rotate_seeds_give_different_weights_same_function(llama_tied) -> None:
     hf, traced = llama_tied
-    a, b = copy.deepcopy(traced), copy.deepcopy(traced)
+    a, b = fresh_copy(traced), fresh_copy(traced)
     qgraph.run_pipeline(a, "fuse-norms,rotate{seed=1}")
     qgraph.run_pipeline(b, "fuse-norms,rotate{seed=2}")
     assert rel_change(embedding_of(a), embedding_of(b)) > 0.1
-    ids = inputs(128)[2]
-    assert rel_err(a(ids), b(ids)) <= TOL
+    ids = probe_inputs(128)[2]
+    assert max_rel_err(b(ids), a(ids)) <= TOL
 
 
 def test_rotate_r1_false_only_rotates_heads(llama_tied) -> None:
     hf, traced = llama_tied
-    model = copy.deepcopy(traced)
+    model = fresh_copy(traced)
     qgraph.run_pipeline(model, "fuse-norms,rotate{r1=false}", verify_each=True)
     assert_exact(hf, model, 128)
     summary = model.log[-1].summary
@@ -341,7 +256,7 @@ def test_rotate_r1_false_only_rotates_heads(llama_tied) -> None:
 
 def test_rotate_r2_false_only_rotates_stream(llama_tied) -> None:
     hf, traced = llama_tied
-    model = copy.deepcopy(traced)
+    model = fresh_copy(traced)
     qgraph.run_pipeline(model, "fuse-norms,rotate{r2=false,seed=3}", verify_each=True)
     assert_exact(hf, model, 128)
     summary = model.log[-1].summary
@@ -358,9 +273,9 @@ def test_rotate_r2_false_only_rotates_stream(llama_tied) -> None:
 
 
 def test_user_model_is_never_modified() -> None:
-    hf = tiny_llama(tied=True, seed=8)
+    hf = exact_llama(tied=True, seed=8)
     before = snapshot(hf)
-    ids = inputs(128)[2]
+    ids = probe_inputs(128)[2]
     ref = hf_logits(hf, ids)
     model = qgraph.from_hf(hf)
     qgraph.run_pipeline(
@@ -373,7 +288,7 @@ def test_user_model_is_never_modified() -> None:
 
 
 def test_user_untied_model_is_never_modified_by_exact_passes() -> None:
-    hf = tiny_llama(tied=False, seed=9)
+    hf = exact_llama(tied=False, seed=9)
     before = snapshot(hf)
     model = qgraph.from_hf(hf)
     qgraph.run_pipeline(model, "fuse-norms,rotate{kind=random}")
@@ -381,7 +296,7 @@ def test_user_untied_model_is_never_modified_by_exact_passes() -> None:
 
 
 def test_user_model_train_mode_is_restored() -> None:
-    hf = tiny_llama(tied=True, seed=10, layers=1)
+    hf = exact_llama(tied=True, seed=10, layers=1)
     hf.train()
     qgraph.from_hf(hf)
     assert hf.training
@@ -402,5 +317,5 @@ def test_random_norm_scales_matter(llama_tied) -> None:
         for n, p in plain.named_parameters():
             if "norm" in n:
                 p.fill_(1.0)
-    ids = inputs(128)[2]
-    assert rel_err(hf_logits(hf, ids), hf_logits(plain, ids)) > 0.05
+    ids = probe_inputs(128)[2]
+    assert max_rel_err(hf_logits(plain, ids), hf_logits(hf, ids)) > 0.05

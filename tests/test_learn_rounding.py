@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import logits_rel_err, token_batches, tokens
 
 import qgraph
 from qgraph.kernels.adaround import learn_rounding
@@ -24,14 +24,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids pool contention on a shared, loaded machine
-    (measured 40x faster there); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -109,26 +102,9 @@ def test_kernel_rejects_bad_arguments(layer):
         learn_rounding(w, h, 4, iters=-1)
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
-def rel_err(model: qgraph.Model, hf, ids) -> float:
-    with torch.no_grad():
-        ref = hf(input_ids=ids, use_cache=False).logits
-    return float((model(ids) - ref).norm() / ref.norm())
-
-
-def test_pass_lowers_logits_error_on_held_out_tokens():
-    hf = tiny_llama()
-    gen = torch.Generator().manual_seed(1)
-    calib = torch.randint(0, 256, (8, 64), generator=gen)
-    held_out = torch.randint(0, 256, (4, 64), generator=gen)
+def test_pass_lowers_logits_error_on_held_out_tokens(llama96):
+    hf = llama96
+    calib, held_out = token_batches(256, [(8, 64), (4, 64)], seed=1)
     base = "fuse-norms,rotate,quantize{w=int3:channel}"
     rtn = qgraph.from_hf(hf)
     rtn.set_calibration(calib)
@@ -136,17 +112,18 @@ def test_pass_lowers_logits_error_on_held_out_tokens():
     learned = qgraph.from_hf(hf)
     learned.set_calibration(calib)
     qgraph.run_pipeline(learned, base + ",learn-rounding{iters=100}")
-    assert rel_err(learned, hf, held_out) < 0.97 * rel_err(rtn, hf, held_out)  # 0.355 vs 0.387
+    # 0.355 vs 0.387
+    assert logits_rel_err(learned, hf, held_out) < 0.97 * logits_rel_err(rtn, hf, held_out)
     summary = learned.log[-1].summary
     assert summary["layers"] == 14
     assert summary["mean_learned_proxy_error"] < summary["mean_rtn_proxy_error"]
     assert summary["seconds"] > 0
 
 
-def test_pass_order_errors():
+def test_pass_order_errors(llama96):
     with pytest.raises(qgraph.PipelineError, match="quantize"):
-        qgraph.PassManager("learn-rounding").run(qgraph.from_hf(tiny_llama()))
-    model = qgraph.from_hf(tiny_llama())
-    model.set_calibration(torch.randint(0, 256, (2, 16)))
+        qgraph.PassManager("learn-rounding").run(qgraph.from_hf(llama96))
+    model = qgraph.from_hf(llama96)
+    model.set_calibration(tokens(256, 2, 16))
     with pytest.raises(qgraph.PipelineError, match="gptq"):
         qgraph.run_pipeline(model, "quantize{w=int4:channel},gptq,learn-rounding")

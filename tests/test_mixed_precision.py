@@ -53,7 +53,7 @@ def test_pass_allocates_and_quantizes_each_layer_at_its_width(llama96):
     model = qgraph.from_hf(hf)
     model.set_calibration(tokens(256, 4, 64, seed=1))
     qgraph.run_pipeline(model, "mixed-precision{budget=4.5,choices=3+4+8},gptq")
-    summary = model.log[0].summary
+    summary = next(r for r in model.log if r.name == "mixed-precision").summary
     assert summary["average_bits"] <= 4.5
     allocation = summary["allocation"]
     assert len(allocation) == 14
@@ -78,7 +78,7 @@ def test_default_widths_and_budget_below_them():
     model = qgraph.from_hf(hf)
     model.set_calibration(tokens(256, 2, 32, seed=3))
     qgraph.run_pipeline(model, "mixed-precision{budget=5}")
-    summary = model.log[0].summary
+    summary = next(r for r in model.log if r.name == "mixed-precision").summary
     assert set(summary["allocation"].values()) <= {4, 8}
     assert 4.0 < summary["average_bits"] <= 5.0
     with pytest.raises(qgraph.PipelineError, match="below the smallest width 4"):

@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from helpers import max_rel_err
 from onnx import numpy_helper
 from torch.export import Dim
 
@@ -98,11 +99,6 @@ def dyn(rank: int):
     return ({0: Dim("batch"), 1: Dim("seq")},)
 
 
-def rel_err(actual, expected) -> float:
-    expected = np.asarray(expected)
-    return float(np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max())
-
-
 # ---------------------------------------------------------------------------- qlinear
 
 QLINEAR_CASES = [
@@ -135,10 +131,10 @@ def test_qlinear_matches_torch(tmp_path, k, n, group_size, bits, bias, rank):
         with torch.no_grad():
             expected = module(x).numpy()
             independent = module.reference(x).numpy()
-        assert rel_err(expected, independent) <= 1e-5
-        assert rel_err(exact(x), expected) <= 1e-5
-        assert rel_err(exact(x.numpy()), independent) <= 1e-5
-        assert rel_err(fused(x), expected) <= 1e-4
+        assert max_rel_err(expected, independent) <= 1e-5
+        assert max_rel_err(exact(x), expected) <= 1e-5
+        assert max_rel_err(exact(x.numpy()), independent) <= 1e-5
+        assert max_rel_err(fused(x), expected) <= 1e-4
 
 
 def test_int4_blocked_is_packed_and_fused(tmp_path):
@@ -171,8 +167,8 @@ def test_int4_blocked_is_packed_and_fused(tmp_path):
     x = torch.randn(4, 5, 256)
     with torch.no_grad():
         expected = module(x).numpy()
-    assert rel_err(OrtModel(path, matmulnbits_accuracy_level=0)(x), expected) <= 1e-4
-    assert rel_err(OrtModel(path, optimization="disable")(x), expected) <= 1e-5
+    assert max_rel_err(OrtModel(path, matmulnbits_accuracy_level=0)(x), expected) <= 1e-4
+    assert max_rel_err(OrtModel(path, optimization="disable")(x), expected) <= 1e-5
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -237,8 +233,8 @@ def test_quantized_block_end_to_end(tmp_path):
     x = torch.randn(3, 11, 128)
     with torch.no_grad():
         expected = module(x).numpy()
-    assert rel_err(OrtModel(path, optimization="disable")(x), expected) <= 1e-5
-    assert rel_err(OrtModel(path, matmulnbits_accuracy_level=0)(x), expected) <= 1e-4
+    assert max_rel_err(OrtModel(path, optimization="disable")(x), expected) <= 1e-5
+    assert max_rel_err(OrtModel(path, matmulnbits_accuracy_level=0)(x), expected) <= 1e-4
 
 
 # ---------------------------------------------------------------------------- activations
@@ -343,8 +339,8 @@ def test_external_data(tmp_path):
     x = torch.randn(5, 128)
     with torch.no_grad():
         expected = module(x).numpy()
-    assert rel_err(OrtModel(path, optimization="disable")(x), expected) <= 1e-5
-    assert rel_err(OrtModel(path, matmulnbits_accuracy_level=0)(x), expected) <= 1e-4
+    assert max_rel_err(OrtModel(path, optimization="disable")(x), expected) <= 1e-5
+    assert max_rel_err(OrtModel(path, matmulnbits_accuracy_level=0)(x), expected) <= 1e-4
 
 
 def test_external_data_automatic(tmp_path, monkeypatch):

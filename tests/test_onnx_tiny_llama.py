@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import tiny_llama, tokens
 from onnx import TensorProto, helper
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import qgraph
 import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
@@ -33,32 +33,6 @@ TOL = 1e-4
 W4A8 = "fuse-norms,rotate{seed=0},quantize{w=int4:group32,a=int8:token}"
 W8A8 = "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}"
 PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        initializer_range=0.05,
-    )
-    hf = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-    return hf
-
-
-def tokens(batch: int, seq: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------- tie detection
@@ -138,8 +112,12 @@ def assert_ort_matches(model: qgraph.Model, path, instrumented, ids_list) -> Non
 
 
 @pytest.fixture(scope="module")
-def hf() -> LlamaForCausalLM:
-    return tiny_llama()
+def hf():
+    """Untied, init 0.05, norm γ ∈ [0.5, 1.5) from generator seed 1."""
+    return tiny_llama(
+        vocab=VOCAB, hidden=64, intermediate=128, layers=LAYERS, head_dim=16, tied=False,
+        init=0.05, max_positions=128, random_norms=True, norm_seed=1,
+    )  # fmt: skip
 
 
 def build(hf, pipeline: str, directory, name: str):
@@ -167,7 +145,8 @@ def w8a8(hf, tmp_path_factory):
 def test_w4a8_export_matches_torch(w4a8) -> None:
     model, path, instrumented = w4a8
     assert sum(n.target is torch.ops.qgraph.qlinear.default for n in model.gm.graph.nodes) == 14
-    ids_list = [tokens(2, 24, 0), tokens(1, 37, 1), tokens(3, 9, 2)]  # dynamic batch/sequence
+    # dynamic batch/sequence
+    ids_list = [tokens(VOCAB, 2, 24, 0), tokens(VOCAB, 1, 37, 1), tokens(VOCAB, 3, 9, 2)]
     assert_ort_matches(model, path, instrumented, ids_list)
 
 
@@ -200,7 +179,7 @@ def test_w4a8_runs_as_matmulnbits(w4a8) -> None:
 
 def test_w8a8_export_matches_torch(w8a8) -> None:
     model, path, instrumented = w8a8
-    ids_list = [tokens(2, 24, 3), tokens(1, 41, 4), tokens(4, 6, 5)]
+    ids_list = [tokens(VOCAB, 2, 24, 3), tokens(VOCAB, 1, 41, 4), tokens(VOCAB, 4, 6, 5)]
     assert_ort_matches(model, path, instrumented, ids_list)
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert meta["qgraph.pipeline"] == W8A8
@@ -214,7 +193,7 @@ def test_ragged_groups_export_and_fuse(hf, tmp_path) -> None:
     model = qgraph.from_hf(hf)
     qgraph.run_pipeline(model, "quantize{w=int4:group48:asym}")
     path = export_model(model, tmp_path / "ragged.onnx", "quantize{w=int4:group48:asym}")
-    ids = tokens(2, 20, seed=5)
+    ids = tokens(VOCAB, 2, 20, seed=5)
     ref = model(ids)
     out = ort_forward(path)(ids)
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4

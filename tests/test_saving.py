@@ -40,7 +40,7 @@ def test_reloaded_model_is_identical(rewritten, tmp_path):
         assert torch.equal(back(ids), rewritten(ids))
     assert count(back, HADAMARD) == count(rewritten, HADAMARD) == 8
     assert count(back, QLINEAR) == count(rewritten, QLINEAR) == 14
-    assert back.properties == rewritten.properties
+    assert back.properties == rewritten.properties - {"float-weights"}  # not saved by default
     assert [r.name for r in back.log] == ["fuse-norms", "rotate", "expand", "quantize", "gptq"]
     assert back.log[2].summary["widths"] == rewritten.log[2].summary["widths"]
     assert back.accounting() == rewritten.accounting()

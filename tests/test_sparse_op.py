@@ -6,10 +6,10 @@ accumulate, so repeated (row, col) pairs add up), independent of the code under 
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import max_rel_err
 from torch.export import Dim
 
 import qgraph.sparse_ops  # noqa: F401  (registers torch.ops.qgraph.sparse_matmul)
@@ -52,13 +52,6 @@ def dense(rows, cols, values, out: int, inp: int) -> torch.Tensor:
     """Dense S [out, in] in float64, differentiable w.r.t. values; repeats accumulate."""
     s = torch.zeros(out, inp, dtype=F64)
     return s.index_put((rows, cols), values.to(F64), accumulate=True)
-
-
-def rel_err(actual, expected) -> float:
-    expected = np.asarray(expected, dtype=np.float64)
-    return float(
-        np.abs(np.asarray(actual, dtype=np.float64) - expected).max() / np.abs(expected).max()
-    )
 
 
 @pytest.fixture
@@ -197,7 +190,7 @@ def test_onnx_sparse_only_both_branches(tmp_path, sparse_export):
         model = OrtModel(path, optimization=optimization)
         for n in (1, SMALL_BATCH - 1, SMALL_BATCH, 40):
             x = torch.randn(n, inp)
-            assert rel_err(model(x), x.to(F64) @ s.T) <= 1e-6, (optimization, n)
+            assert max_rel_err(model(x), x.to(F64) @ s.T) <= 1e-6, (optimization, n)
 
 
 def quantized_split(out: int, inp: int, ratio: float, group: int, seed: int):
@@ -283,9 +276,9 @@ def test_split_linear_onnx(tmp_path, sparse_export):
         x = torch.randn(batch, seq, 128)
         with torch.no_grad():
             expected = module(x).numpy()
-        assert rel_err(expected, module.reference(x)) <= 1e-5
-        assert rel_err(exact(x), expected) <= 1e-5
-        assert rel_err(fused(x), expected) <= 1e-5
+        assert max_rel_err(expected, module.reference(x)) <= 1e-5
+        assert max_rel_err(exact(x), expected) <= 1e-5
+        assert max_rel_err(fused(x), expected) <= 1e-5
 
 
 def test_two_splits_and_empty_part_onnx(tmp_path, sparse_export):
@@ -305,7 +298,7 @@ def test_two_splits_and_empty_part_onnx(tmp_path, sparse_export):
         x = torch.randn(shape)
         with torch.no_grad():
             expected = module(x).numpy()
-        assert rel_err(model(x), expected) <= 1e-5
+        assert max_rel_err(model(x), expected) <= 1e-5
 
 
 def test_empty_sparse_part_onnx_is_zeros(tmp_path, sparse_export):
@@ -343,10 +336,10 @@ def test_onnx_dtypes(tmp_path, sparse_export, x_dtype, v_dtype):
         assert actual.dtype == torch.empty(0, dtype=x_dtype).numpy().dtype
         reference = x.to(F64) @ dense(rows, cols, values, out, inp).T
         if v_dtype == torch.float16:
-            assert rel_err(actual, reference) <= 1e-3
+            assert max_rel_err(actual, reference) <= 1e-3
         else:
-            assert rel_err(actual, ops.sparse_matmul(x, rows, cols, values, out)) <= 1e-7
-            assert rel_err(actual, reference) <= (1e-6 if x_dtype == F64 else 1e-3)
+            assert max_rel_err(actual, ops.sparse_matmul(x, rows, cols, values, out)) <= 1e-7
+            assert max_rel_err(actual, reference) <= (1e-6 if x_dtype == F64 else 1e-3)
 
 
 def test_onnx_static_shapes(tmp_path, sparse_export):
@@ -356,4 +349,4 @@ def test_onnx_static_shapes(tmp_path, sparse_export):
     for n in (3, 20):
         x = torch.randn(2, n, 30)
         path = sparse_export(module, (x,), tmp_path / f"static{n}.onnx")
-        assert rel_err(OrtModel(path)(x), module(x)) <= 1e-7
+        assert max_rel_err(OrtModel(path)(x), module(x)) <= 1e-7

@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
+from helpers import max_rel_err, tiny_llama, tokens
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import qgraph
 
@@ -16,27 +16,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 aten = torch.ops.aten
 
 
-def tiny_llama(
-    layers: int = 2,
-    hidden: int = 96,
-    heads: int = 4,
-    kv_heads: int = 2,
-    head_dim: int = 24,
-    tied: bool = True,
-) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        tie_word_embeddings=tied,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def structure_llama(**overrides):
+    """vocab 128, hidden 96, 4 heads / 2 KV heads of 24, MLP 192, 2 layers, tied, init 0.02."""
+    options = dict(vocab=128, hidden=96, intermediate=192, head_dim=24, max_positions=128)
+    return tiny_llama(**{**options, **overrides})
 
 
 # ---------------------------------------------------------------------------- hand-written LMs
@@ -93,20 +76,12 @@ def trace_tiny(module: nn.Module) -> qgraph.Model:
     return qgraph.from_module(module, example, dynamic_shapes=({0: batch, 1: seq},))
 
 
-def tokens(batch: int = 2, seq: int = 10) -> torch.Tensor:
-    return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(3))
-
-
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
-
-
 # ---------------------------------------------------------------------------- Llama
 
 
 @pytest.fixture(scope="module")
 def llama_model() -> qgraph.Model:
-    return qgraph.from_hf(tiny_llama())
+    return qgraph.from_hf(structure_llama())
 
 
 def test_llama_roles_and_attention(llama_model) -> None:
@@ -162,7 +137,7 @@ def test_llama_roles_match_layer_names(llama_model) -> None:
 
 
 def test_llama_other_attention_shape() -> None:
-    model = qgraph.from_hf(tiny_llama(layers=3, hidden=96, heads=6, kv_heads=3, head_dim=16))
+    model = qgraph.from_hf(structure_llama(layers=3, heads=6, kv_heads=3, head_dim=16))
     summary = model.structure.summary()
     assert summary["attention"] == {"layers": 3, "heads": 6, "kv_heads": 3, "head_dim": 16}
     assert summary["residual_writers"] == 6
@@ -175,9 +150,9 @@ def test_lm_head_role_from_dataflow(case: str) -> None:
     """The output head is found by dataflow (its output is the graph's output), not by its size,
     its name or by being tied to the embedding."""
     if case == "untied":
-        model, layers = qgraph.from_hf(tiny_llama(tied=False)), 2
+        model, layers = qgraph.from_hf(structure_llama(tied=False)), 2
     elif case == "tied-after-fuse-norms":
-        model, layers = qgraph.from_hf(tiny_llama(tied=True)), 2
+        model, layers = qgraph.from_hf(structure_llama(tied=True)), 2
         qgraph.run_pipeline(model, "fuse-norms")
     else:
         model, layers = trace_tiny(TinyLM()), 2
@@ -209,7 +184,7 @@ def test_plain_hand_written_lm_is_clean_and_rotatable() -> None:
     for shape in [(1, 5), (3, 17)]:
         x = torch.randint(0, 64, shape)
         with torch.no_grad():
-            assert rel_err(module(x), model(x)) <= 1e-4
+            assert max_rel_err(model(x), module(x)) <= 1e-4
 
 
 def _issue_node(model: qgraph.Model, issue: str) -> torch.fx.Node:
@@ -225,7 +200,7 @@ def test_sandwich_norm_reported_and_rotation_refused() -> None:
     for issue in issues:
         assert "residual add" in issue and "norm" in issue
         assert _issue_node(model, issue).target is aten.add.Tensor
-    x = tokens()
+    x = tokens(64, 2, 10, seed=3)
     with torch.no_grad():
         ref = module(x)
     with pytest.raises(qgraph.StructureError) as info:
@@ -233,7 +208,7 @@ def test_sandwich_norm_reported_and_rotation_refused() -> None:
     assert "rotate" in str(info.value) and "residual add" in str(info.value)
     assert [r.name for r in model.log] == ["fuse-norms"]
     # no silently wrong model: what ran is still exact
-    assert rel_err(ref, model(x)) <= 1e-4
+    assert max_rel_err(model(x), ref) <= 1e-4
 
 
 def test_tanh_on_residual_stream_reported_and_rotation_refused() -> None:
@@ -243,13 +218,13 @@ def test_tanh_on_residual_stream_reported_and_rotation_refused() -> None:
     assert issues and any("tanh" in i for i in issues), issues
     tanh_nodes = [n for n in model.gm.graph.nodes if n.target is aten.tanh.default]
     assert len(tanh_nodes) == 1 and any(tanh_nodes[0].name in i for i in issues)
-    x = tokens()
+    x = tokens(64, 2, 10, seed=3)
     with torch.no_grad():
         ref = module(x)
     trial = trace_tiny(module)
     with pytest.raises(qgraph.StructureError, match="tanh"):
         qgraph.run_pipeline(trial, "fuse-norms,rotate")
-    assert rel_err(ref, trial(x)) <= 1e-4
+    assert max_rel_err(trial(x), ref) <= 1e-4
     # rotating only the heads needs no R1 and there is no attention: nothing is refused
     qgraph.run_pipeline(model, "fuse-norms,rotate{r1=false}", verify_each=True)
-    assert rel_err(ref, model(x)) <= 1e-4
+    assert max_rel_err(model(x), ref) <= 1e-4
