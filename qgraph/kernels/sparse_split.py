@@ -175,9 +175,9 @@ def sparse_matmul(
         prod = Gather(x, cols, axis=-1) * values          # [..., nnz]
         y = zeros([..., out]); y[..., rows[j]] += prod[..., j]   (index_add_)
 
-    Computed in promote(x.dtype, values.dtype) and returned in x's dtype. ONNX: Cast, Gather
-    (axis -1), Mul, then ScatterElements(zeros [N, out], Expand(rows, [N, nnz]), prod,
-    axis=1, reduction="add") on x flattened to [N, in], Reshape back, Cast. ``out_features``
+    Computed in promote(x.dtype, values.dtype) and returned in x's dtype. The ONNX lowering
+    (``qgraph.backends.onnx_sparse``) sums each row's entries first and scatters every row
+    once, because ONNX Runtime's threaded ScatterND races on repeated indices. ``out_features``
     defaults to part.shape[0]; a larger value yields zero extra columns.
     """
     out = part.shape[0] if out_features is None else out_features
