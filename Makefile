@@ -21,8 +21,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qgraph demo --out out
 
+# Two workers, one file each at a time: tracing and export are single-threaded Python, so a
+# second worker keeps the second core busy (conftest gives each worker one torch thread).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check qgraph passes backends tests benchmarks examples

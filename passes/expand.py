@@ -183,8 +183,9 @@ class Expand(Pass):
             h = hessians[layer.lin.node]
             w_m, h_m = _expanded(layer, size, h)
             res = gptq_quantize(
-                w_m, h_m, spec.bits, spec.symmetric, spec.granularity, spec.group_size
-            )
+                w_m, h_m, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
+                full_range=spec.full_range,
+            )  # fmt: skip
             return res.error / max(rtn_error(w_m, h_m, torch.zeros_like(w_m)), 1e-30)
 
         heap = [(-error(x, x.size), i) for i, x in enumerate(layers)]

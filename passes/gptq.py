@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from qgraph.formats import WeightSpec
+from qgraph.formats import CLIPS, fake_quantize
 from qgraph.kernels.gptq import gptq_quantize, rtn_error
-from qgraph.kernels.quant import fake_quantize_weight
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
 from qgraph.quantized import QuantizedLayer
@@ -34,9 +33,22 @@ class GPTQ(Pass):
     )
     options = (
         Option("damp", float, 0.01, "Hessian damping as a fraction of its mean diagonal"),
-        Option("act-order", bool, False, "process columns by decreasing Hessian diagonal"),
+        Option(
+            "act-order",
+            bool,
+            True,
+            "process columns by decreasing Hessian diagonal (measured far better; false for "
+            "the paper's plain order)",
+        ),
         Option("block-size", int, 128, "columns per lazy-update block"),
-        Option("mse", bool, False, "per-channel clip search minimising weight MSE"),
+        Option(
+            "clip",
+            str,
+            "auto",
+            "grid per row/group: auto (what quantize chose) | none | output (clip ratio of "
+            "least error weighted by the Hessian diagonal) | mse (plain weight MSE)",
+            choices=("auto", *CLIPS),
+        ),
         Option(
             "calib-windows", int, 16, "calibration windows used (of the model's calibration data)"
         ),
@@ -55,14 +67,19 @@ class GPTQ(Pass):
 
         def solve(rec: QuantizedLayer, w: torch.Tensor, h: torch.Tensor):
             spec = rec.weight
+            clip = rec.clip if self.opt("clip") == "auto" else self.opt("clip")
             res = gptq_quantize(
                 w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
                 damp=self.opt("damp"), act_order=self.opt("act-order"),
-                block_size=self.opt("block-size"), mse_search=self.opt("mse"),
+                block_size=self.opt("block-size"),
+                mse_search=clip != "none",
+                weighted_search=clip == "output",
+                full_range=spec.full_range,
             )  # fmt: skip
+            rec.clip = clip
             stats["layers"] += 1
             stats["gptq_error"] += res.error
-            stats["rtn_error"] += rtn_error(w, h, _rtn_weight(w, spec))
+            stats["rtn_error"] += rtn_error(w, h, fake_quantize(w.float(), spec))
             return res.codes, res.scale, res.zero
 
         groups, tokens = solve_in_graph_order(model, self, solve)
@@ -70,13 +87,8 @@ class GPTQ(Pass):
         return {
             "layers": stats["layers"],
             "groups": groups,
+            "act_order": self.opt("act-order"),
             "mean_rtn_proxy_error": stats["rtn_error"] / n,
             "mean_gptq_proxy_error": stats["gptq_error"] / n,
             "calibration_tokens": tokens,
         }
-
-
-def _rtn_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    return fake_quantize_weight(
-        w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size
-    )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from qgraph.errors import PipelineError
-from qgraph.formats import weight_grid
+from qgraph.formats import choose_grid
 from qgraph.kernels.adaround import learn_rounding
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
@@ -76,9 +76,7 @@ class LearnRounding(Pass):
         def solve(rec: QuantizedLayer, w: torch.Tensor, h: torch.Tensor):
             w, spec = w.float(), rec.weight
             # the grid quantize chose (RTN's, or the MSE-clipped one); only the rounding is learned
-            scale, zero = weight_grid(rec.clip)(
-                w, spec.bits, spec.symmetric, spec.granularity, spec.group_size
-            )
+            scale, zero = choose_grid(w, spec, rec.clip)
             res = learn_rounding(
                 w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
                 iters=self.opt("iters"), lr=self.opt("lr"), reg=self.opt("reg"),

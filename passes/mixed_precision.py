@@ -18,9 +18,8 @@ from typing import Any
 
 from qgraph.errors import DataError, PipelineError
 from qgraph.evaluate import window_nll
-from qgraph.formats import parse_act_spec, parse_weight_spec
+from qgraph.formats import fake_quantize, parse_act_spec, parse_weight_spec
 from qgraph.graph_edits import get_tensor, set_tensor
-from qgraph.kernels.quant import fake_quantize_weight
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register, registry, run_nested, working_on
 from qgraph.progress import bar
@@ -144,7 +143,7 @@ class MixedPrecision(Pass):
                 set_tensor(
                     gm,
                     lin.weight,
-                    fake_quantize_weight(w, b_min, t.symmetric, t.granularity, t.group_size),
+                    fake_quantize(w, t.with_bits(b_min)),
                 )
                 try:
                     nll, _ = window_nll(model, data)

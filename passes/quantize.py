@@ -44,9 +44,9 @@ import torch
 from torch import fx
 
 from qgraph import ops  # noqa: F401  (registers torch.ops.qgraph)
-from qgraph.calibration import ResumableRun
+from qgraph.calibration import ResumableRun, input_second_moments
 from qgraph.errors import DataError, PipelineError
-from qgraph.formats import CLIPS, parse_act_spec, parse_weight_spec, rtn_quantize, weight_grid
+from qgraph.formats import CLIPS, parse_act_spec, parse_weight_spec, rtn_quantize
 from qgraph.graph_edits import finish, get_attr_node, get_tensor, new_attr
 from qgraph.kernels import quant as qk
 from qgraph.kernels import ranges as rk
@@ -217,7 +217,11 @@ class Quantize(Pass):
     )
     options = (
         Option(
-            "w", str, "int8:channel", "weight spec int<b>[:channel|:tensor|:group<g>][:sym|:asym]"
+            "w",
+            str,
+            "int8:channel",
+            "weight spec int<b>[:channel|:tensor|:group<g>][:sym|:asym][:full|:narrow]; "
+            "symmetric grids are full range (scale amax/2^(b-1)) unless :narrow",
         ),
         Option(
             "a",
@@ -226,7 +230,12 @@ class Quantize(Pass):
             "activation spec none | int<b>:token[:sym|:asym] | int<b>:tensor[:sym|:asym]",
         ),
         *selector_options("lm_head"),
-        Option("calib-batches", int, 8, "calibration windows used for static activation ranges"),
+        Option(
+            "calib-batches",
+            int,
+            8,
+            "calibration windows used for static activation ranges and clip=output",
+        ),
         Option(
             "range",
             str,
@@ -254,8 +263,10 @@ class Quantize(Pass):
             "clip",
             str,
             "none",
-            "weight range: none (full min/max, RTN) | mse (clip ratio per row/group of least "
-            "weight MSE)",
+            "weight range: none (min/max) | output (clip ratio per row/group of least output "
+            "error: weight error weighted by the mean square of each input on calibration data) "
+            "| mse (least plain weight MSE; clips the weights that meet large activations, "
+            "usually worse)",
             choices=CLIPS,
         ),
     )
@@ -295,6 +306,11 @@ class Quantize(Pass):
                 f"quantize: {len(done)} selected layer(s) are already quantized ({names}, "
                 f"w={done[0].weight.text()}); a further quantize must select other layers: "
                 "narrow layers= or add them to exclude="
+            )
+        if self.opt("clip") == "output" and model.calibration is None:
+            raise DataError(
+                "quantize: clip=output weighs weight errors by calibration activations "
+                "(Model.set_calibration or --calib-text)"
             )
         if self.aspec is not None and self.aspec.mode == "tensor" and model.calibration is None:
             raise DataError(
@@ -337,10 +353,19 @@ class Quantize(Pass):
                         ) from None
                     done[id(st)] = (s, z)
                 qparams[n] = done[id(st)]
+        importance = {}
+        if self.opt("clip") == "output":
+            importance = input_second_moments(
+                model.gm,
+                [lin.node for lin in chosen],
+                model.calibration[: self.opt("calib-batches")],
+            )
         self._token_quant: dict[fx.Node, fx.Node] = {}
         for lin in chosen:
             with working_on(lin.name):
-                model.quant[lin.name] = self._rewrite(model.gm, lin, qparams.get(lin.node))
+                model.quant[lin.name] = self._rewrite(
+                    model.gm, lin, qparams.get(lin.node), importance.get(lin.node)
+                )
         finish(model.gm)
         summary = {
             "layers_quantized": len(chosen),
@@ -355,10 +380,12 @@ class Quantize(Pass):
             summary["pow2"] = self.opt("pow2")
         return summary
 
-    def _rewrite(self, gm: fx.GraphModule, lin: Linear, act_qparams) -> QuantizedLayer:
+    def _rewrite(
+        self, gm: fx.GraphModule, lin: Linear, act_qparams, importance: torch.Tensor | None
+    ) -> QuantizedLayer:
         node = lin.node
         w = get_tensor(gm, lin.weight)
-        stored = rtn_quantize(w, self.wspec, weight_grid(self.opt("clip")))
+        stored = rtn_quantize(w, self.wspec, self.opt("clip"), importance)
         g = gm.graph
         x = node.args[0]
         if self.aspec is not None and self.aspec.mode == "token":

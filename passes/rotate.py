@@ -71,7 +71,8 @@ class Rotate(Pass):
     help = (
         "Fold orthogonal rotations into weights: R1 on the residual stream and R2 per attention "
         "head on the value path. Randomized Hadamard (seeded) where an order is known, else a "
-        "random orthogonal matrix. Exact."
+        "random orthogonal matrix. Exact. For 4-bit activations add online=r2+r4 (offline "
+        "rotations alone leave the o_proj and down_proj inputs with their outliers)."
     )
     options = (
         Option("seed", int, 0, "seed of the random signs / random orthogonal matrices"),

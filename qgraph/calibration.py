@@ -68,3 +68,27 @@ def input_hessian(x: torch.Tensor) -> torch.Tensor:
     """``XᵀX`` (float64) of activations ``x [..., in]`` flattened over all leading dims."""
     flat = x.reshape(-1, x.shape[-1]).double()
     return flat.T @ flat
+
+
+def input_second_moments(
+    gm: fx.GraphModule, nodes: list[fx.Node], batch: torch.Tensor
+) -> dict[fx.Node, torch.Tensor]:
+    """Σ x_j² over every token of ``batch`` for the first input of each node: the diagonal of
+    its input Hessian ``XᵀX`` (float64 ``[in]``), without forming the Hessian. Windows run one at
+    a time; layers that read the same tensor (q/k/v) share one result."""
+    wanted = {n.args[0] for n in nodes}
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max(wanted, key=position.__getitem__)
+    sums: dict[fx.Node, torch.Tensor] = {}
+
+    def observe(n: fx.Node, out: object, run: ResumableRun) -> None:
+        if n in wanted:
+            x = out.detach().reshape(-1, out.shape[-1]).double()
+            sums[n] = sums[n] + x.square().sum(0) if n in sums else x.square().sum(0)
+            if n is last:
+                run.stop()
+
+    with torch.inference_mode():
+        for i in range(batch.shape[0]):
+            ResumableRun(gm, after=observe).run(batch[i : i + 1])
+    return {n: sums[n.args[0]] for n in nodes if n.args[0] in sums}

@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--pipeline",
         required=True,
-        help="e.g. 'fuse-norms,rotate{seed=0},quantize{w=int4:channel}'",
+        help="passes to run, e.g. W4A16: 'fuse-norms,rotate{seed=0},quantize{w=int4:channel},gptq'; "
+        "W4A4: 'fuse-norms,rotate{seed=0,online=r2+r4},quantize{w=int4:channel,a=int4:token},gptq' "
+        "(4-bit activations need the online rotations; 'qgraph passes' lists every option)",
     )
     run.add_argument(
         "--calib-text",

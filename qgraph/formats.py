@@ -5,7 +5,9 @@ scales and zero points ``[ceil(in / group), out]``) and the storage accounting l
 the op that consumes them, so that every pass, saving and both backends read one definition.
 Pure data and tensor functions; nothing here knows about graphs.
 
-Weight spec text: ``int<b>[:channel|:tensor|:group<g>][:sym|:asym]`` (default channel, sym).
+Weight spec text: ``int<b>[:channel|:tensor|:group<g>][:sym|:asym][:full|:narrow]`` (default
+channel, sym, full). The symmetric grid is full range (scale amax / 2^(b-1), all 2^b codes) unless
+``:narrow`` asks for amax / (2^(b-1) - 1), which leaves the most negative code unused.
 Activation spec text: ``none``, ``int<b>:token[:sym|:asym]`` (dynamic per token, default asym)
 or ``int<b>:tensor[:sym|:asym]`` (static per tensor, calibrated).
 """
@@ -22,16 +24,18 @@ from .kernels import quant as qk
 
 __all__ = [
     "CLIPS",
+    "GRIDS",
     "ActSpec",
     "StoredWeight",
     "WeightSpec",
+    "choose_grid",
+    "fake_quantize",
     "parse_act_spec",
     "parse_weight_spec",
     "rtn_quantize",
     "sparse_storage_bits",
     "storage_group",
     "to_storage",
-    "weight_grid",
     "weight_storage_bits",
 ]
 
@@ -39,8 +43,12 @@ _SPEC = re.compile(r"^int([2-8])((?::[a-z0-9]+)*)$")
 
 #: Bits of one stored scale (float32) in the accounting.
 SCALE_BITS = 32
-#: How a weight grid is chosen: the full min/max range, or the clip ratio of least weight MSE.
-CLIPS = ("none", "mse")
+#: How a weight grid is chosen: the full min/max range (none), or per row/group the clip ratio
+#: of least error: plain weight MSE (mse), or weighted per input column by the mean square of
+#: the layer's input on calibration data (output: the layer's output error, diagonal approx.).
+CLIPS = ("none", "mse", "output")
+#: Symmetric weight grids: amax / 2^(b-1) over all codes, or amax / (2^(b-1) - 1).
+GRIDS = ("full", "narrow")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class WeightSpec:
     group_size: int | None = None
     symmetric: bool = True
     clip_ratio: float = 1.0  # < 1 shrinks the min/max range (kernels that search clipping)
+    grid: str = "full"  # symmetric grids only: full (amax / 2^(b-1)) | narrow (amax / qmax)
 
     def __post_init__(self) -> None:
         qk.qrange(self.bits)
@@ -61,6 +70,15 @@ class WeightSpec:
             raise ValueError(
                 f"granularity 'group' needs a positive group_size, got {self.group_size}"
             )
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}; use one of {', '.join(GRIDS)}")
+        if not self.symmetric and self.grid != "full":
+            raise ValueError("a narrow grid is a symmetric-only choice (asym uses all codes)")
+
+    @property
+    def full_range(self) -> bool:
+        """What the kernels' ``full_range`` argument must be for this spec."""
+        return self.symmetric and self.grid == "full"
 
     @property
     def ragged_group_size(self) -> int | None:
@@ -73,7 +91,8 @@ class WeightSpec:
     def text(self) -> str:
         """The spec as written in a pipeline (parse_weight_spec(spec.text()) == spec)."""
         gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"int{self.bits}:{gran}:{'sym' if self.symmetric else 'asym'}"
+        sym = f"sym:{self.grid}" if self.symmetric else "asym"
+        return f"int{self.bits}:{gran}:{sym}"
 
 
 @dataclass(frozen=True)
@@ -92,9 +111,10 @@ def parse_weight_spec(text: str) -> WeightSpec:
     m = _SPEC.match(text.strip().lower())
     if not m:
         raise PipelineError(
-            f"weight spec {text!r} is not int<2-8>[:channel|:tensor|:group<g>][:sym|:asym]"
+            f"weight spec {text!r} is not "
+            "int<2-8>[:channel|:tensor|:group<g>][:sym|:asym][:full|:narrow]"
         )
-    bits, gran, group, sym = int(m.group(1)), "channel", None, True
+    bits, gran, group, sym, grid = int(m.group(1)), "channel", None, True, "full"
     for part in filter(None, m.group(2).split(":")):
         if part in ("channel", "tensor"):
             gran = part
@@ -102,9 +122,16 @@ def parse_weight_spec(text: str) -> WeightSpec:
             gran, group = "group", int(part[5:])
         elif part in ("sym", "asym"):
             sym = part == "sym"
+        elif part in GRIDS:
+            grid = part
         else:
             raise PipelineError(f"unknown part {part!r} in weight spec {text!r}")
-    return WeightSpec(bits, gran, group, sym)
+    if not sym and grid == "narrow":
+        raise PipelineError(
+            f"weight spec {text!r}: :narrow applies to symmetric grids only "
+            "(asymmetric grids always use all codes)"
+        )
+    return WeightSpec(bits, gran, group, sym, grid=grid)
 
 
 def parse_act_spec(text: str) -> ActSpec | None:
@@ -181,20 +208,65 @@ def to_storage(
     )
 
 
-def weight_grid(clip: str):
-    """The function choosing a weight grid (scale, zero) for a ``clip`` choice."""
-    from .kernels.gptq import mse_clip_search
+def choose_grid(
+    w: torch.Tensor,
+    spec: WeightSpec,
+    clip: str = "none",
+    importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of ``w [out, in]`` on ``spec``'s grid, in the kernels' layout.
 
+    The one place where a spec becomes a grid, so RTN, GPTQ's reference, learned rounding,
+    mixed precision and the split agree. ``clip="mse"`` searches a clip ratio per row/group
+    (:func:`qgraph.kernels.gptq.mse_clip_search`); ``clip="output"`` weighs each input
+    column's error by ``importance`` (the mean square of the layer's input per column).
+    """
     if clip not in CLIPS:
         raise PipelineError(f"clip must be one of {', '.join(CLIPS)}; got {clip!r}")
-    return mse_clip_search if clip == "mse" else qk.weight_qparams
+    if clip == "output" and importance is None:
+        raise ValueError("clip='output' needs the importance of each input column")
+    if clip != "none":
+        from .kernels.gptq import mse_clip_search
+
+        return mse_clip_search(
+            w,
+            spec.bits,
+            spec.symmetric,
+            spec.granularity,
+            spec.group_size,
+            full_range=spec.full_range,
+            importance=importance if clip == "output" else None,
+        )
+    return qk.weight_qparams(
+        w,
+        spec.bits,
+        spec.symmetric,
+        spec.granularity,
+        spec.group_size,
+        spec.clip_ratio,
+        spec.full_range,
+    )
 
 
-def rtn_quantize(w: torch.Tensor, spec: WeightSpec, qparams=qk.weight_qparams) -> StoredWeight:
-    """Round-to-nearest ``w [out, in]`` on the grid ``qparams`` chooses (min/max by default)."""
-    scale, zero = qparams(w.float(), spec.bits, spec.symmetric, spec.granularity, spec.group_size)
-    codes = qk.quantize_weight(w.float(), scale, zero, spec.bits, spec.group_size)
+def rtn_quantize(
+    w: torch.Tensor,
+    spec: WeightSpec,
+    clip: str = "none",
+    importance: torch.Tensor | None = None,
+) -> StoredWeight:
+    """Round-to-nearest ``w [out, in]`` on the grid :func:`choose_grid` picks."""
+    wf = w.float()
+    scale, zero = choose_grid(wf, spec, clip, importance)
+    codes = qk.quantize_weight(wf, scale, zero, spec.bits, spec.ragged_group_size)
     return to_storage(codes, scale, zero, spec)
+
+
+def fake_quantize(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """The weight a layer quantized round-to-nearest on ``spec`` computes with, in w's dtype."""
+    scale, zero = choose_grid(w.float(), spec)
+    gs = spec.ragged_group_size
+    codes = qk.quantize_weight(w.float(), scale, zero, spec.bits, gs)
+    return qk.dequantize_weight(codes, scale, zero, gs).to(w.dtype)
 
 
 # -- accounting ---------------------------------------------------------------------------

@@ -69,9 +69,15 @@ def _atomic_save_dir(model: torch.nn.Module, tokenizer: Any, target: Path) -> No
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if (target / "config.json").is_file():
+            return  # another process finished the same conversion first: keep its copy
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            shutil.rmtree(target)  # a damaged cache
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not merely a concurrent winner
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -70,7 +70,10 @@ class QuantizedLayer:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QuantizedLayer:
         data = dict(data)
-        data["weight"] = WeightSpec(**data["weight"])
+        weight = dict(data["weight"])
+        if weight.get("symmetric", True):
+            weight.setdefault("grid", "narrow")  # archives written before grids were a choice
+        data["weight"] = WeightSpec(**weight)
         data["act"] = ActSpec(**data["act"]) if data.get("act") else None
         data["sparse"] = SparseBranch(**data["sparse"]) if data.get("sparse") else None
         return cls(**data)

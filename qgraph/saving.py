@@ -189,7 +189,13 @@ def _record_v1(codes: str, info: dict[str, Any]) -> QuantizedLayer:
         role=info.get("role", ""),
         in_features=info["in_features"],
         out_features=info["out_features"],
-        weight=WeightSpec(info["bits"], info["granularity"], info["group_size"], info["symmetric"]),
+        weight=WeightSpec(
+            info["bits"],
+            info["granularity"],
+            info["group_size"],
+            info["symmetric"],
+            grid="narrow" if info["symmetric"] else "full",  # the only grid of format /1
+        ),
         act=parse_act_spec(info.get("act") or "none"),
         codes_attr=codes,
         group=info["group_storage"],

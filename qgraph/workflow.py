@@ -29,7 +29,7 @@ RECIPES = {
     "w8a8": "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}",
     "w4a16": "fuse-norms,rotate{seed=0},quantize{w=int4:channel},gptq",
     # QuaRot-style W4A4 with online rotations and +5 % parameters of expansion (issue 4)
-    "w4a4": "fuse-norms,rotate{seed=0,online=all},expand{budget=5},"
+    "w4a4": "fuse-norms,rotate{seed=0,online=r2+r4},expand{budget=5},"
     "quantize{w=int4:channel,a=int4:token},gptq",
 }
 

@@ -11,11 +11,16 @@ A test file with a different base model overrides ``traced`` with its own fixtur
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import calibrated, exact_llama, fresh_copy, tiny_llama
 
 import qgraph
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `make test` runs two workers: one core each
 
 
 @pytest.fixture(scope="session")

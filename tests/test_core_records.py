@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from helpers import raises_naming, tokens
+from helpers import fresh_copy, raises_naming, tokens
 
 import qgraph
 from qgraph.errors import PassError, PipelineError, VerificationError
@@ -207,19 +207,27 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
-def test_saved_model_keeps_its_tokenizer(model, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def saved(traced, tmp_path_factory):
+    """``quantize{w=int4:channel}`` with a word tokenizer, saved once without (``lean``) and once
+    with (``full``) its float weights; saving re-exports the graph, which is slow. The model
+    itself is returned too: tests copy it before rewriting."""
+    model = fresh_copy(traced)
     model.tokenizer = _word_tokenizer()
     qgraph.run_pipeline(model, "quantize{w=int4:channel}")
-    back = qgraph.load(qgraph.save(model, tmp_path / "m.pt2"))
+    root = tmp_path_factory.mktemp("saved")
+    lean = qgraph.save(model, root / "lean.pt2")
+    full = qgraph.save(model, root / "full.pt2", float_weights=True)
+    return model, lean, full
+
+
+def test_saved_model_keeps_its_tokenizer(saved, tmp_path) -> None:
+    _, lean, _ = saved
+    back = qgraph.load(lean)
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{i % 200}" for i in range(2000)))
     windows = qgraph.calibration_windows(back, str(text), windows=2, length=64)
     assert windows.shape == (2, 64) and int(windows.max()) < 200
-
-
-def test_resolving_a_model_saved_without_float_weights_is_refused(model, tmp_path) -> None:
-    qgraph.run_pipeline(model, "quantize{w=int4:channel}")
-    back = qgraph.load(qgraph.save(model, tmp_path / "m.pt2"))
     assert "quantized" in back.properties and "float-weights" not in back.properties
     with raises_naming(PipelineError, "gptq", "float_weights=True", "--save-float-weights"):
         check_order(parse_pipeline("gptq"), back.properties)
@@ -231,11 +239,10 @@ def test_resolving_a_model_saved_without_float_weights_is_refused(model, tmp_pat
     assert "add 'quantize'" not in str(info.value)
 
 
-def test_gptq_on_a_model_saved_with_float_weights_equals_gptq_before_saving(
-    model, tmp_path
-) -> None:
-    qgraph.run_pipeline(model, "quantize{w=int4:channel}")
-    back = qgraph.load(qgraph.save(model, tmp_path / "m.pt2", float_weights=True))
+def test_gptq_on_a_model_saved_with_float_weights_equals_gptq_before_saving(saved) -> None:
+    quantized, _, full = saved
+    model = fresh_copy(quantized)
+    back = qgraph.load(full)
     assert "float-weights" in back.properties
     back.set_calibration(model.calibration)
     qgraph.run_pipeline(back, "gptq{calib-windows=2}")
@@ -252,16 +259,13 @@ def test_passes_listed_in_registry_declare_known_analyses() -> None:
         assert cls.preserves <= set(ANALYSES), name
 
 
-def test_cli_continues_a_saved_model(model, tmp_path, capsys) -> None:
+def test_cli_continues_a_saved_model(saved, tmp_path, capsys) -> None:
     """`qgraph run --model m.pt2 --pipeline gptq` was refused ("requires quantized") although
     the saved model is quantized; now it runs when the float weights were saved, and is refused
     with the reason, before loading, when they were not."""
     from qgraph.cli import main
 
-    model.tokenizer = _word_tokenizer()
-    qgraph.run_pipeline(model, "quantize{w=int4:channel}")
-    lean = qgraph.save(model, tmp_path / "lean.pt2")
-    full = qgraph.save(model, tmp_path / "full.pt2", float_weights=True)
+    _, lean, full = saved
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 250}" for i in range(4000)))
     common = ["--calib-text", str(text), "--eval-text", str(text), "--window", "32"]

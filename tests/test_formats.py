@@ -27,6 +27,8 @@ from qgraph.kernels.quant import dequantize_weight, quantize_weight, weight_qpar
         ("int3:tensor:asym", WeightSpec(3, "tensor", None, False)),
         ("INT8:group128", WeightSpec(8, "group", 128, True)),
         (" int2:group7:asym ", WeightSpec(2, "group", 7, False)),
+        ("int4:sym:narrow", WeightSpec(4, "channel", None, True, grid="narrow")),
+        ("int4:full", WeightSpec(4, "channel", None, True, grid="full")),
     ],
 )
 def test_weight_spec_text_round_trips(text: str, spec: WeightSpec) -> None:
@@ -34,7 +36,9 @@ def test_weight_spec_text_round_trips(text: str, spec: WeightSpec) -> None:
     assert parse_weight_spec(spec.text()) == spec
 
 
-@pytest.mark.parametrize("text", ["int9", "int1", "int4:group0", "int4:row", "float8", ""])
+@pytest.mark.parametrize(
+    "text", ["int9", "int1", "int4:group0", "int4:row", "float8", "", "int4:asym:narrow"]
+)
 def test_bad_weight_specs(text: str) -> None:
     with pytest.raises(PipelineError, match="weight spec"):
         parse_weight_spec(text)
@@ -63,11 +67,19 @@ def test_storage_group_prefers_blocks_onnx_runtime_fuses() -> None:
         WeightSpec(3, "group", 16, False),
         WeightSpec(4, "tensor"),
         WeightSpec(8, "group", 12),
+        WeightSpec(4, grid="narrow"),
     ],
 )
 def test_stored_layout_dequantizes_to_the_kernels_weight(spec: WeightSpec) -> None:
     w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
-    scale, zero = weight_qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size)
+    scale, zero = weight_qparams(
+        w,
+        spec.bits,
+        spec.symmetric,
+        spec.granularity,
+        spec.group_size,
+        full_range=spec.symmetric and spec.grid == "full",
+    )
     codes = quantize_weight(w, scale, zero, spec.bits, spec.group_size)
     expected = dequantize_weight(codes, scale, zero, spec.group_size)
     stored = rtn_quantize(w, spec)

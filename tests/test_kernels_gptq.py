@@ -372,6 +372,38 @@ def test_mse_clip_search_matches_brute_force(symmetric, granularity, group_size)
         mse_clip_search(w, bits, symmetric, granularity, group_size, grid=())
 
 
+@pytest.mark.parametrize("full_range", [False, True])
+def test_weighted_clip_search_matches_brute_force(full_range):
+    """With an importance per input column the search minimises Σ_j d_j (w_j - ŵ_j)² per row."""
+    w = _weight(seed=3)
+    w[2, 5] = 8.0
+    d = torch.rand(w.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    d[5] = 50.0  # the outlier's column is the important one: it must not be clipped away
+    scale, _ = mse_clip_search(w, 3, True, "channel", None, full_range=full_range, importance=d)
+    for r in range(w.shape[0]):
+        errs = []
+        for ratio in DEFAULT_CLIP_GRID:
+            s, z = quant.weight_qparams(
+                w[r : r + 1], 3, True, "channel", clip_ratio=ratio, full_range=full_range
+            )
+            wr = w[r : r + 1].numpy()
+            errs.append((float(np.sum(d.numpy() * (wr - _np_fake(wr, float(s), 0.0, 3)) ** 2)), s))
+        best = min(range(len(errs)), key=lambda k: (errs[k][0], k))
+        assert float(scale[r, 0]) == float(errs[best][1])
+    plain, _ = mse_clip_search(w, 3, True, "channel", None, full_range=full_range)
+    assert float(scale[2, 0]) > float(plain[2, 0])  # unweighted MSE clips the outlier row
+    with pytest.raises(ValueError, match="importance"):
+        mse_clip_search(w, 3, True, "channel", None, importance=d[:3])
+
+
+def test_gptq_full_range_uses_every_code(layer):
+    w, h, _ = layer
+    res = gptq_quantize(w, h, 4, full_range=True, act_order=True)
+    assert int(res.codes.min()) == -8
+    assert torch.allclose(res.scale[:, 0], w.abs().amax(1).float().to(res.scale.dtype) / 8)
+    assert torch.equal(quant.dequantize_weight(res.codes, res.scale, res.zero), res.weight)
+
+
 def test_gptq_mse_search(layer):
     w, h, _ = layer
     w = w.clone()

@@ -132,6 +132,34 @@ def test_symmetric_int4_scale_is_amax_over_7():
     assert codes.tolist() == [[7, -4, 0, 1]]  # -3.5 rounds half to even -> -4
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITIES)
+def test_full_range_grid_is_amax_over_half_the_codes(bits, granularity, group_size):
+    """full_range: s = amax / 2^(b-1); every code is reachable, +amax saturates at qmax."""
+    w = _weight()
+    scale, zero = quant.weight_qparams(w, bits, True, granularity, group_size, full_range=True)
+    g = _np_groups(w.numpy(), granularity, group_size)
+    np.testing.assert_array_equal(
+        scale.numpy(), np.maximum(np.abs(g).max(-1) / 2 ** (bits - 1), quant.SCALE_EPS)
+    )
+    assert not zero.any()
+    codes = quant.quantize_weight(w, scale, zero, bits, group_size)
+    qmin, qmax = quant.qrange(bits)
+    assert int(codes.min()) == qmin or int(codes.max()) == qmax
+    # asymmetric grids already use every code: the flag changes nothing
+    a = quant.weight_qparams(w, bits, False, granularity, group_size, full_range=True)
+    b = quant.weight_qparams(w, bits, False, granularity, group_size)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_full_range_int4_codes():
+    w = torch.tensor([[0.8, -0.8, -0.4, 0.1]], dtype=torch.float64)
+    scale, zero = quant.weight_qparams(w, 4, True, "channel", full_range=True)
+    assert scale.item() == pytest.approx(0.1, rel=1e-15)
+    # +amax saturates at 7, -amax uses the code the narrow grid leaves unused
+    assert quant.quantize_weight(w, scale, zero, 4).tolist() == [[7, -8, -4, 1]]
+
+
 def test_round_half_to_even_before_adding_zero_point():
     # Asymmetric int4 over [-3, 12]: s = 15 / 15 = 1, z = round(-8 + 3) = -5.
     w = torch.tensor([[-3.0, 12.0, 0.5, 1.5, 2.5, -0.5, -1.5, 0.0]], dtype=torch.float64)

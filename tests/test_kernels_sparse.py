@@ -147,11 +147,15 @@ def test_quantize_dense_grid_ignores_masked(spec):
     # the grid is the plain grid of the weight with the masked entries zeroed ...
     zeroed = w.masked_fill(mask, 0.0)
     scale, zero = weight_qparams(
-        zeroed, spec.bits, spec.symmetric, spec.granularity, spec.group_size
-    )
+        zeroed, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
+        full_range=spec.full_range,
+    )  # fmt: skip
     torch.testing.assert_close(dense.scale, scale)
     assert torch.equal(dense.zero, zero)
-    ref = fake_quantize_weight(zeroed, spec.bits, spec.symmetric, spec.granularity, spec.group_size)
+    ref = fake_quantize_weight(
+        zeroed, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
+        full_range=spec.full_range,
+    )  # fmt: skip
     torch.testing.assert_close(dense.weight, ref, rtol=0, atol=0)
     # ... masked positions dequantize to exactly 0, and the split is exact there
     assert (dense.weight[mask] == 0).all()

@@ -2,7 +2,8 @@
 
 The reference is a copy of the user's HF model whose linear weights are replaced by weights
 fake-quantized here with plain float64 torch math (the conventions of qgraph/kernels/quant.py:
-symmetric s = amax / qmax, q = clamp(round(w / s)); asymmetric range widened to contain 0,
+symmetric s = amax / 2^(b-1) on the default full grid or amax / qmax on the narrow one,
+q = clamp(round(w / s)); asymmetric range widened to contain 0,
 s = (max - min) / (2^b - 1), z = clamp(round(qmin - min / s)), q = clamp(round(w / s) + z),
 ŵ = (q - z) s), and whose linear inputs are fake-quantized by forward pre-hooks when the recipe
 quantizes activations.
@@ -46,18 +47,18 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def fq_weight_channel_sym(w: torch.Tensor, bits: int) -> torch.Tensor:
+def fq_weight_channel_sym(w: torch.Tensor, bits: int, narrow: bool = False) -> torch.Tensor:
     qmin, qmax = qrange(bits)
     w64 = w.detach().double()
-    s = (w64.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-10)
+    s = (w64.abs().amax(dim=1, keepdim=True) / (qmax if narrow else -qmin)).clamp_min(1e-10)
     q = torch.clamp(torch.round(w64 / s), qmin, qmax)
     return (q * s).to(w.dtype)
 
 
-def fq_weight_tensor_sym(w: torch.Tensor, bits: int) -> torch.Tensor:
+def fq_weight_tensor_sym(w: torch.Tensor, bits: int, narrow: bool = False) -> torch.Tensor:
     qmin, qmax = qrange(bits)
     w64 = w.detach().double()
-    s = (w64.abs().max() / qmax).clamp_min(1e-10)
+    s = (w64.abs().max() / (qmax if narrow else -qmin)).clamp_min(1e-10)
     return (torch.clamp(torch.round(w64 / s), qmin, qmax) * s).to(w.dtype)
 
 
@@ -270,6 +271,7 @@ def test_every_selected_linear_becomes_qlinear(model) -> None:
     [
         ("int4:channel", lambda w: fq_weight_channel_sym(w, 4)),
         ("int8:channel:sym", lambda w: fq_weight_channel_sym(w, 8)),
+        ("int4:channel:sym:narrow", lambda w: fq_weight_channel_sym(w, 4, narrow=True)),
         ("int4:group32:asym", lambda w: fq_weight_group_asym(w, 4, 32)),
         ("int3:tensor", lambda w: fq_weight_tensor_sym(w, 3)),
     ],

@@ -219,14 +219,68 @@ def test_calibration_sample_is_seeded_and_bounded() -> None:
 # ---------------------------------------------------------------------------- weight clipping
 
 
-def weight_errors(model: qgraph.Model) -> dict[str, float]:
+def weight_errors(
+    model: qgraph.Model, importance: dict[str, torch.Tensor] | None = None
+) -> dict[str, float]:
+    """Per layer Σ d_j (ŵ - w)² / n (d = 1 without ``importance``)."""
     errs = {}
     for name, n in qlinears(model).items():
         codes, scale, zero = (model.gm.get_buffer(a.target) for a in n.args[1:4])
         w_hat = qgraph.ops.dequantize_kn(codes, scale, zero, n.args[5]).double()
         w = model.quant[name].float_weight.detach().double()
-        errs[name] = float((w_hat - w.T).square().mean())
+        d = importance[name][:, None] if importance else 1.0
+        errs[name] = float(((w_hat - w.T).square() * d).mean())
     return errs
+
+
+def hf_input_square_sums(hf: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ x_j² of every nn.Linear input over ``windows``, captured by hooks on the HF model."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(mod, args):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+
+        return record
+
+    handles = [
+        m.register_forward_pre_hook(hook(name))
+        for name, m in hf.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    try:
+        with torch.inference_mode():
+            for ids in windows:
+                hf(ids[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+@pytest.mark.parametrize("spec", ["int3:channel", "int4:group32:asym"])
+def test_clip_output_minimises_the_activation_weighted_error(llama, model, spec) -> None:
+    """clip=output: per row/group the clip ratio of least Σ_j E[x_j²] (w_j - ŵ_j)², x the
+    layer's input on the calibration windows (captured from the HF model here)."""
+    rtn, mse = copy.deepcopy(model), copy.deepcopy(model)
+    qgraph.run_pipeline(rtn, f"quantize{{w={spec}}}")
+    qgraph.run_pipeline(mse, f"quantize{{w={spec},clip=mse}}")
+    qgraph.run_pipeline(model, f"quantize{{w={spec},clip=output,calib-batches=2}}")
+    d = hf_input_square_sums(llama, model.calibration[:2])
+    e_rtn, e_mse, e_out = (weight_errors(m, d) for m in (rtn, mse, model))
+    assert len(e_out) == 14
+    for name in e_rtn:
+        assert e_out[name] <= min(e_rtn[name], e_mse[name]) * (1 + 1e-6), name
+    assert sum(e_out.values()) < 0.95 * sum(e_rtn.values())
+    assert model.log[-1].summary["clip"] == "output"
+    assert all(r.clip == "output" for r in model.quant.values())
+
+
+def test_clip_output_needs_calibration(model) -> None:
+    model.calibration = None
+    with pytest.raises(qgraph.DataError, match="clip=output"):
+        qgraph.run_pipeline(model, "quantize{w=int4,clip=output}")
 
 
 @pytest.mark.parametrize("spec", ["int4:group32:asym", "int3:channel", "int4:tensor"])

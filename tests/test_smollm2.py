@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import fresh_copy
 
 import qgraph
 from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
@@ -32,14 +33,24 @@ def windows(lm):
     return token_windows(lm.tokenizer, load_text(None, "eval"), 512, 4)
 
 
-def fresh(lm) -> qgraph.Model:
+def traced_smollm2(lm) -> qgraph.Model:
     model = qgraph.from_hf(lm.model, lm.tokenizer, lm.name)
     model.set_calibration(token_windows(lm.tokenizer, load_text(None, "calib"), 512, 4))
     return model
 
 
-def test_structure_of_smollm2(lm):
-    s = fresh(lm).structure.summary()
+@pytest.fixture(scope="module")
+def traced(lm) -> qgraph.Model:
+    """SmolLM2 traced once for the module (tracing 30 layers takes long on a small CPU)."""
+    return traced_smollm2(lm)
+
+
+def fresh(traced: qgraph.Model) -> qgraph.Model:
+    return fresh_copy(traced)
+
+
+def test_structure_of_smollm2(traced):
+    s = traced.structure.summary()
     assert s["hidden"] == 576
     assert s["attention"] == {"layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64}
     assert s["roles"] == {
@@ -52,7 +63,7 @@ def test_structure_of_smollm2(lm):
 
 def test_fuse_norms_rotate_exact_on_smollm2(lm, windows):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    model = fresh(lm)
+    model = traced_smollm2(lm)  # traced here: its weights share storage with the user's model
     qgraph.run_pipeline(model, "fuse-norms,rotate{seed=0}", verify_each=True)
     emb_old = lm.model.model.embed_tokens.weight
     emb_new = get_tensor(model.gm, model.structure.embeddings[0].weight)
@@ -66,16 +77,16 @@ def test_fuse_norms_rotate_exact_on_smollm2(lm, windows):
     assert all(torch.equal(before[k], after[k]) for k in before), "the user's model was modified"
 
 
-def test_w8a8_within_two_percent_of_float(lm, windows):
-    model = fresh(lm)
+def test_w8a8_within_two_percent_of_float(lm, traced, windows):
+    model = fresh(traced)
     ppl_float = perplexity(model, windows)
     qgraph.run_pipeline(model, "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}")
     ppl = perplexity(model, windows)
     assert ppl_float < ppl < 1.02 * ppl_float
 
 
-def test_w4a16_onnx_matches_torch_and_uses_matmulnbits(lm, windows, tmp_path):
-    model = fresh(lm)
+def test_w4a16_onnx_matches_torch_and_uses_matmulnbits(lm, traced, windows, tmp_path):
+    model = fresh(traced)
     qgraph.run_pipeline(model, "quantize{w=int4:channel}")
     path = export_model(model, tmp_path / "w4.onnx", "quantize{w=int4:channel}")
     ops = optimized_op_histogram(path)
@@ -86,9 +97,9 @@ def test_w4a16_onnx_matches_torch_and_uses_matmulnbits(lm, windows, tmp_path):
     assert abs(ppl_ort / ppl_torch - 1) < 0.005
 
 
-def test_online_rotations_and_expansion_exact_on_smollm2(lm, windows):
+def test_online_rotations_and_expansion_exact_on_smollm2(lm, traced, windows):
     """R1–R4 with o_proj/down_proj expanded by one step (576→608, 1536→1568) is exact."""
-    model = fresh(lm)
+    model = fresh(traced)
     qgraph.run_pipeline(model, "fuse-norms,rotate{seed=0,online=all},expand{step=1}")
     widths = model.log[-1].summary["widths"]
     assert widths["model.layers.0.self_attn.o_proj"] == "576→608"
@@ -101,14 +112,14 @@ def test_online_rotations_and_expansion_exact_on_smollm2(lm, windows):
         assert float((model(w) - ref).abs().max() / ref.abs().max()) <= 1e-4
 
 
-def test_pqi_predicts_the_loss_change_of_w4_on_smollm2(lm):
+def test_pqi_predicts_the_loss_change_of_w4_on_smollm2(lm, traced):
     """The post-quantization integral (N = 2) predicts the loss change of quantizing every layer
     to W4 within 10 %; first-order Taylor does not come close (ReQuant, arXiv 2503.01901)."""
     from qgraph.kernels import pqi as pqi_kernels
     from qgraph.kernels.sparse_split import split_weight
     from qgraph.passes.split_sparse import SplitSparse, loss_setup
 
-    model = fresh(lm)
+    model = fresh(traced)
     qgraph.run_pipeline(model, "quantize{w=int4:channel}")
     layers = SplitSparse()._layers(model)
     loss_fn, params, batches = loss_setup(model, layers, 1, 128)
@@ -123,12 +134,12 @@ def test_pqi_predicts_the_loss_change_of_w4_on_smollm2(lm):
     assert abs(first.total - res.actual) > 2 * abs(res.total - res.actual)
 
 
-def test_significant_weight_detach_lowers_the_loss_on_smollm2(lm):
+def test_significant_weight_detach_lowers_the_loss_on_smollm2(lm, traced):
     """Moving the 0.1 % of weights with the largest |PQI| into the sparse part lowers the loss
     change of W4 RTN (a regression test: selecting by signed ΔFᵢ raised it several-fold)."""
     from qgraph.passes.split_sparse import SplitSparse, loss_setup
 
-    model = fresh(lm)
+    model = fresh(traced)
     qgraph.run_pipeline(model, "quantize{w=int4:channel}")
     p = SplitSparse(outliers=0.0, significant=0.1, windows=1, tokens=128, intervals=2)
     layers = p._layers(model)

@@ -122,29 +122,44 @@ def mse_clip_search(
     granularity: str,
     group_size: int | None = None,
     grid: Sequence[float] = DEFAULT_CLIP_GRID,
+    full_range: bool = False,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) like weight_qparams, with the clip ratio chosen per row/group by MSE.
+    """(scale, zero) like weight_qparams, with the clip ratio chosen per row/group by error.
 
     For each ratio r in grid the range is shrunk by r (quant.py's clip_ratio) and the squared
     fake-quantization error of every row (channel) or group is measured; each row/group keeps
     the ratio of least error (ties: the earlier grid entry, i.e. 1.0 first by default).
-    Clipping a few outliers buys a finer grid for everything else, which RTN and GPTQ both
-    benefit from at 3-4 bits.
+    ``importance`` [in] weighs the error of each input column: with the diagonal of the layer's
+    input Hessian (mean x_j²) the objective is the layer's output error under a diagonal
+    approximation. Without it every column counts the same (plain weight MSE), which in LLMs
+    clips the few large weights that meet the massive activation channels, the worst possible
+    place to add error.
     """
     grid = [float(r) for r in grid]
     if not grid or not all(r > 0 for r in grid):
         raise ValueError(f"clip grid must be non-empty and positive, got {grid}")
+    if importance is not None and importance.shape != (w.shape[1],):
+        raise ValueError(
+            f"importance must have shape [{w.shape[1]}] (one per input column), "
+            f"got {tuple(importance.shape)}"
+        )
     best_scale = best_zero = best_err = None
+    gs = group_size if granularity == "group" else None
     for r in grid:
-        scale, zero = weight_qparams(w, bits, symmetric, granularity, group_size, clip_ratio=r)
-        gs = group_size if granularity == "group" else None
+        scale, zero = weight_qparams(
+            w, bits, symmetric, granularity, group_size, clip_ratio=r, full_range=full_range
+        )
         codes = quantize_weight(w, scale, zero, bits, gs)
         diff = w.detach().to(scale.dtype) - dequantize_weight(codes, scale, zero, gs)
+        err = diff.square()
+        if importance is not None:
+            err = err * importance.to(err.dtype)
         # Groups are contiguous along the row (whole tensor for 'tensor'), as in quant.py;
         # a ragged last group is zero-padded (zeros add no error).
-        if gs is not None and diff.shape[1] % gs:
-            diff = torch.nn.functional.pad(diff, (0, scale.shape[1] * gs - diff.shape[1]))
-        err = diff.square().reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
+        if gs is not None and err.shape[1] % gs:
+            err = torch.nn.functional.pad(err, (0, scale.shape[1] * gs - err.shape[1]))
+        err = err.reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
             continue
@@ -180,6 +195,8 @@ def gptq_quantize(
     block_size: int = 128,
     mse_search: bool = False,
     mse_grid: Sequence[float] = DEFAULT_CLIP_GRID,
+    full_range: bool = False,
+    weighted_search: bool = True,
 ) -> GPTQResult:
     """Quantize w [out, in] with GPTQ given the Hessian [in, in] of its inputs (∝ XᵀX).
 
@@ -187,8 +204,10 @@ def gptq_quantize(
     diagonal. granularity is 'tensor' (one scale/zero [1, 1], fixed from the whole weight before
     any update), 'channel' (scale/zero [out, 1]) or 'group' (needs group_size; [out, ceil(in /
     group_size)], each group's grid taken when its first column is reached). mse_search picks each
-    row's (channel) or group's clip ratio from mse_grid by MSE (mse_clip_search); for groups
-    it is applied to the group's current weights. See the module docstring for the design.
+    row's (channel) or group's clip ratio from mse_grid by error (mse_clip_search): weighted by
+    the Hessian's diagonal (the output error of each column alone) unless ``weighted_search`` is
+    False; for groups it is applied to the group's current weights. full_range selects the
+    symmetric full grid (quant.py). See the module docstring for the design.
     Inputs are never modified.
     """
     check_layer_inputs(w, hessian)
@@ -219,10 +238,16 @@ def gptq_quantize(
     weight = w.detach().to(wd).clone()
     weight[:, dead] = 0.0
 
-    def params(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    importance = diag.clone() if weighted_search else torch.ones_like(diag)
+    importance[dead] = 0.0
+
+    def params(block: torch.Tensor, cols: torch.Tensor | None = None):
         if mse_search:
-            return mse_clip_search(block, bits, symmetric, "channel", None, mse_grid)
-        return weight_qparams(block, bits, symmetric, "channel")
+            imp = importance if cols is None else importance[cols]
+            return mse_clip_search(
+                block, bits, symmetric, "channel", None, mse_grid, full_range, imp
+            )
+        return weight_qparams(block, bits, symmetric, "channel", full_range=full_range)
 
     n_groups = -(-inp // gs)
     scale = torch.empty(out, n_groups, dtype=wd, device=device)
@@ -233,9 +258,12 @@ def gptq_quantize(
         scale[:, :1], zero[:, :1] = s, z
         ready[0] = True
     elif granularity == "tensor":
-        grid = mse_clip_search if mse_search else weight_qparams
-        kw = {"grid": mse_grid} if mse_search else {}
-        s, z = grid(weight, bits, symmetric, "tensor", None, **kw)
+        if mse_search:
+            s, z = mse_clip_search(
+                weight, bits, symmetric, "tensor", None, mse_grid, full_range, importance
+            )
+        else:
+            s, z = weight_qparams(weight, bits, symmetric, "tensor", full_range=full_range)
         scale[:, :1], zero[:, :1] = s.expand(out, 1), z.expand(out, 1)
         ready[0] = True
 
@@ -273,7 +301,7 @@ def gptq_quantize(
                 later = cols[~inside]
                 if later.numel():
                     current[:, ~inside] = weight[:, later] - err1[:, :i] @ u[i1:j, later]
-                s, z = params(current)
+                s, z = params(current, torch.arange(g * gs, min((g + 1) * gs, inp)))
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
                 ready[g] = True
             s, z = scale[:, g : g + 1], zero[:, g : g + 1]

@@ -7,7 +7,10 @@ Conventions (shared by every pass and exporter, so they must not drift):
 * dequantization is x_hat = (q - z) * s, quantization q = clamp(round(x / s) + z),
   with torch.round (half to even) applied *before* adding z, exactly like ONNX
   QuantizeLinear / DequantizeLinear;
-* symmetric: z = 0, s = amax / qmax (int4: s = amax / 7, code -8 unused for weights);
+* symmetric: z = 0 and either the narrow grid s = amax / qmax (int4: amax / 7, code -8 unused)
+  or, for weights with ``full_range``, the full grid s = amax / 2^(b-1) (int4: amax / 8) over
+  every code -8..7: a positive weight near +amax clips to 7s (error up to s), every other
+  weight gets a grid 8/7 finer, which measured far better for 3-4-bit weights;
 * asymmetric: the range [min, max] is widened to contain 0, s = (max - min) / (2^b - 1),
   z = clamp(round(qmin - min / s)); zero is therefore represented exactly;
 * scales are clamped below by SCALE_EPS, so an all-zero group quantizes to zeros instead
@@ -55,10 +58,15 @@ def _param_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _symmetric(amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) from a non-negative absolute maximum; zero is all zeros (float)."""
-    _, qmax = qrange(bits)
-    scale = (amax / qmax).clamp_min(SCALE_EPS)
+def _symmetric(
+    amax: torch.Tensor, bits: int, full_range: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) from a non-negative absolute maximum; zero is all zeros (float).
+
+    ``full_range`` divides by 2^(b-1) instead of qmax = 2^(b-1) - 1 (see the module docstring).
+    """
+    qmin, qmax = qrange(bits)
+    scale = (amax / (-qmin if full_range else qmax)).clamp_min(SCALE_EPS)
     return scale, torch.zeros_like(scale)
 
 
@@ -113,12 +121,14 @@ def weight_qparams(
     granularity: str,
     group_size: int | None = None,
     clip_ratio: float = 1.0,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) for a weight [out, in]; shapes [1, 1] / [out, 1] / [out, in // group_size].
 
     scale is float32 (float64 for float64 weights), zero int8 (zeros when symmetric).
     clip_ratio < 1 shrinks the range (amax * r, or min * r and max * r), trading clipping
-    error on outliers for a finer grid.
+    error on outliers for a finer grid. full_range picks the symmetric full grid amax / 2^(b-1)
+    (no effect on asymmetric grids, which always use all 2^b codes).
     """
     _check_weight(w)
     qrange(bits)
@@ -126,7 +136,7 @@ def weight_qparams(
         raise ValueError(f"clip_ratio must be positive, got {clip_ratio}")
     g = _group_view(w.detach().to(_param_dtype(w.dtype)), granularity, group_size)
     if symmetric:
-        scale, zero = _symmetric(g.abs().amax(dim=-1) * clip_ratio, bits)
+        scale, zero = _symmetric(g.abs().amax(dim=-1) * clip_ratio, bits, full_range)
     else:
         scale, zero = _asymmetric(g.amin(dim=-1) * clip_ratio, g.amax(dim=-1) * clip_ratio, bits)
     if not torch.isfinite(scale).all():
@@ -190,9 +200,12 @@ def fake_quantize_weight(
     granularity: str,
     group_size: int | None = None,
     clip_ratio: float = 1.0,
+    full_range: bool = False,
 ) -> torch.Tensor:
     """dequantize(quantize(w)) in w's dtype: the weight the quantized model really uses."""
-    scale, zero = weight_qparams(w, bits, symmetric, granularity, group_size, clip_ratio)
+    scale, zero = weight_qparams(
+        w, bits, symmetric, granularity, group_size, clip_ratio, full_range
+    )
     gs = group_size if granularity == "group" else None
     codes = quantize_weight(w, scale, zero, bits, gs)
     return dequantize_weight(codes, scale, zero, gs).to(w.dtype)

@@ -227,7 +227,13 @@ def quantize_dense(w: torch.Tensor, mask: torch.Tensor, spec: WeightSpec) -> Den
     _check_mask(w, mask)
     dense = w.detach().masked_fill(mask, 0.0)
     scale, zero = weight_qparams(
-        dense, spec.bits, spec.symmetric, spec.granularity, spec.group_size, spec.clip_ratio
+        dense,
+        spec.bits,
+        spec.symmetric,
+        spec.granularity,
+        spec.group_size,
+        spec.clip_ratio,
+        spec.full_range,
     )
     gs = spec.ragged_group_size
     codes = quantize_weight(dense, scale, zero, spec.bits, gs)

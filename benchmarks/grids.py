@@ -1,0 +1,96 @@
+"""Weight grids and clipping on SmolLM2-135M: which grid, clip search and column order is best.
+
+Every row is one pipeline on the real model, calibrated on 16 × 512 tokens and evaluated on
+held-out windows (the stdlib-docstring eval split). ``narrow`` is the symmetric grid
+amax / (2^(b-1) - 1) (code -2^(b-1) unused), ``full`` is amax / 2^(b-1) over every code;
+``clip=output`` picks each row's clip ratio by the layer's output error on calibration inputs
+(weight error weighted by E[x_j²], for GPTQ by the Hessian diagonal), ``clip=mse`` by plain
+weight MSE. Rows are appended to ``results/grids_w{windows}.json`` as they finish, so an
+interrupted study resumes where it stopped.
+
+    .venv/bin/python benchmarks/grids.py [--windows 8] [--rows KEY,KEY,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from common import header, job
+
+from qgraph.workflow import write_json
+
+RESULTS = Path(__file__).parent / "results"
+ROT = "fuse-norms,rotate{seed=0},"
+ROT_A4 = "fuse-norms,rotate{seed=0,online=r2+r4},"
+#: key -> (recipe label, pipeline)
+ROWS = {
+    "rtn-narrow": ("W4A16 RTN", "quantize{w=int4:channel:narrow}"),
+    "rtn-full": ("W4A16 RTN", "quantize{w=int4:channel}"),
+    "rtn-full-output": ("W4A16 RTN", "quantize{w=int4:channel,clip=output}"),
+    "rtn-full-mse": ("W4A16 RTN", "quantize{w=int4:channel,clip=mse}"),
+    "gptq-narrow-noact": ("W4A16 GPTQ", "quantize{w=int4:channel:narrow},gptq{act-order=false}"),
+    "gptq-narrow": ("W4A16 GPTQ", "quantize{w=int4:channel:narrow},gptq"),
+    "gptq-full": ("W4A16 GPTQ", "quantize{w=int4:channel},gptq"),
+    "gptq-full-output": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=output},gptq"),
+    "rot-gptq-narrow": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel:narrow},gptq"),
+    "rot-gptq-full": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel},gptq"),
+    "w3-gptq-narrow": ("W3A16 GPTQ", "quantize{w=int3:channel:narrow},gptq"),
+    "w3-gptq-full": ("W3A16 GPTQ", "quantize{w=int3:channel},gptq"),
+    "w4a4-narrow": ("W4A4 rotation + GPTQ", ROT_A4 + "quantize{w=int4:channel:narrow,a=int4:token},gptq"),
+    "w4a4-full": ("W4A4 rotation + GPTQ", ROT_A4 + "quantize{w=int4:channel,a=int4:token},gptq"),
+    "w8a8": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token}"),
+    "w8a8-narrow": ("W8A8 RTN", "quantize{w=int8:channel:narrow,a=int8:token}"),
+}
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--rows", type=str, default=",".join(ROWS), help="row keys to run now")
+    args = ap.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    path = RESULTS / f"grids_w{args.windows}.json"
+    done = _load(path)
+    j = None
+    for key in args.rows.split(","):
+        if key in done:
+            continue
+        j = j or job(args.windows)
+        label, pipeline = ROWS[key]
+        t = time.perf_counter()
+        rep = j.run(pipeline)
+        done[key] = {
+            "pipeline": pipeline,
+            "ppl": rep["ppl"],
+            "ppl_float": rep["ppl_float"],
+            "seconds": round(time.perf_counter() - t, 1),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        write_json(path, done)
+        print(f"{key}: {rep['ppl']:.3f}", file=sys.stderr)
+    cmd = f".venv/bin/python benchmarks/grids.py --windows {args.windows}"
+    print(header("Weight grids, clipping and column order (SmolLM2-135M)", cmd))
+    fp = next(iter(done.values()))["ppl_float"] if done else float("nan")
+    print(f"{args.windows} windows × 512 held-out tokens; float perplexity {fp:.3f}.\n")
+    print("| recipe | pipeline | perplexity | × float | run s |")
+    print("|---|---|---|---|---|")
+    for key, (label, pipeline) in ROWS.items():
+        r = done.get(key)
+        if r:
+            print(
+                f"| {label} | `{pipeline}` | {r['ppl']:.3f} | {r['ppl'] / r['ppl_float']:.3f} | "
+                f"{r['seconds']:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
