@@ -41,7 +41,10 @@ ROWS = {
     "rot-gptq-full": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel},gptq"),
     "w3-gptq-narrow": ("W3A16 GPTQ", "quantize{w=int3:channel:narrow},gptq"),
     "w3-gptq-full": ("W3A16 GPTQ", "quantize{w=int3:channel},gptq"),
-    "w4a4-narrow": ("W4A4 rotation + GPTQ", ROT_A4 + "quantize{w=int4:channel:narrow,a=int4:token},gptq"),
+    "w4a4-narrow": (
+        "W4A4 rotation + GPTQ",
+        ROT_A4 + "quantize{w=int4:channel:narrow,a=int4:token},gptq",
+    ),
     "w4a4-full": ("W4A4 rotation + GPTQ", ROT_A4 + "quantize{w=int4:channel,a=int4:token},gptq"),
     "w8a8": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token}"),
     "w8a8-narrow": ("W8A8 RTN", "quantize{w=int8:channel:narrow,a=int8:token}"),
