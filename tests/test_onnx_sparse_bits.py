@@ -40,7 +40,10 @@ TOL = 1e-4
 BITS = range(2, 9)
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PIPELINE = ",".join(
-    [f"quantize{{w=int{b}:channel,layers={name}}}" for b, name in zip(BITS, LAYERS, strict=True)]
+    [  # the narrow grid: its outlier ratios give every layer repeated sparse rows
+        f"quantize{{w=int{b}:channel:narrow,layers={name}}}"
+        for b, name in zip(BITS, LAYERS, strict=True)
+    ]
     + ["split-sparse{outliers=5}"]
 )
 QLINEAR = torch.ops.qgraph.qlinear.default

@@ -33,16 +33,13 @@ def windows(lm):
     return token_windows(lm.tokenizer, load_text(None, "eval"), 512, 4)
 
 
-def traced_smollm2(lm) -> qgraph.Model:
+@pytest.fixture(scope="module")
+def traced(lm) -> qgraph.Model:
+    """SmolLM2 traced once for the module (tracing 30 layers takes long on a small CPU); its
+    weights share storage with the user's model, so tests rewrite copies (``fresh``)."""
     model = qgraph.from_hf(lm.model, lm.tokenizer, lm.name)
     model.set_calibration(token_windows(lm.tokenizer, load_text(None, "calib"), 512, 4))
     return model
-
-
-@pytest.fixture(scope="module")
-def traced(lm) -> qgraph.Model:
-    """SmolLM2 traced once for the module (tracing 30 layers takes long on a small CPU)."""
-    return traced_smollm2(lm)
 
 
 def fresh(traced: qgraph.Model) -> qgraph.Model:
@@ -61,9 +58,9 @@ def test_structure_of_smollm2(traced):
     assert s["issues"] == []
 
 
-def test_fuse_norms_rotate_exact_on_smollm2(lm, windows):
+def test_fuse_norms_rotate_exact_on_smollm2(lm, traced, windows):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    model = traced_smollm2(lm)  # traced here: its weights share storage with the user's model
+    model = fresh(traced)
     qgraph.run_pipeline(model, "fuse-norms,rotate{seed=0}", verify_each=True)
     emb_old = lm.model.model.embed_tokens.weight
     emb_new = get_tensor(model.gm, model.structure.embeddings[0].weight)
