@@ -263,10 +263,15 @@ def rtn_quantize(
 
 def fake_quantize(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """The weight a layer quantized round-to-nearest on ``spec`` computes with, in w's dtype."""
-    scale, zero = choose_grid(w.float(), spec)
-    gs = spec.ragged_group_size
-    codes = qk.quantize_weight(w.float(), scale, zero, spec.bits, gs)
-    return qk.dequantize_weight(codes, scale, zero, gs).to(w.dtype)
+    return qk.fake_quantize_weight(
+        w,
+        spec.bits,
+        spec.symmetric,
+        spec.granularity,
+        spec.group_size,
+        spec.clip_ratio,
+        spec.full_range,
+    )
 
 
 # -- accounting ---------------------------------------------------------------------------
