@@ -24,9 +24,11 @@ The searches work on a seeded uniform random subsample of each layer input (at m
 ``SAMPLE_CAP`` values over all windows; every value when there are fewer, so small models are
 calibrated exactly), see :func:`calibrate_ranges`.
 
-``clip=mse`` chooses the weight scales per row/group by ``kernels.gptq.mse_clip_search``
-(the clip ratio of least reconstruction error, 1.0 = RTN included) instead of
-``weight_qparams``.
+``clip=output`` chooses the weight scales per row/group by ``kernels.gptq.mse_clip_search``
+(the clip ratio of least error, 1.0 = RTN included) with each input column's error weighted by
+Σx_j² of the layer's input on ``calib-batches`` calibration windows: the layer's output error in
+a diagonal approximation. ``clip=mse`` weighs every column alike (plain weight MSE), which
+clips the weights that meet LLMs' large activation channels and is kept for comparison.
 
 Formats, the stored layout and the accounting are :mod:`qgraph.formats`; each rewritten layer
 gets a :class:`qgraph.quantized.QuantizedLayer` record in ``model.quant``. ``quantize`` may run
