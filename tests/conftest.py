@@ -71,3 +71,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow real-model tests first (a stable sort keeps every other order): under `make test`
+    their file then runs on one worker while the other takes the rest, instead of alone at the
+    end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
