@@ -75,6 +75,18 @@ class WeightSpec:
         if not self.symmetric and self.grid != "full":
             raise ValueError("a narrow grid is a symmetric-only choice (asym uses all codes)")
 
+    def quantizer_args(self) -> tuple:
+        """(bits, symmetric, granularity, group_size, clip_ratio, full_range): the positional
+        arguments the kernels' ``weight_qparams`` / ``fake_quantize_weight`` take after ``w``."""
+        return (
+            self.bits,
+            self.symmetric,
+            self.granularity,
+            self.group_size,
+            self.clip_ratio,
+            self.full_range,
+        )
+
     @property
     def full_range(self) -> bool:
         """What the kernels' ``full_range`` argument must be for this spec."""
@@ -237,15 +249,7 @@ def choose_grid(
             full_range=spec.full_range,
             importance=importance if clip == "output" else None,
         )
-    return qk.weight_qparams(
-        w,
-        spec.bits,
-        spec.symmetric,
-        spec.granularity,
-        spec.group_size,
-        spec.clip_ratio,
-        spec.full_range,
-    )
+    return qk.weight_qparams(w, *spec.quantizer_args())
 
 
 def rtn_quantize(
@@ -263,15 +267,7 @@ def rtn_quantize(
 
 def fake_quantize(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """The weight a layer quantized round-to-nearest on ``spec`` computes with, in w's dtype."""
-    return qk.fake_quantize_weight(
-        w,
-        spec.bits,
-        spec.symmetric,
-        spec.granularity,
-        spec.group_size,
-        spec.clip_ratio,
-        spec.full_range,
-    )
+    return qk.fake_quantize_weight(w, *spec.quantizer_args())
 
 
 # -- accounting ---------------------------------------------------------------------------

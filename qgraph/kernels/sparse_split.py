@@ -226,15 +226,7 @@ def quantize_dense(w: torch.Tensor, mask: torch.Tensor, spec: WeightSpec) -> Den
     _check_weight(w)
     _check_mask(w, mask)
     dense = w.detach().masked_fill(mask, 0.0)
-    scale, zero = weight_qparams(
-        dense,
-        spec.bits,
-        spec.symmetric,
-        spec.granularity,
-        spec.group_size,
-        spec.clip_ratio,
-        spec.full_range,
-    )
+    scale, zero = weight_qparams(dense, *spec.quantizer_args())
     gs = spec.ragged_group_size
     codes = quantize_weight(dense, scale, zero, spec.bits, gs)
     return DenseQuant(codes, scale, zero, dequantize_weight(codes, scale, zero, gs).to(w.dtype))
