@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
-from qgraph.workflow import Job
+from qgraph.workflow import Job, write_json
 
 
 def machine() -> str:
@@ -32,3 +36,48 @@ def header(title: str, command: str) -> str:
 
 def job(eval_windows: int = 16, calib_windows: int = 16) -> Job:
     return Job(None, eval_windows=eval_windows, calib_windows=calib_windows, progress=False)
+
+
+def run_rows(
+    rows: dict[str, tuple[str, str]], keys: list[str], path: Path, windows: int, **run_kw
+) -> dict:
+    """Run each row ``key -> (label, pipeline)`` not yet in the JSON file ``path`` and append its
+    result as soon as it finishes, so an interrupted study resumes where it stopped."""
+    done = json.loads(path.read_text()) if path.exists() else {}
+    j = None
+    for key in keys:
+        if key in done:
+            continue
+        j = j or job(windows)
+        pipeline = rows[key][1]
+        t = time.perf_counter()
+        rep = j.run(pipeline, **run_kw)
+        done[key] = {
+            "pipeline": pipeline,
+            "ppl": rep["ppl"],
+            "ppl_float": rep["ppl_float"],
+            "seconds": round(time.perf_counter() - t, 1),
+            "date": time.strftime("%Y-%m-%d"),
+            "passes": {p["name"]: p["summary"] for p in rep["passes"]},
+        }
+        write_json(path, done)
+        print(f"{key}: {rep['ppl']:.3f}", file=sys.stderr)
+    return done
+
+
+def rows_table(rows: dict[str, tuple[str, str]], done: dict, windows: int) -> str:
+    """The markdown table of the finished rows, as ratios to float measured in the same run."""
+    fp = next(iter(done.values()))["ppl_float"] if done else float("nan")
+    lines = [
+        f"{windows} windows × 512 held-out tokens; float perplexity {fp:.3f}.\n",
+        "| recipe | pipeline | perplexity | × float | run s |",
+        "|---|---|---|---|---|",
+    ]
+    for key, (label, pipeline) in rows.items():
+        r = done.get(key)
+        if r:
+            lines.append(
+                f"| {label} | `{pipeline}` | {r['ppl']:.3f} | {r['ppl'] / r['ppl_float']:.3f} | "
+                f"{r['seconds']:.0f} |"
+            )
+    return "\n".join(lines)

@@ -14,15 +14,9 @@ interrupted study resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import time
 from pathlib import Path
 
-from common import header, job
-
-from qgraph.workflow import write_json
+from common import header, rows_table, run_rows
 
 RESULTS = Path(__file__).parent / "results"
 ROT = "fuse-norms,rotate{seed=0},"
@@ -51,48 +45,16 @@ ROWS = {
 }
 
 
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--rows", type=str, default=",".join(ROWS), help="row keys to run now")
     args = ap.parse_args()
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     path = RESULTS / f"grids_w{args.windows}.json"
-    done = _load(path)
-    j = None
-    for key in args.rows.split(","):
-        if key in done:
-            continue
-        j = j or job(args.windows)
-        label, pipeline = ROWS[key]
-        t = time.perf_counter()
-        rep = j.run(pipeline)
-        done[key] = {
-            "pipeline": pipeline,
-            "ppl": rep["ppl"],
-            "ppl_float": rep["ppl_float"],
-            "seconds": round(time.perf_counter() - t, 1),
-            "date": time.strftime("%Y-%m-%d"),
-        }
-        write_json(path, done)
-        print(f"{key}: {rep['ppl']:.3f}", file=sys.stderr)
+    done = run_rows(ROWS, args.rows.split(","), path, args.windows)
     cmd = f".venv/bin/python benchmarks/grids.py --windows {args.windows}"
     print(header("Weight grids, clipping and column order (SmolLM2-135M)", cmd))
-    fp = next(iter(done.values()))["ppl_float"] if done else float("nan")
-    print(f"{args.windows} windows × 512 held-out tokens; float perplexity {fp:.3f}.\n")
-    print("| recipe | pipeline | perplexity | × float | run s |")
-    print("|---|---|---|---|---|")
-    for key, (label, pipeline) in ROWS.items():
-        r = done.get(key)
-        if r:
-            print(
-                f"| {label} | `{pipeline}` | {r['ppl']:.3f} | {r['ppl'] / r['ppl_float']:.3f} | "
-                f"{r['seconds']:.0f} |"
-            )
+    print(rows_table(ROWS, done, args.windows))
 
 
 if __name__ == "__main__":

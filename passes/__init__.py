@@ -4,6 +4,7 @@ from . import (  # noqa: F401
     expand,
     fuse_norms,
     gptq,
+    learn_rotations,
     learn_rounding,
     mixed_precision,
     quantize,

@@ -102,11 +102,16 @@ def insert(
     signs_node = get_attr_node(gm, lin_node, new_attr(gm, hint + "_signs", signs))
     h = insert_call(gm, lin_node, HADAMARD, (x, signs_node, True))
     h.meta[META] = {"in_features": n_in, "size": size, "seed": seed}
-    w64 = torch.nn.functional.pad(w.double(), (0, size - n_in))
-    rotated = fast_hadamard_transform(w64, True, signs.double()).to(current.dtype)
+    rotated = rotated_weight(w, size, signs).to(current.dtype)
     set_arg_tensor(gm, lin_node, 1, rotated, hint + ".weight")
     lin_node.args = (h, *lin_node.args[1:])
     return OnlineRotation(h, x if size > n_in else None, origin, n_in, size, signs)
+
+
+def rotated_weight(w: torch.Tensor, size: int, signs: torch.Tensor) -> torch.Tensor:
+    """``W_pad Q`` in float64: the weight a layer holds behind a size-``size`` online rotation."""
+    w64 = torch.nn.functional.pad(w.double(), (0, size - int(w.shape[1])))
+    return fast_hadamard_transform(w64, True, signs.double())
 
 
 def unrotated_weight(gm: fx.GraphModule, weight_target: str, rot: OnlineRotation) -> torch.Tensor:

@@ -42,7 +42,8 @@ ONLINE = ("r2", "r3", "r4")
 HADAMARD = torch.ops.qgraph.hadamard.default
 
 
-def _check_r1(model: Model) -> None:
+def check_r1(model: Model) -> None:
+    """Refuse (naming the node) a residual stream that a rotation would not leave exact."""
     sv = model.structure
     res = sv.residual
     problems = list(res.issues)
@@ -115,23 +116,10 @@ class Rotate(Pass):
         sv = model.structure
         summary: dict[str, Any] = {}
         if self.opt("r1"):
-            _check_r1(model)
+            check_r1(model)
             rot = Rotation.make(sv.residual.hidden, self.opt("seed"), self.opt("kind"))
             summary["r1"] = rot.description
-            for emb in sv.residual.embeddings:
-                e = get_tensor(gm, emb.weight)
-                set_arg_tensor(gm, emb.node, 0, rotate_input(e, rot), emb.weight)
-            readers = sv.stream_readers()
-            for lin in readers:
-                w = get_tensor(gm, lin.weight)
-                set_arg_tensor(gm, lin.node, 1, rotate_input(w, rot), lin.name + ".weight")
-            for lin in sv.residual.writers:
-                w = get_tensor(gm, lin.weight)
-                set_arg_tensor(gm, lin.node, 1, rotate_output(w, rot), lin.name + ".weight")
-                if lin.bias:
-                    b = get_tensor(gm, lin.bias)
-                    set_arg_tensor(gm, lin.node, 2, rotate_output(b, rot), lin.name + ".bias")
-            summary["r1_layers"] = len(readers) + len(sv.residual.writers)
+            summary["r1_layers"] = apply_r1(gm, sv, rot)
         if self.opt("r2"):
             done, refused = 0, []
             for att in sv.attention:
@@ -142,7 +130,7 @@ class Rotate(Pass):
                     continue
                 rot = Rotation.make(att.head_dim, self.opt("seed") + 1, self.opt("kind"))
                 summary["r2"] = rot.description
-                _rotate_heads(gm, att, rot)
+                rotate_heads(gm, att, rot)
                 done += 1
             summary["r2_heads_rotated_in_layers"] = done
             if refused:
@@ -207,7 +195,28 @@ def _rotate_qk(gm, attention, seed: int) -> int:
     return len(attention)
 
 
-def _rotate_heads(gm, att, rot: Rotation) -> None:
+def apply_r1(gm, sv, rot: Rotation) -> int:
+    """Rotate the residual stream by ``rot``: embeddings ``E Q``, readers ``W Q``, writers
+    ``Qᵀ W`` (and their biases); returns the number of linear layers changed."""
+    for emb in sv.residual.embeddings:
+        e = get_tensor(gm, emb.weight)
+        set_arg_tensor(gm, emb.node, 0, rotate_input(e, rot), emb.weight)
+    readers = sv.stream_readers()
+    for lin in readers:
+        w = get_tensor(gm, lin.weight)
+        set_arg_tensor(gm, lin.node, 1, rotate_input(w, rot), lin.name + ".weight")
+    for lin in sv.residual.writers:
+        w = get_tensor(gm, lin.weight)
+        set_arg_tensor(gm, lin.node, 1, rotate_output(w, rot), lin.name + ".weight")
+        if lin.bias:
+            b = get_tensor(gm, lin.bias)
+            set_arg_tensor(gm, lin.node, 2, rotate_output(b, rot), lin.name + ".bias")
+    return len(readers) + len(sv.residual.writers)
+
+
+def rotate_heads(gm, att, rot: Rotation) -> None:
+    """R2 on one attention: ``W_v ← Q_hᵀ W_v`` per head, ``W_o ← W_o blockdiag(Q_h)``. An o_proj
+    behind an online rotation holds ``W_o Q_online``; its un-rotated weight is rotated instead."""
     hd = att.head_dim
     v = att.v
     w = get_tensor(gm, v.weight)  # [kv*hd, d]
@@ -226,6 +235,10 @@ def _rotate_heads(gm, att, rot: Rotation) -> None:
             v.name + ".bias",
         )
     o = att.o
-    wo = get_tensor(gm, o.weight)  # [d, H*hd]
-    new_o = rot.right(wo.reshape(wo.shape[0], -1, hd)).reshape(wo.shape).to(wo.dtype)
-    set_arg_tensor(gm, o.node, 1, new_o, o.name + ".weight")
+    stored = get_tensor(gm, o.weight)
+    online = online_rotation.find(o.node, gm)
+    wo = stored if online is None else online_rotation.unrotated_weight(gm, o.weight, online)
+    new_o = rot.right(wo.reshape(wo.shape[0], -1, hd)).reshape(wo.shape)
+    if online is not None:
+        new_o = online_rotation.rotated_weight(new_o, online.size, online.signs)
+    set_arg_tensor(gm, o.node, 1, new_o.to(stored.dtype), o.name + ".weight")

@@ -1,0 +1,51 @@
+"""Learned rotations (SpinQuant) against rotate's randomized Hadamards on SmolLM2-135M.
+
+Each row is one pipeline on the real model, calibrated on 16 × 512 tokens and evaluated on the
+held-out windows. ``learn-rotations`` runs with its defaults (the reduced CPU schedule) unless
+the row says otherwise; the ``spinquant`` rows use SpinQuant's own layout (R2 learned offline,
+only R4 online). Rows are appended to ``results/rotations_w{windows}.json`` as they finish.
+
+    .venv/bin/python benchmarks/learned_rotations.py [--windows 8] [--rows KEY,KEY,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import header, rows_table, run_rows
+
+RESULTS = Path(__file__).parent / "results"
+HAD = "fuse-norms,rotate{seed=0,online=r2+r4},"
+SPIN = "fuse-norms,rotate{seed=0,online=r4},"
+LEARN = "learn-rotations,"
+W4A4 = "quantize{w=int4:channel,a=int4:token}"
+W4 = "quantize{w=int4:channel}"
+#: key -> (recipe label, pipeline)
+ROWS = {
+    "w4a4-rtn-hadamard": ("W4A4 RTN, Hadamard", HAD + W4A4),
+    "w4a4-rtn-learned": ("W4A4 RTN, learned", HAD + LEARN + W4A4),
+    "w4a4-rtn-spinquant": ("W4A4 RTN, learned (SpinQuant layout)", SPIN + LEARN + W4A4),
+    "w4a4-gptq-hadamard": ("W4A4 GPTQ, Hadamard", HAD + W4A4 + ",gptq"),
+    "w4a4-gptq-learned": ("W4A4 GPTQ, learned", HAD + LEARN + W4A4 + ",gptq"),
+    "w4a16-gptq-learned": (
+        "W4A16 GPTQ, learned",
+        "fuse-norms,rotate{seed=0},learn-rotations{a=none}," + W4 + ",gptq",
+    ),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--rows", type=str, default=",".join(ROWS), help="row keys to run now")
+    args = ap.parse_args()
+    path = RESULTS / f"rotations_w{args.windows}.json"
+    done = run_rows(ROWS, args.rows.split(","), path, args.windows)
+    cmd = f".venv/bin/python benchmarks/learned_rotations.py --windows {args.windows}"
+    print(header("Learned rotations against Hadamards (SmolLM2-135M)", cmd))
+    print(rows_table(ROWS, done, args.windows))
+
+
+if __name__ == "__main__":
+    main()
