@@ -172,6 +172,19 @@ def calibrated(
     return model
 
 
+_TRACED: dict[int, tuple[torch.nn.Module, qgraph.Model]] = {}
+
+
+def traced_copy(hf: torch.nn.Module) -> qgraph.Model:
+    """``qgraph.from_hf(hf)`` as a fresh copy of one trace per module and test process: tracing
+    takes seconds on a small CPU and most test models are session fixtures traced again and
+    again. Weights of the copy no longer share storage with ``hf``."""
+    hit = _TRACED.get(id(hf))
+    if hit is None or hit[0] is not hf:
+        hit = _TRACED[id(hf)] = (hf, qgraph.from_hf(hf))
+    return fresh_copy(hit[1])
+
+
 def fresh_copy(model: qgraph.Model) -> qgraph.Model:
     """A deep copy to rewrite (the cached analyses are dropped first, not copied)."""
     model.invalidate()

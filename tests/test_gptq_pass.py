@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import logits_rel_err, token_batches, tokens
+from helpers import logits_rel_err, token_batches, tokens, traced_copy
 
 import qgraph
 from qgraph.graph_edits import get_tensor
@@ -17,10 +17,10 @@ QLINEAR = torch.ops.qgraph.qlinear.default
 def test_gptq_beats_rtn_on_held_out_tokens(llama96, quant):
     hf = llama96
     calib, held_out = token_batches(256, [(16, 64), (4, 64)], seed=1)
-    rtn = qgraph.from_hf(hf)
+    rtn = traced_copy(hf)
     rtn.set_calibration(calib)
     qgraph.run_pipeline(rtn, f"fuse-norms,rotate,quantize{{{quant}}}")
-    gptq = qgraph.from_hf(hf)
+    gptq = traced_copy(hf)
     gptq.set_calibration(calib)
     qgraph.run_pipeline(gptq, f"fuse-norms,rotate,quantize{{{quant}}},gptq")
     assert logits_rel_err(gptq, hf, held_out) < 0.95 * logits_rel_err(rtn, hf, held_out)
@@ -33,7 +33,7 @@ def test_gptq_hessian_comes_from_the_rewritten_graph(llama96):
     """The first group's codes equal GPTQ solved on XᵀX of the *rotated, activation-quantized*
     input, captured independently from the graph before the gptq pass."""
     calib = tokens(256, 8, 32, seed=2)
-    model = qgraph.from_hf(llama96)
+    model = traced_copy(llama96)
     model.set_calibration(calib)
     qgraph.run_pipeline(model, "fuse-norms,rotate,quantize{w=int4:channel,a=int8:token}")
     first = next(n for n in model.gm.graph.nodes if n.target is QLINEAR)
@@ -61,14 +61,14 @@ def test_gptq_hessian_comes_from_the_rewritten_graph(llama96):
 
 def test_gptq_requires_quantize_first(llama96):
     with pytest.raises(qgraph.PipelineError, match="quantize"):
-        qgraph.PassManager("gptq").run(qgraph.from_hf(llama96))
+        qgraph.PassManager("gptq").run(traced_copy(llama96))
 
 
 def test_resumable_run_stops_before_the_rest_of_the_graph(llama96):
     """A pass that has what it needs ends the run: no later node (here lm_head) executes."""
     from qgraph.calibration import ResumableRun
 
-    model = qgraph.from_hf(llama96)
+    model = traced_copy(llama96)
     nodes = [n for n in model.gm.graph.nodes if n.op == "call_function"]
     stop_at, seen = nodes[len(nodes) // 2], []
 

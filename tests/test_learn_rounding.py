@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import logits_rel_err, token_batches, tokens
+from helpers import logits_rel_err, token_batches, tokens, traced_copy
 
 import qgraph
 from qgraph.kernels.adaround import learn_rounding
@@ -108,10 +108,10 @@ def test_pass_lowers_logits_error_on_held_out_tokens(llama96):
     # the narrow grid: on this tiny model the full grid alone takes RTN from 0.387 to 0.279 and
     # leaves learned rounding nothing measurable on held-out tokens (0.2787)
     base = "fuse-norms,rotate,quantize{w=int3:channel:narrow}"
-    rtn = qgraph.from_hf(hf)
+    rtn = traced_copy(hf)
     rtn.set_calibration(calib)
     qgraph.run_pipeline(rtn, base)
-    learned = qgraph.from_hf(hf)
+    learned = traced_copy(hf)
     learned.set_calibration(calib)
     qgraph.run_pipeline(learned, base + ",learn-rounding{iters=100}")
     # 0.355 vs 0.387
@@ -124,8 +124,8 @@ def test_pass_lowers_logits_error_on_held_out_tokens(llama96):
 
 def test_pass_order_errors(llama96):
     with pytest.raises(qgraph.PipelineError, match="quantize"):
-        qgraph.PassManager("learn-rounding").run(qgraph.from_hf(llama96))
-    model = qgraph.from_hf(llama96)
+        qgraph.PassManager("learn-rounding").run(traced_copy(llama96))
+    model = traced_copy(llama96)
     model.set_calibration(tokens(256, 2, 16))
     with pytest.raises(qgraph.PipelineError, match="gptq"):
         qgraph.run_pipeline(model, "quantize{w=int4:channel},gptq,learn-rounding")

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import tiny_llama, tokens
+from helpers import tiny_llama, tokens, traced_copy
 
 import qgraph
 from qgraph.passes.mixed_precision import allocate_bits
@@ -50,7 +50,7 @@ def test_allocation_matches_the_exhaustive_optimum():
 
 def test_pass_allocates_and_quantizes_each_layer_at_its_width(llama96):
     hf = llama96
-    model = qgraph.from_hf(hf)
+    model = traced_copy(hf)
     model.set_calibration(tokens(256, 4, 64, seed=1))
     qgraph.run_pipeline(model, "mixed-precision{budget=4.5,choices=3+4+8},gptq")
     summary = next(r for r in model.log if r.name == "mixed-precision").summary
@@ -75,11 +75,11 @@ def test_pass_allocates_and_quantizes_each_layer_at_its_width(llama96):
 def test_default_widths_and_budget_below_them():
     """The default widths are 4 and 8; a budget below the narrowest width is refused."""
     hf = tiny_llama(layers=1, tied=False, max_positions=2048)  # was built unseeded
-    model = qgraph.from_hf(hf)
+    model = traced_copy(hf)
     model.set_calibration(tokens(256, 2, 32, seed=3))
     qgraph.run_pipeline(model, "mixed-precision{budget=5}")
     summary = next(r for r in model.log if r.name == "mixed-precision").summary
     assert set(summary["allocation"].values()) <= {4, 8}
     assert 4.0 < summary["average_bits"] <= 5.0
     with pytest.raises(qgraph.PipelineError, match="below the smallest width 4"):
-        qgraph.run_pipeline(qgraph.from_hf(hf), "mixed-precision{budget=3.5}")
+        qgraph.run_pipeline(traced_copy(hf), "mixed-precision{budget=3.5}")

@@ -16,6 +16,7 @@ from helpers import (
     probe_inputs,
     raises_naming,
     tokens,
+    traced_copy,
 )
 
 import qgraph
@@ -33,7 +34,7 @@ def count(model: qgraph.Model, target) -> int:
 
 
 def prepared(hf, pipeline: str, calib: torch.Tensor | None = None) -> qgraph.Model:
-    model = qgraph.from_hf(hf)
+    model = traced_copy(hf)
     if calib is not None:
         model.set_calibration(calib)
     qgraph.run_pipeline(model, pipeline, verify_each=True)

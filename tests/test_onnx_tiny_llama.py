@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import tiny_llama, tokens
+from helpers import tiny_llama, tokens, traced_copy
 from onnx import TensorProto, helper
 
 import qgraph
@@ -121,7 +121,7 @@ def hf():
 
 
 def build(hf, pipeline: str, directory, name: str):
-    model = qgraph.from_hf(hf)
+    model = traced_copy(hf)
     qgraph.run_pipeline(model, pipeline)
     path = export_model(model, directory / f"{name}.onnx", pipeline)
     instrumented = directory / f"{name}-probe.onnx"
@@ -190,7 +190,7 @@ def test_ragged_groups_export_and_fuse(hf, tmp_path) -> None:
     """Group 48 leaves a ragged last group on the 64- and 128-wide inputs; the blocked
     DequantizeLinear (ceil(K / 48) scale rows) runs in ONNX Runtime. (ONNX Runtime fuses only
     power-of-two blocks into MatMulNBits, so these stay DequantizeLinear → MatMul.)"""
-    model = qgraph.from_hf(hf)
+    model = traced_copy(hf)
     qgraph.run_pipeline(model, "quantize{w=int4:group48:asym}")
     path = export_model(model, tmp_path / "ragged.onnx", "quantize{w=int4:group48:asym}")
     ids = tokens(VOCAB, 2, 20, seed=5)

@@ -25,7 +25,7 @@ import copy
 
 import pytest
 import torch
-from helpers import hf_logits, tiny_llama, tiny_opt, token_batches, tokens
+from helpers import hf_logits, tiny_llama, tiny_opt, token_batches, tokens, traced_copy
 from torch import nn
 
 import qgraph
@@ -240,7 +240,7 @@ def hf():
 @pytest.fixture(scope="module")
 def traced(hf) -> qgraph.Model:
     """Without calibration data; conftest's ``model`` gives each test a fresh copy of it."""
-    return qgraph.from_hf(hf)
+    return traced_copy(hf)
 
 
 # ---------------------------------------------------------------------------- rewriting

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 import torch
-from helpers import hf_logits, probe_inputs, tokens
+from helpers import hf_logits, probe_inputs, tokens, traced_copy
 
 import qgraph
 from qgraph.errors import ExportError, ModelFileError
@@ -23,7 +23,7 @@ def count(model: qgraph.Model, target) -> int:
 
 @pytest.fixture(scope="module")
 def rewritten(llama_exact):
-    model = qgraph.from_hf(llama_exact)
+    model = traced_copy(llama_exact)
     model.set_calibration(tokens(128, 4, 32, seed=0))
     qgraph.run_pipeline(
         model,
@@ -53,7 +53,7 @@ def test_reloaded_model_is_identical(rewritten, tmp_path):
 
 def test_reloaded_float_model_can_be_rewritten_further(llama_exact, tmp_path):
     hf = llama_exact
-    model = qgraph.from_hf(hf)
+    model = traced_copy(hf)
     qgraph.run_pipeline(model, "fuse-norms,rotate{online=r4}")
     back = qgraph.load(qgraph.save(model, tmp_path / "m.pt2"))
     qgraph.run_pipeline(back, "expand{step=2}", verify_each=True)
@@ -106,7 +106,7 @@ def test_onnx_file_keeps_online_rotations_and_expansion(llama_exact, tmp_path):
         ("fuse-norms,rotate{online=all},expand{step=3}", 1e-4),
         ("fuse-norms,rotate{online=all},expand{step=1},quantize{w=int4:channel}", None),
     ):
-        model = qgraph.from_hf(hf)
+        model = traced_copy(hf)
         qgraph.run_pipeline(model, pipeline)
         path = export_model(model, tmp_path / "m.onnx", pipeline)
         proto = onnx.load(path)
@@ -126,7 +126,7 @@ def test_onnx_file_keeps_online_rotations_and_expansion(llama_exact, tmp_path):
 
 
 def test_split_sparse_model_round_trips(llama_exact, tmp_path):
-    model = qgraph.from_hf(llama_exact)
+    model = traced_copy(llama_exact)
     model.set_calibration(tokens(128, 4, 32, seed=1))
     qgraph.run_pipeline(model, "quantize{w=int3:channel},split-sparse{outliers=1}")
     back = qgraph.load(qgraph.save(model, tmp_path / "s.pt2"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import logits_rel_err, token_batches
+from helpers import logits_rel_err, token_batches, traced_copy
 
 import qgraph
 from qgraph.errors import PipelineError
@@ -23,7 +23,7 @@ def setup(llama_exact):
 
 
 def run(hf, calib, pipeline: str) -> qgraph.Model:
-    model = qgraph.from_hf(hf)
+    model = traced_copy(hf)
     model.set_calibration(calib)
     qgraph.run_pipeline(model, pipeline)
     return model
