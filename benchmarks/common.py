@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -81,3 +82,17 @@ def rows_table(rows: dict[str, tuple[str, str]], done: dict, windows: int) -> st
                 f"{r['seconds']:.0f} |"
             )
     return "\n".join(lines)
+
+
+def study_main(rows: dict[str, tuple[str, str]], stem: str, title: str, script: str) -> None:
+    """The command line of a row study: ``[--windows N] [--rows KEY,...]``; runs the missing
+    rows into ``results/{stem}_w{N}.json`` and prints the table with its command line."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--rows", type=str, default=",".join(rows), help="row keys to run now")
+    args = ap.parse_args()
+    path = Path(script).parent / "results" / f"{stem}_w{args.windows}.json"
+    done = run_rows(rows, args.rows.split(","), path, args.windows)
+    cmd = f".venv/bin/python benchmarks/{Path(script).name} --windows {args.windows}"
+    print(header(title, cmd))
+    print(rows_table(rows, done, args.windows))

@@ -13,12 +13,8 @@ interrupted study resumes where it stopped.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from common import study_main
 
-from common import header, rows_table, run_rows
-
-RESULTS = Path(__file__).parent / "results"
 ROT = "fuse-norms,rotate{seed=0},"
 ROT_A4 = "fuse-norms,rotate{seed=0,online=r2+r4},"
 #: key -> (recipe label, pipeline)
@@ -45,17 +41,5 @@ ROWS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--rows", type=str, default=",".join(ROWS), help="row keys to run now")
-    args = ap.parse_args()
-    path = RESULTS / f"grids_w{args.windows}.json"
-    done = run_rows(ROWS, args.rows.split(","), path, args.windows)
-    cmd = f".venv/bin/python benchmarks/grids.py --windows {args.windows}"
-    print(header("Weight grids, clipping and column order (SmolLM2-135M)", cmd))
-    print(rows_table(ROWS, done, args.windows))
-
-
 if __name__ == "__main__":
-    main()
+    study_main(ROWS, "grids", "Weight grids, clipping and column order (SmolLM2-135M)", __file__)

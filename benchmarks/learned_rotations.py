@@ -10,12 +10,8 @@ only R4 online). Rows are appended to ``results/rotations_w{windows}.json`` as t
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from common import study_main
 
-from common import header, rows_table, run_rows
-
-RESULTS = Path(__file__).parent / "results"
 HAD = "fuse-norms,rotate{seed=0,online=r2+r4},"
 SPIN = "fuse-norms,rotate{seed=0,online=r4},"
 LEARN = "learn-rotations,"
@@ -35,17 +31,5 @@ ROWS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--rows", type=str, default=",".join(ROWS), help="row keys to run now")
-    args = ap.parse_args()
-    path = RESULTS / f"rotations_w{args.windows}.json"
-    done = run_rows(ROWS, args.rows.split(","), path, args.windows)
-    cmd = f".venv/bin/python benchmarks/learned_rotations.py --windows {args.windows}"
-    print(header("Learned rotations against Hadamards (SmolLM2-135M)", cmd))
-    print(rows_table(ROWS, done, args.windows))
-
-
 if __name__ == "__main__":
-    main()
+    study_main(ROWS, "rotations", "Learned rotations against Hadamards (SmolLM2-135M)", __file__)

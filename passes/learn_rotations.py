@@ -29,17 +29,15 @@ from torch import fx
 from qgraph.errors import DataError, PipelineError
 from qgraph.formats import ActSpec, WeightSpec, fake_quantize, parse_act_spec, parse_weight_spec
 from qgraph.graph_edits import finish, get_tensor
-from qgraph.kernels.hadamard import fast_hadamard_transform
 from qgraph.kernels.rotation import Rotation
 from qgraph.kernels.stiefel import CayleySGD
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
 from qgraph.progress import bar
 from qgraph.selection import LayerSelector, selector_options
-from qgraph.structure import Linear
 
 from . import online_rotation
-from .rotate import apply_r1, check_r1, rotate_heads
+from .rotate import apply_r1, check_r1, r2_possible, rotate_heads
 
 PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
 
@@ -48,7 +46,6 @@ PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
 class _LayerPlan:
     """How one linear layer's weight depends on the learned rotations."""
 
-    lin: Linear
     weight: torch.Tensor  # float32 base weight (o_proj behind an online rotation: un-rotated)
     bias: torch.Tensor | None
     reader: bool  # reads the residual stream: W U
@@ -187,7 +184,7 @@ class LearnRotations(Pass):
         start = time.perf_counter()
         gm, sv = model.gm, model.structure
         hidden = int(sv.residual.hidden)
-        attention = [a for a in sv.attention if self.opt("r2") and _r2_ok(a)]
+        attention = [a for a in sv.attention if self.opt("r2") and r2_possible(a)]
         plans = _plan(gm, sv, attention, self.selector)
         u = torch.eye(hidden, requires_grad=True)
         vs = [torch.eye(a.head_dim, requires_grad=True) for a in attention]
@@ -248,10 +245,6 @@ class LearnRotations(Pass):
         return summary
 
 
-def _r2_ok(att) -> bool:
-    return att.v_path_ok and att.v is not None and att.o is not None
-
-
 def _orthonormal(q: torch.Tensor) -> torch.Tensor:
     """``q`` in float64, re-orthonormalised (polar factor) to remove float32 drift, so that the
     folded rotation is orthogonal to float64 precision."""
@@ -266,7 +259,6 @@ def _plan(gm: fx.GraphModule, sv, attention: list, selector: LayerSelector):
     for lin in sv.linears:
         bias = get_tensor(gm, lin.bias).float() if lin.bias else None
         plans[lin.node] = _LayerPlan(
-            lin,
             get_tensor(gm, lin.weight).float(),
             bias,
             reader=lin.node in readers,
@@ -280,8 +272,8 @@ def _plan(gm: fx.GraphModule, sv, attention: list, selector: LayerSelector):
         online = online_rotation.find(att.o.node, gm)
         if online is not None:
             p.weight = online_rotation.unrotated_weight(gm, att.o.weight, online).float()
-            eye = torch.eye(online.size, dtype=torch.float64)
-            p.online = fast_hadamard_transform(eye, True, online.signs.double()).float()
+            eye = torch.eye(online.size)  # I_pad Q = Q, by the helper that built the layer
+            p.online = online_rotation.rotated_weight(eye, online.size, online.signs).float()
     # layers that play no part in the rotations and are not fake-quantized run as they are
     return {n: p for n, p in plans.items() if p.reader or p.writer or p.quantized or _r2(p)}
 

@@ -123,7 +123,7 @@ class Rotate(Pass):
         if self.opt("r2"):
             done, refused = 0, []
             for att in sv.attention:
-                if not att.v_path_ok or att.v is None or att.o is None:
+                if not r2_possible(att):
                     refused.append(
                         att.reason or f"attention {att.node.name}: v/o projection not found"
                     )
@@ -193,6 +193,12 @@ def _rotate_qk(gm, attention, seed: int) -> int:
             args[i] = insert_call(gm, sdpa, HADAMARD, (args[i], signs, True))
         sdpa.args = tuple(args)
     return len(attention)
+
+
+def r2_possible(att) -> bool:
+    """Whether an attention's value path can take R2 (v and o found, nothing between them that
+    a per-head rotation would not commute with)."""
+    return att.v_path_ok and att.v is not None and att.o is not None
 
 
 def apply_r1(gm, sv, rot: Rotation) -> int:
