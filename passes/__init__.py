@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     learn_rotations,
     learn_rounding,
     mixed_precision,
+    qat,
     quantize,
     rotate,
     split_sparse,

@@ -56,7 +56,7 @@ class GPTQ(Pass):
     )
     requires = frozenset({"quantized", "float-weights"})
     provides = frozenset({"gptq"})
-    forbids = frozenset({"gptq", "learned-rounding"})
+    forbids = frozenset({"gptq", "learned-rounding", "qat"})
     preserves = frozenset({"structure", "quantized-layers"})  # only codes and scales change
 
     def check(self, model: Model) -> None:

@@ -51,7 +51,7 @@ class LearnRounding(Pass):
     )
     requires = frozenset({"quantized", "float-weights"})
     provides = frozenset({"learned-rounding"})
-    forbids = frozenset({"gptq", "learned-rounding"})
+    forbids = frozenset({"gptq", "learned-rounding", "qat"})
     preserves = frozenset({"structure", "quantized-layers"})  # only codes change
 
     def validate(self) -> None:

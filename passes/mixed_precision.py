@@ -97,7 +97,7 @@ class MixedPrecision(Pass):
         Option("tokens", int, 256, "tokens per window used to measure sensitivity"),
     )
     provides = frozenset({"quantized", "float-weights", "mixed-precision"})
-    forbids = frozenset({"gptq", "learned-rounding", "sparse-split", "mixed-precision"})
+    forbids = frozenset({"gptq", "learned-rounding", "sparse-split", "mixed-precision", "qat"})
 
     def validate(self) -> None:
         try:

@@ -273,7 +273,7 @@ class Quantize(Pass):
         ),
     )
     provides = frozenset({"quantized", "float-weights"})
-    forbids = frozenset({"gptq", "learned-rounding", "sparse-split"})
+    forbids = frozenset({"gptq", "learned-rounding", "sparse-split", "qat"})
 
     def validate(self) -> None:
         try:

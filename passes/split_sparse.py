@@ -94,7 +94,7 @@ class SplitSparse(Pass):
     )
     requires = frozenset({"quantized", "float-weights"})
     provides = frozenset({"sparse-split"})
-    forbids = frozenset({"gptq", "learned-rounding", "sparse-split"})
+    forbids = frozenset({"gptq", "learned-rounding", "sparse-split", "qat"})
 
     def validate(self) -> None:
         for key in ("outliers", "significant", "beta"):
