@@ -72,8 +72,7 @@ class GPTQ(Pass):
                 w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
                 damp=self.opt("damp"), act_order=self.opt("act-order"),
                 block_size=self.opt("block-size"),
-                mse_search=clip != "none",
-                weighted_search=clip == "output",
+                clip=clip,
                 full_range=spec.full_range,
             )  # fmt: skip
             rec.clip = clip

@@ -316,7 +316,7 @@ def test_inputs_not_modified(layer):
     h = h.clone()
     h[:, 3] = h[3, :] = 0.0  # a dead input: the kernel must not write diag 1 into it
     w0, h0 = w.clone(), h.clone()
-    gptq_quantize(w, h, 4, act_order=True, granularity="group", group_size=16, mse_search=True)
+    gptq_quantize(w, h, 4, act_order=True, granularity="group", group_size=16, clip="output")
     assert torch.equal(w, w0) and torch.equal(h, h0)
 
 
@@ -404,20 +404,24 @@ def test_gptq_full_range_uses_every_code(layer):
     assert torch.equal(quant.dequantize_weight(res.codes, res.scale, res.zero), res.weight)
 
 
-def test_gptq_mse_search(layer):
+def test_gptq_clip_search(layer):
     w, h, _ = layer
     w = w.clone()
     w[:, 7] *= 6.0  # a heavy column: clipping its extremes pays off
     base = gptq_quantize(w, h, 3)
-    searched = gptq_quantize(w, h, 3, mse_search=True)
+    searched = gptq_quantize(w, h, 3, clip="output")
     assert torch.equal(
         quant.dequantize_weight(searched.codes, searched.scale, searched.zero), searched.weight
     )
     assert searched.error < rtn_error(w, h, _rtn(w, 3, True, "channel", None))
     assert not torch.equal(searched.scale, base.scale)
-    same = gptq_quantize(w, h, 3, mse_search=True, mse_grid=(1.0,))
+    same = gptq_quantize(w, h, 3, clip="output", clip_grid=(1.0,))
     assert torch.equal(same.codes, base.codes)
-    grouped = gptq_quantize(w, h, 3, granularity="group", group_size=16, mse_search=True)
+    plain = gptq_quantize(w, h, 3, clip="mse")  # unweighted: another grid
+    assert not torch.equal(plain.scale, searched.scale)
+    with pytest.raises(ValueError, match="clip"):
+        gptq_quantize(w, h, 3, clip="kl")
+    grouped = gptq_quantize(w, h, 3, granularity="group", group_size=16, clip="output")
     assert torch.equal(
         quant.dequantize_weight(grouped.codes, grouped.scale, grouped.zero), grouped.weight
     )

@@ -193,20 +193,20 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
-    mse_search: bool = False,
-    mse_grid: Sequence[float] = DEFAULT_CLIP_GRID,
+    clip: str = "none",
+    clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
     full_range: bool = False,
-    weighted_search: bool = True,
 ) -> GPTQResult:
     """Quantize w [out, in] with GPTQ given the Hessian [in, in] of its inputs (∝ XᵀX).
 
     Dead inputs (diag H == 0) get diag 1 and zero weights; damp · mean(diag H) is added to the
     diagonal. granularity is 'tensor' (one scale/zero [1, 1], fixed from the whole weight before
     any update), 'channel' (scale/zero [out, 1]) or 'group' (needs group_size; [out, ceil(in /
-    group_size)], each group's grid taken when its first column is reached). mse_search picks each
-    row's (channel) or group's clip ratio from mse_grid by error (mse_clip_search): weighted by
-    the Hessian's diagonal (the output error of each column alone) unless ``weighted_search`` is
-    False; for groups it is applied to the group's current weights. full_range selects the
+    group_size)], each group's grid taken when its first column is reached). ``clip`` other than
+    "none" picks each row's (channel) or group's clip ratio from clip_grid by error
+    (mse_clip_search): "output" weighs each column by the Hessian's diagonal (the output error of
+    each column alone), "mse" by 1 (plain weight MSE); for groups it is applied to the group's
+    current weights. full_range selects the
     symmetric full grid (quant.py). See the module docstring for the design.
     Inputs are never modified.
     """
@@ -225,6 +225,8 @@ def gptq_quantize(
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if not damp >= 0:
         raise ValueError(f"damp must be non-negative, got {damp}")
+    if clip not in ("none", "mse", "output"):
+        raise ValueError(f"clip must be 'none', 'mse' or 'output', got {clip!r}")
 
     device = w.device
     wd = _work_dtype(w.dtype)
@@ -238,14 +240,14 @@ def gptq_quantize(
     weight = w.detach().to(wd).clone()
     weight[:, dead] = 0.0
 
-    importance = diag.clone() if weighted_search else torch.ones_like(diag)
+    importance = diag.clone() if clip == "output" else torch.ones_like(diag)
     importance[dead] = 0.0
 
     def params(block: torch.Tensor, cols: torch.Tensor | None = None):
-        if mse_search:
+        if clip != "none":
             imp = importance if cols is None else importance[cols]
             return mse_clip_search(
-                block, bits, symmetric, "channel", None, mse_grid, full_range, imp
+                block, bits, symmetric, "channel", None, clip_grid, full_range, imp
             )
         return weight_qparams(block, bits, symmetric, "channel", full_range=full_range)
 
@@ -258,9 +260,9 @@ def gptq_quantize(
         scale[:, :1], zero[:, :1] = s, z
         ready[0] = True
     elif granularity == "tensor":
-        if mse_search:
+        if clip != "none":
             s, z = mse_clip_search(
-                weight, bits, symmetric, "tensor", None, mse_grid, full_range, importance
+                weight, bits, symmetric, "tensor", None, clip_grid, full_range, importance
             )
         else:
             s, z = weight_qparams(weight, bits, symmetric, "tensor", full_range=full_range)
