@@ -121,6 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.calib_windows,
         args.window,
         progress=not args.no_progress,
+        calib_seed=args.calib_seed,
     )
     report = job.run(
         args.pipeline,
@@ -231,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_range(1),
         default=16,
         help="number of calibration windows (>= 1)",
+    )
+    run.add_argument(
+        "--calib-seed",
+        type=_int_range(0),
+        default=None,
+        help="draw the calibration windows at random from the whole calibration text with this "
+        "seed (default: its first windows)",
     )
     run.add_argument(
         "--window",

@@ -248,6 +248,19 @@ def token_windows(
     return torch.tensor(ids[: n * window], dtype=torch.long).reshape(n, window)
 
 
+def sample_windows(windows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` of the rows of ``windows`` drawn without replacement by ``seed``, in text order: a
+    different calibration sample of the same text for each seed (the first ``n`` rows are the
+    unseeded default)."""
+    if not 1 <= n <= len(windows):
+        raise DataError(
+            f"cannot sample {n} calibration windows from {len(windows)}: the text is too short "
+            "for that many windows, give a longer text or ask for fewer"
+        )
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    return windows[order[:n].sort().values]
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise DataError if ``t`` holds NaN or Inf, so bad inputs fail loudly before they spread."""
     if not (t.is_floating_point() or t.is_complex()):

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .api import from_hf
-from .data import load_text, token_windows
+from .data import load_text, sample_windows, token_windows
 from .errors import DataError
 from .evaluate import perplexity
 from .loaders import LoadedLM, load_causal_lm
@@ -51,6 +51,7 @@ class Job:
         calib_windows: int = 16,
         window: int = 512,
         progress: bool = True,
+        calib_seed: int | None = None,
     ):
         t = time.perf_counter()
         self.lm: LoadedLM | None = None
@@ -71,9 +72,13 @@ class Job:
             self.lm = load_causal_lm(model_spec)
             self.name, self.source, self.tokenizer = self.lm.name, self.lm.source, self.lm.tokenizer
         log(f"loaded {self.name} from {self.source} in {time.perf_counter() - t:.1f}s")
-        self.calib = token_windows(
-            self.tokenizer, load_text(calib_text, "calib"), window, calib_windows
-        )
+        calib_text = load_text(calib_text, "calib")
+        if calib_seed is None:  # the first windows of the text
+            self.calib = token_windows(self.tokenizer, calib_text, window, calib_windows)
+        else:
+            every = token_windows(self.tokenizer, calib_text, window)
+            self.calib = sample_windows(every, calib_windows, calib_seed)
+        self.calib_seed = calib_seed
         self.eval = token_windows(
             self.tokenizer, load_text(eval_text, "eval"), window, eval_windows
         )
@@ -135,6 +140,7 @@ class Job:
             "pipeline": pipeline,
             "baseline": self.baseline,
             "eval": {"windows": int(self.eval.shape[0]), "window": int(self.eval.shape[1])},
+            "calibration": {"windows": int(self.calib.shape[0]), "seed": self.calib_seed},
             "passes": [
                 {
                     "name": r.name,

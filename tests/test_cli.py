@@ -77,6 +77,7 @@ def _one_error_line(err: str) -> str:
         (["run", "--pipeline", "fuse-norms", "--eval-windows", "2.5"], "--eval-windows"),
         (["run", "--pipeline", "fuse-norms", "--calib-windows", "0"], "--calib-windows"),
         (["run", "--pipeline", "fuse-norms", "--window", "0"], "--window"),
+        (["run", "--pipeline", "fuse-norms", "--calib-seed", "-1"], "--calib-seed"),
         (["run", "--pipeline", "fuse-norms", "--window", "1"], "--window"),
         (["run", "--pipeline", "fuse-norms", "--window", "abc"], "--window"),
         (["run", "--pipeline", "fuse-norms", "--seed", "-1"], "--seed"),
@@ -106,10 +107,10 @@ def test_help_returns_0(capsys) -> None:
 
 def test_good_numbers_reach_job(capsys, reach_job) -> None:
     argv = ["run", "--pipeline", "fuse-norms", "--eval-windows", "1", "--calib-windows", "1"]
-    assert main([*argv, "--window", "2", "--seed", "0"]) == 2
+    assert main([*argv, "--window", "2", "--seed", "0", "--calib-seed", "3"]) == 2
     assert "reached Job" in capsys.readouterr().err
     ((args, kwargs),) = reach_job
-    assert args[3:6] == (1, 1, 2)
+    assert args[3:6] == (1, 1, 2) and kwargs["calib_seed"] == 3
 
 
 # ------------------------------------------------------------------ output paths

@@ -11,7 +11,13 @@ import pytest
 import torch
 from helpers import raises_naming, tokens
 
-from qgraph.data import check_finite, load_text, stdlib_docstring_text, token_windows
+from qgraph.data import (
+    check_finite,
+    load_text,
+    sample_windows,
+    stdlib_docstring_text,
+    token_windows,
+)
 from qgraph.errors import DataError
 from qgraph.evaluate import greedy_generate, perplexity, window_nll
 
@@ -109,6 +115,19 @@ def test_token_windows_exact() -> None:
 def test_token_windows_too_short() -> None:
     with pytest.raises(DataError, match=r"7 tokens.*8"):
         token_windows(OrdTokenizer(), "abcdefg", window=8)
+
+
+def test_sample_windows_is_seeded_without_replacement_in_text_order() -> None:
+    windows = torch.arange(40).reshape(20, 2)
+    a, b, c = (sample_windows(windows, 6, seed) for seed in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    for s in (a, c):
+        firsts = s[:, 0].tolist()
+        assert firsts == sorted(set(firsts)) and len(firsts) == 6  # distinct rows, in order
+        assert all(torch.equal(windows[f // 2], row) for f, row in zip(firsts, s, strict=True))
+    assert torch.equal(sample_windows(windows, 20, 3), windows)
+    with pytest.raises(DataError, match="21 calibration windows from 20"):
+        sample_windows(windows, 21, 0)
 
 
 def test_token_windows_hf_tokenizer_no_length_warning(capfd) -> None:
