@@ -15,17 +15,21 @@ from .onnx_export import export_onnx, op_histogram
 from .ort_runtime import OrtModel, optimized_op_histogram
 
 
-def export_model(
-    model: Model, path: str | os.PathLike, pipeline: str = "", external_data: bool | None = None
-) -> Path:
-    """Write ``model`` as an ONNX file that stock ONNX Runtime runs (opset 21)."""
-    metadata = {
+def export_metadata(model: Model, pipeline: str) -> dict[str, str]:
+    """The recipe and pass log every exported file carries (``metadata_props``)."""
+    return {
         "qgraph.version": __version__,
         "qgraph.model": model.name,
         "qgraph.pipeline": pipeline,
         "qgraph.properties": ",".join(sorted(model.properties)),
         "qgraph.pass_log": json.dumps([r.to_dict() for r in model.log], default=str),
     }
+
+
+def export_model(
+    model: Model, path: str | os.PathLike, pipeline: str = "", external_data: bool | None = None
+) -> Path:
+    """Write ``model`` as an ONNX file that stock ONNX Runtime runs (opset 21)."""
     return export_onnx(
         model.gm,
         model.example_inputs,
@@ -33,7 +37,7 @@ def export_model(
         dynamic_shapes=model.dynamic_shapes,
         input_names=list(model.input_names),
         output_names=["logits"],
-        metadata=metadata,
+        metadata=export_metadata(model, pipeline),
         external_data=external_data,
     )
 
@@ -50,4 +54,10 @@ def ort_forward(path: str | os.PathLike, threads: int = 2, exact_matmul: bool = 
     return forward
 
 
-__all__ = ["export_model", "ort_forward", "op_histogram", "optimized_op_histogram"]
+__all__ = [
+    "export_metadata",
+    "export_model",
+    "ort_forward",
+    "op_histogram",
+    "optimized_op_histogram",
+]

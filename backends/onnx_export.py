@@ -31,7 +31,13 @@ from qgraph.errors import ExportError
 from .onnx_hadamard import add_hadamard_functions, is_qgraph_function
 from .onnx_lowering import CUSTOM_TRANSLATIONS
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "export_onnx", "op_histogram", "postprocess"]
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "export_onnx",
+    "op_histogram",
+    "postprocess",
+    "rename_dims",
+]
 
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
 """Initializer bytes above which ``external_data=None`` writes a separate data file (protobuf
@@ -219,6 +225,7 @@ def export_onnx(
     metadata: Mapping[str, str] | None = None,
     opset: int = 21,
     external_data: bool | None = None,
+    dim_names: Mapping[str, Mapping[int, str]] | None = None,
 ) -> Path:
     """Export ``module(*example_inputs)`` to ``path`` and return the path.
 
@@ -226,6 +233,8 @@ def export_onnx(
     ``external_data=None`` stores weights in ``<name>.data`` next to the file only when the
     initializers exceed :data:`EXTERNAL_DATA_THRESHOLD`; ``True``/``False`` force it. The
     module is exported in eval mode; its train/eval flags are restored afterwards.
+    ``dim_names`` names dynamic axes of inputs and outputs (``{"input_ids": {0: "batch_size"}}``);
+    the exporter's own symbols for them are renamed throughout the graph.
     """
     target = Path(path)
     if not target.parent.is_dir():
@@ -268,6 +277,8 @@ def export_onnx(
     except Exception as exc:
         raise ExportError(f"export to {target}: graph optimization failed: {exc}") from exc
 
+    if dim_names:
+        rename_dims(model, dim_names)
     if metadata:
         for key, value in metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
@@ -283,6 +294,37 @@ def export_onnx(
     )
     _save_atomically(model, target, use_external)
     return target
+
+
+def rename_dims(model: ir.Model, names: Mapping[str, Mapping[int, str]]) -> None:
+    """Rename the symbolic axes of the named inputs/outputs, and the same symbols everywhere
+    else in the graph, so that shapes read ``batch_size`` rather than ``s14``."""
+    mapping: dict[str, str] = {}
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        axes = names.get(value.name or "", {})
+        for axis, name in axes.items():
+            if value.shape is None or axis >= len(value.shape):
+                raise ExportError(f"{value.name} has no axis {axis} to name {name!r}")
+            dim = value.shape[axis]
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                mapping.setdefault(dim.value, name)
+
+    def renamed(value: ir.Value) -> None:
+        if value.shape is None:
+            return
+        dims = [
+            ir.SymbolicDim(mapping[d.value])
+            if isinstance(d, ir.SymbolicDim) and d.value in mapping
+            else d
+            for d in value.shape
+        ]
+        value.shape = ir.Shape(dims)
+
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        renamed(value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            renamed(value)
 
 
 def _save_atomically(model: ir.Model, target: Path, use_external: bool) -> None:

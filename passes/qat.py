@@ -136,8 +136,8 @@ class QAT(Pass):
         Option("iters", int, 32, "Adam steps (one calibration window each)"),
         Option("lr", float, 0.01, "Adam learning rate of the latent weights, in grid steps"),
         Option("scale-lr", float, 0.002, "Adam learning rate of the log scales (0: fixed)"),
-        Option("t-start", float, 4.0, "sigmoid estimator: sharpness at the first step"),
-        Option("t-end", float, 24.0, "sigmoid estimator: sharpness at the last step"),
+        Option("t-start", float, 8.0, "sigmoid estimator: sharpness at the first step"),
+        Option("t-end", float, 32.0, "sigmoid estimator: sharpness at the last step"),
         Option(
             "loss",
             str,

@@ -35,6 +35,7 @@ from qgraph.kernels.hadamard import hadamard_factorization, random_signs
 from qgraph.kernels.rotation import Rotation, rotate_input, rotate_output
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
+from qgraph.structure import gqa_source
 
 from . import online_rotation
 
@@ -190,8 +191,14 @@ def _rotate_qk(gm, attention, seed: int) -> int:
         for i in (0, 1):
             if int(args[i].meta["val"].shape[-1]) != head_dim:
                 raise StructureError(f"rotate: R3 at {sdpa.name}: q/k head size differs from v's")
-            args[i] = insert_call(gm, sdpa, HADAMARD, (args[i], signs, True))
+        args[0] = insert_call(gm, sdpa, HADAMARD, (args[0], signs, True))
         sdpa.args = tuple(args)
+        # keys are rotated before their GQA repeat: fewer heads to rotate, and a key cache then
+        # stores rotated keys (the repeat copies heads, which commutes with a per-head rotation)
+        key, chain = gqa_source(args[1])
+        reader = chain[-1] if chain else sdpa
+        key_signs = get_attr_node(gm, reader, target)
+        reader.replace_input_with(key, insert_call(gm, reader, HADAMARD, (key, key_signs, True)))
     return len(attention)
 
 

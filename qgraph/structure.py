@@ -100,6 +100,25 @@ def users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not (u.op == "call_function" and u.target in _IGNORED)]
 
 
+#: The ops of the GQA repeat of keys and values in front of attention (``repeat_kv``).
+GQA_REPEAT = (aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default)
+
+
+def gqa_source(arg: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The ``[B, kv_heads, S, head_dim]`` tensor an attention's key or value argument was
+    repeated from, and the repeat ops between them, outermost first (``[]`` without a repeat).
+    The repeat is ``unsqueeze → expand → reshape``; a chain of these ops that does not start
+    with the unsqueeze is not a repeat and is left alone."""
+    chain: list[fx.Node] = []
+    node = arg
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in GQA_REPEAT:
+        chain.append(node)
+        node = node.args[0]
+    if not chain or chain[-1].target is not aten.unsqueeze.default:
+        return arg, []
+    return node, chain
+
+
 def weight_name(target: str) -> str:
     """A readable layer name from a parameter path (``m.model.layers.0.q_proj.weight`` → ``model.layers.0.q_proj``)."""
     name = re.sub(r"\.(weight|bias)$", "", target)

@@ -24,6 +24,7 @@ from qgraph.errors import PipelineError, StructureError
 from qgraph.graph_edits import get_tensor
 from qgraph.pass_manager import check_order
 from qgraph.passes import gptq as gptq_pass
+from qgraph.structure import gqa_source
 
 HADAMARD = torch.ops.qgraph.hadamard.default
 PAD = torch.ops.aten.constant_pad_nd.default
@@ -78,8 +79,10 @@ def test_online_r3_alone_changes_only_queries_and_keys(llama_exact):
     ]
     assert len(sdpa) == 2
     for node in sdpa:
-        assert node.args[0].target is HADAMARD and node.args[1].target is HADAMARD
-        assert node.args[2].target is not HADAMARD
+        assert node.args[0].target is HADAMARD  # queries: right before attention
+        key, chain = gqa_source(node.args[1])  # keys: before their GQA repeat (cacheable)
+        assert chain and key.target is HADAMARD
+        assert gqa_source(node.args[2])[0].target is not HADAMARD
 
 
 def test_online_width_without_hadamard_order_is_padded_and_says_so():

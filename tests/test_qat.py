@@ -42,7 +42,7 @@ def _stored(model: qgraph.Model) -> dict[str, tuple[torch.Tensor, ...]]:
 
 @pytest.mark.parametrize(
     "options",
-    ["estimator=ste", "estimator=sigmoid,t-start=8,t-end=32"],
+    ["estimator=ste", "estimator=sigmoid"],
 )
 def test_qat_lowers_held_out_error_and_keeps_the_format(base, start, held_out, options):
     before = _stored(start)

@@ -1,0 +1,164 @@
+"""Export a language model as a decoder with a key/value cache that ONNX Runtime GenAI runs.
+
+The folder holds ``model.onnx`` (and ``model.onnx.data`` for large models), ``genai_config.json``
+and the tokenizer files, the layout of ONNX Runtime GenAI's own model builder, so that
+``onnxruntime_genai.Model(folder)`` generates with it unchanged. The graph is
+:func:`qgraph.kv_cache.cached_decoder` of the rewritten model, lowered by the same exporter as
+every qgraph file (quantized weights as ``MatMulNBits``, online rotations as Hadamard functions).
+Inputs ``input_ids [batch_size, sequence_length]``, ``attention_mask [batch_size,
+total_sequence_length]`` and ``past_key_values.{i}.key/value [batch_size, kv_heads,
+past_sequence_length, head_size]``; outputs ``logits`` and ``present.{i}.key/value``.
+Attention is lowered to standard ops (the cache is concatenated in the graph).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qgraph.errors import ExportError
+from qgraph.kv_cache import CacheLayout, cached_decoder
+from qgraph.model import Model
+
+from .onnx_backend import export_metadata
+from .onnx_export import export_onnx
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "genai_config.json"
+
+
+def _dims(layout: CacheLayout) -> tuple[dict[str, dict[int, str]], dict[str, dict[int, str]]]:
+    """Names of the dynamic axes of every input and output."""
+    cache_in = {0: "batch_size", 2: "past_sequence_length"}
+    cache_out = {0: "batch_size", 2: "total_sequence_length"}
+    inputs = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        **{name: cache_in for name in layout.names()},
+    }
+    outputs = {
+        "logits": {0: "batch_size", 1: "sequence_length"},
+        **{name: cache_out for name in layout.output_names()},
+    }
+    return inputs, outputs
+
+
+def genai_config(model: Model, layout: CacheLayout, vocab: int, context: int) -> dict[str, Any]:
+    """The ``genai_config.json`` of a decoder-only model with standard-op attention."""
+    sv = model.structure
+    att = sv.attention[0]
+    tok = model.tokenizer
+    bos = getattr(tok, "bos_token_id", None)
+    eos = getattr(tok, "eos_token_id", None)
+    pad = getattr(tok, "pad_token_id", None)
+    eos = 0 if eos is None else eos
+    return {
+        "model": {
+            "bos_token_id": 0 if bos is None else bos,
+            "context_length": context,
+            "eos_token_id": eos,
+            "pad_token_id": eos if pad is None else pad,
+            "type": "llama",
+            "vocab_size": vocab,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": layout.head_dim,
+                "hidden_size": int(sv.residual.hidden),
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": att.num_heads,
+                "num_hidden_layers": layout.layers,
+                "num_key_value_heads": layout.kv_heads,
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": context,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            # grow the cache by concatenation: the graph takes past and returns past + new
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def export_decoder(
+    model: Model,
+    folder: str | os.PathLike,
+    pipeline: str = "",
+    context_length: int | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` as a cached decoder folder for ONNX Runtime GenAI; returns the folder.
+
+    Files are written into a temporary folder beside ``folder`` and moved in one by one, the
+    model file last, so a failed export never leaves a folder whose model and config disagree.
+    """
+    target = Path(folder)
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"export to {target}: it exists and is not a folder")
+    if not target.parent.is_dir():
+        raise ExportError(f"export to {target}: folder {target.parent} does not exist")
+    decoder = cached_decoder(model)
+    layout = decoder.layout
+    example = _example_inputs(layout)
+    with torch.no_grad():
+        vocab = int(decoder.gm(*example)[0].shape[-1])
+    context = context_length or getattr(model, "context_length", None) or 2048
+    dynamic = torch.export.Dim.DYNAMIC
+    shapes = (
+        {0: dynamic, 1: dynamic},
+        {0: dynamic, 1: dynamic},
+        *[{0: dynamic, 2: dynamic} for _ in layout.names()],
+    )
+    in_dims, out_dims = _dims(layout)
+    target.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
+        staging = Path(tmp)
+        export_onnx(
+            decoder.gm,
+            example,
+            staging / MODEL_FILE,
+            dynamic_shapes=shapes,
+            input_names=["input_ids", "attention_mask", *layout.names()],
+            output_names=["logits", *layout.output_names()],
+            metadata=export_metadata(model, pipeline),
+            external_data=external_data,
+            dim_names={**in_dims, **out_dims},
+        )
+        config = genai_config(model, layout, vocab, context)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+            model.tokenizer.save_pretrained(staging)
+        files = sorted(staging.iterdir(), key=lambda p: p.name == MODEL_FILE)
+        for path in files:  # the model file last: it is what makes the folder usable
+            os.replace(path, target / path.name)
+    return target
+
+
+def _example_inputs(layout: CacheLayout) -> tuple[torch.Tensor, ...]:
+    """Batch 2, 3 new tokens after 2 cached ones: every dynamic axis distinct and above 1."""
+    ids = torch.zeros((2, 3), dtype=torch.long)
+    mask = torch.ones((2, 5), dtype=torch.long)
+    past = [torch.zeros(2, layout.kv_heads, 2, layout.head_dim) for _ in layout.names()]
+    return (ids, mask, *past)

@@ -1,0 +1,223 @@
+"""A decoder with a key/value cache, made from the rewritten graph itself.
+
+The traced graph maps ``input_ids [B, S]`` to logits and recomputes the whole prefix at every
+step. :func:`cached_decoder` copies it and edits the copy so that each attention reads its keys
+and values from a cache, ``past_key_values.{i}.key/value [B, kv_heads, P, head_dim]``, appends
+the new ones, and returns them as ``present.{i}.key/value`` (the Optimum / ONNX Runtime GenAI
+names). Because it edits the graph that the passes produced, everything they did survives
+unchanged: quantized layers, per-token activation quantizers, online rotations (the keys are
+cached *after* R3, the last op before attention, so cached and new keys live in one basis),
+expansion, sparse branches.
+
+The edits, per Llama-family graph as ``torch.export`` traces it:
+
+- positions: every ``arange(S) + 0`` (the cache position, the past length being 0 when traced)
+  becomes ``arange(S) + P``, so RoPE rotates new tokens at their true positions;
+- keys and values: ``cat([past, new], dim=2)`` in front of the GQA repeat (``unsqueeze → expand
+  → reshape``), whose sizes are rewritten from ``S`` to ``T = P + S``;
+- the mask: a fresh causal mask ``key j ≤ query i + P``, combined with ``attention_mask [B, T]``
+  (1 for a real token, 0 for padding), replaces the traced ``S × S`` one.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .errors import StructureError
+from .model import Model
+from .structure import gqa_source
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+
+
+@dataclass
+class CacheLayout:
+    """What the cache of a decoder looks like."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def names(self) -> list[str]:
+        """Cache input names, in the order the decoder takes them (key, value per layer)."""
+        return [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    def output_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    def empty(self, batch: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """An empty cache (past length 0)."""
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return [torch.zeros(shape, dtype=dtype) for _ in range(2 * self.layers)]
+
+
+@dataclass
+class CachedDecoder:
+    """``gm(input_ids, attention_mask, *past) -> (logits, *present)``."""
+
+    gm: fx.GraphModule
+    layout: CacheLayout
+
+    @torch.no_grad()
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if len(past) != 2 * self.layout.layers:
+            raise ValueError(
+                f"the cache has {2 * self.layout.layers} tensors (key and value of "
+                f"{self.layout.layers} layers); got {len(past)}"
+            )
+        expected = past[0].shape[2] + input_ids.shape[1]
+        if attention_mask.shape != (input_ids.shape[0], expected):
+            raise ValueError(
+                f"attention_mask must be [batch, past + new] = [{input_ids.shape[0]}, {expected}], "
+                f"got {list(attention_mask.shape)}"
+            )
+        out = self.gm(input_ids, attention_mask, *past)
+        return out[0], list(out[1:])
+
+
+def cached_decoder(model: Model) -> CachedDecoder:
+    """A copy of ``model``'s graph that decodes with a key/value cache (see the module doc)."""
+    gm = copy.deepcopy(model.gm)
+    graph = gm.graph
+    attentions = [n for n in graph.nodes if n.op == "call_function" and n.target is SDPA]
+    if not attentions:
+        raise StructureError("no scaled_dot_product_attention in the graph: nothing to cache")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise StructureError(
+            f"cached decoding needs a graph with one input (input_ids); this one has "
+            f"{len(placeholders)}: {[p.name for p in placeholders]}"
+        )
+    (ids,) = placeholders
+    output = next(n for n in graph.nodes if n.op == "output")
+
+    # inputs: attention_mask, then key and value of each attention, in graph order
+    with graph.inserting_after(ids):
+        mask_in = graph.placeholder("attention_mask")
+    past: list[fx.Node] = []
+    last = mask_in
+    for i in range(len(attentions)):
+        for kv in ("key", "value"):
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"past_key_values_{i}_{kv}")
+            past.append(last)
+    with graph.inserting_before(last.next):  # (inserting_after would reverse the order)
+        past_len = graph.call_function(aten.sym_size.int, (past[0], 2))
+        seq = graph.call_function(aten.sym_size.int, (ids, 1))
+        total = graph.call_function(aten.sym_size.int, (mask_in, 1))
+        mask = _causal_mask(graph, mask_in, seq, total, past_len)
+    _offset_positions(graph, past_len)
+
+    presents: list[fx.Node] = []
+    layout: CacheLayout | None = None
+    for i, sdpa in enumerate(attentions):
+        for slot, arg_index in ((0, 1), (1, 2)):
+            src, chain = gqa_source(sdpa.args[arg_index])
+            val = src.meta.get("val")
+            if val is None or val.dim() != 4:
+                raise StructureError(f"attention {sdpa.name}: cannot read the key/value shape")
+            this = CacheLayout(len(attentions), int(val.shape[1]), int(val.shape[3]))
+            if layout is not None and this != layout:
+                raise StructureError(
+                    f"attention {sdpa.name}: key/value shape {this} differs from the first "
+                    f"attention's {layout}; one cache layout per model is supported"
+                )
+            layout = this
+            with graph.inserting_after(src):
+                full = graph.call_function(aten.cat.default, ([past[2 * i + slot], src], 2))
+            consumer = chain[-1] if chain else sdpa
+            consumer.replace_input_with(src, full)
+            for node in chain:  # the repeat's sizes: S (new tokens) becomes T (all tokens)
+                if node.target in (aten.expand.default, aten.reshape.default, aten.view.default):
+                    sizes = [total if _is_length_of(s, ids) else s for s in node.args[1]]
+                    node.args = (node.args[0], sizes, *node.args[2:])
+            presents.append(full)
+        args = list(sdpa.args)
+        if len(args) > 3:
+            args[3] = mask
+        else:
+            args.append(mask)
+        sdpa.args = tuple(args)
+        if sdpa.kwargs.get("is_causal"):
+            sdpa.kwargs = {**sdpa.kwargs, "is_causal": False}
+
+    (result,) = output.args
+    logits = result[0] if isinstance(result, (tuple, list)) else result
+    output.args = ((logits, *presents),)
+    graph.eliminate_dead_code()
+    graph.lint()
+    graph._codegen = fx.graph.CodeGen()  # plain positional inputs/outputs, not export's pytrees
+    gm.recompile()
+    assert layout is not None
+    return CachedDecoder(gm, layout)
+
+
+def _is_length_of(size, ids: fx.Node) -> bool:
+    """Whether ``size`` is the traced sequence length, ``sym_size(input_ids, 1)``."""
+    return (
+        isinstance(size, fx.Node)
+        and size.target is aten.sym_size.int
+        and size.args[0] is ids
+        and size.args[1] == 1
+    )
+
+
+def _offset_positions(graph: fx.Graph, past_len: fx.Node) -> None:
+    """``arange(S) + 0`` → ``arange(S) + P`` (the cache positions)."""
+    found = 0
+    for node in list(graph.nodes):
+        if (
+            node.op == "call_function"
+            and node.target is aten.add.Tensor
+            and node.args[1] == 0
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].target is aten.arange.default
+        ):
+            node.args = (node.args[0], past_len)
+            found += 1
+    if not found:
+        raise StructureError(
+            "no cache positions (arange(S) + 0) in the graph: this model's positions cannot be "
+            "offset for cached decoding"
+        )
+
+
+def _causal_mask(
+    graph: fx.Graph, attention_mask: fx.Node, seq: fx.Node, total: fx.Node, past_len: fx.Node
+) -> fx.Node:
+    """``[B, 1, S, T]`` bool: key ``j`` is visible to query ``i`` iff ``j ≤ P + i`` and the
+    attention mask marks ``j`` as a real token."""
+    call = graph.call_function
+    keys = call(aten.arange.default, (total,), {"device": torch.device("cpu")})
+    queries = call(aten.arange.default, (seq,), {"device": torch.device("cpu")})
+    queries = call(aten.add.Tensor, (queries, past_len))
+    causal = call(
+        aten.le.Tensor,
+        (call(aten.unsqueeze.default, (keys, 0)), call(aten.unsqueeze.default, (queries, 1))),
+    )
+    real = call(aten.ne.Scalar, (attention_mask, 0))
+    real = call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (real, 1)), 2))
+    return call(aten.logical_and.default, (call(aten.unsqueeze.default, (causal, 0)), real))
+
+
+@torch.no_grad()
+def decode_greedy(
+    decoder: CachedDecoder, input_ids: torch.Tensor, max_new_tokens: int
+) -> torch.Tensor:
+    """Greedy continuation of ``input_ids [B, S]`` by ``max_new_tokens``, one token a step."""
+    past = decoder.layout.empty(input_ids.shape[0])
+    mask = torch.ones_like(input_ids)
+    step, out = input_ids, []
+    for _ in range(max_new_tokens):
+        logits, past = decoder(step, mask, past)
+        step = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(step)
+        mask = torch.cat([mask, torch.ones_like(step)], 1)
+    return torch.cat([input_ids, *out], 1)

@@ -1,0 +1,180 @@
+"""Cached decoding: the rewritten graph with a key/value cache equals the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import calibrated, fresh_copy, tiny_llama, tokens
+
+import qgraph
+from qgraph.errors import StructureError
+from qgraph.kv_cache import cached_decoder, decode_greedy
+from qgraph.structure import SDPA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+W4A4_ALL = (
+    "fuse-norms,rotate{seed=0,online=all},expand{step=1},quantize{w=int4:channel,a=int4:token},gptq"
+)
+
+
+@pytest.fixture(scope="module")
+def hf() -> torch.nn.Module:
+    return tiny_llama(random_norms=True)
+
+
+@pytest.fixture(scope="module")
+def float_model(hf) -> qgraph.Model:
+    return calibrated(hf, windows=4, length=32)
+
+
+@pytest.fixture(scope="module")
+def w4a4(float_model) -> qgraph.Model:
+    return qgraph.run_pipeline(fresh_copy(float_model), W4A4_ALL)
+
+
+@torch.no_grad()
+def _incremental_errors(model: qgraph.Model, ids: torch.Tensor, prefill: int) -> float:
+    """Max |Δlogit| between a prefill then one-token steps through the cache, and one full pass."""
+    decoder = cached_decoder(model)
+    full = model(ids)
+    batch = ids.shape[0]
+    past = decoder.layout.empty(batch)
+    logits, past = decoder(ids[:, :prefill], torch.ones(batch, prefill, dtype=torch.long), past)
+    worst = float((logits - full[:, :prefill]).abs().max())
+    for t in range(prefill, ids.shape[1]):
+        mask = torch.ones(batch, t + 1, dtype=torch.long)
+        logits, past = decoder(ids[:, t : t + 1], mask, past)
+        worst = max(worst, float((logits[:, 0] - full[:, t]).abs().max()))
+    assert past[0].shape == (batch, decoder.layout.kv_heads, ids.shape[1], decoder.layout.head_dim)
+    return worst / float(full.abs().max())
+
+
+def test_float_cache_matches_full_forward_and_hf_greedy(hf, float_model):
+    ids = tokens(256, 2, 14, seed=3)
+    assert _incremental_errors(float_model, ids, prefill=5) < 1e-5
+    decoder = cached_decoder(float_model)
+    prompt = ids[:1, :6]
+    ours = decode_greedy(decoder, prompt, 10)
+    ref = hf.generate(
+        prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt)
+    )
+    assert torch.equal(ours, ref)
+    assert decoder.layout.layers == 2 and decoder.layout.kv_heads == 2
+    assert decoder.layout.names()[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+
+
+def test_rewritten_model_cache_matches_its_full_forward(w4a4):
+    """Online R2/R3/R4, expansion, W4A4 and GPTQ all survive: keys are cached after R3."""
+    ids = tokens(256, 2, 12, seed=4)
+    assert _incremental_errors(w4a4, ids, prefill=4) < 1e-5
+
+
+def test_r3_rotates_keys_before_the_gqa_repeat(w4a4):
+    hadamard = torch.ops.qgraph.hadamard.default
+    for sdpa in (n for n in w4a4.gm.graph.nodes if n.target is SDPA):
+        q, k = sdpa.args[0], sdpa.args[1]
+        assert q.target is hadamard  # queries: right before attention
+        while k.target is not hadamard:  # keys: behind the repeat, on kv_heads heads only
+            k = k.args[0]
+        assert k.meta["val"].shape[1] == 2
+
+
+def test_masked_cache_entries_are_ignored(float_model):
+    """A cached token marked 0 in attention_mask has no effect on later tokens."""
+    decoder = cached_decoder(float_model)
+    ids = tokens(256, 1, 6, seed=5)
+    past = decoder.layout.empty(1)
+    _, past = decoder(ids, torch.ones(1, 6, dtype=torch.long), past)
+    nxt = tokens(256, 1, 1, seed=6)
+    mask = torch.ones(1, 7, dtype=torch.long)
+    base, _ = decoder(nxt, mask, past)
+    mask[0, 2] = 0
+    masked, _ = decoder(nxt, mask, past)
+    assert float((masked - base).abs().max()) > 1e-4
+    poisoned = [p.clone() for p in past]
+    for p in poisoned:
+        p[:, :, 2] = 1e3  # the masked entry's contents no longer matter
+    again, _ = decoder(nxt, mask, poisoned)
+    assert torch.allclose(again, masked, atol=1e-6)
+
+
+def test_bad_cache_and_mask_are_refused(float_model):
+    decoder = cached_decoder(float_model)
+    ids = tokens(256, 1, 3, seed=1)
+    with pytest.raises(ValueError, match="cache has 4 tensors"):
+        decoder(ids, torch.ones(1, 3, dtype=torch.long), decoder.layout.empty(1)[:2])
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, past \+ new\]"):
+        decoder(ids, torch.ones(1, 4, dtype=torch.long), decoder.layout.empty(1))
+
+
+def test_graph_without_attention_is_refused():
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model = qgraph.from_module(MLP(), (torch.randn(2, 8),))
+    with pytest.raises(StructureError, match="scaled_dot_product_attention"):
+        cached_decoder(model)
+
+
+# ------------------------------------------------------------------ ONNX Runtime GenAI
+
+
+def _genai_greedy(folder, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.numpy().astype("int32"))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]
+
+
+@pytest.mark.parametrize("which", ["float", "w4a4"])
+def test_exported_decoder_generates_in_onnx_runtime_genai(float_model, w4a4, which, tmp_path):
+    """The real client: onnxruntime_genai.Model(folder) generates the torch decoder's tokens."""
+    import json
+
+    import onnx
+
+    from qgraph.backends.onnx_decoder import export_decoder
+    from qgraph.backends.ort_runtime import optimized_op_histogram
+
+    model = float_model if which == "float" else w4a4
+    folder = export_decoder(model, tmp_path / "decoder", W4A4_ALL if which == "w4a4" else "")
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_key_value_heads"] == 2
+    assert config["model"]["decoder"]["head_size"] == 16
+    assert config["model"]["vocab_size"] == 256
+    proto = onnx.load(folder / "model.onnx", load_external_data=False)
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*proto.graph.input, *proto.graph.output]
+    }
+    assert dims["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert dims["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
+    assert dims["logits"] == ["batch_size", "sequence_length", 256]
+    prompt = tokens(256, 1, 6, seed=3)
+    expected = decode_greedy(cached_decoder(model), prompt, 10)[0].tolist()
+    assert _genai_greedy(folder, prompt, 10) == expected
+    if which == "w4a4":
+        hist = optimized_op_histogram(folder / "model.onnx")
+        assert hist.get("com.microsoft::MatMulNBits") == 14
+
+
+def test_export_decoder_refuses_a_file_target(float_model, tmp_path):
+    from qgraph.backends.onnx_decoder import export_decoder
+    from qgraph.errors import ExportError
+
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    with pytest.raises(ExportError, match="not a folder"):
+        export_decoder(float_model, target)
+    assert target.read_text() == "keep me"
