@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qgraph import __version__
@@ -47,9 +48,16 @@ def ort_forward(path: str | os.PathLike, threads: int = 2, exact_matmul: bool = 
     fused ``MatMulNBits`` kernels (accuracy level 0) so the file computes what the recipe says;
     without it ONNX Runtime quantizes activations to int8 inside them (faster, less exact)."""
     runner = OrtModel(path, threads=threads, matmulnbits_accuracy_level=0 if exact_matmul else None)
+    cache = [i for i in runner.session.get_inputs() if i.name.startswith("past_key_values.")]
 
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(runner(input_ids.numpy()))
+        ids = input_ids.numpy()
+        if not cache:
+            return torch.as_tensor(runner(ids))
+        # a cached decoder: the whole window as its prompt, with an empty cache
+        batch = ids.shape[0]
+        empty = [np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in cache]
+        return torch.as_tensor(runner(ids, np.ones_like(ids), *empty))
 
     return forward
 

@@ -48,7 +48,9 @@ def _dims(layout: CacheLayout) -> tuple[dict[str, dict[int, str]], dict[str, dic
     return inputs, outputs
 
 
-def genai_config(model: Model, layout: CacheLayout, vocab: int, context: int) -> dict[str, Any]:
+def genai_config(
+    model: Model, layout: CacheLayout, vocab: int, context: int, filename: str = MODEL_FILE
+) -> dict[str, Any]:
     """The ``genai_config.json`` of a decoder-only model with standard-op attention."""
     sv = model.structure
     att = sv.attention[0]
@@ -67,7 +69,7 @@ def genai_config(model: Model, layout: CacheLayout, vocab: int, context: int) ->
             "vocab_size": vocab,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": MODEL_FILE,
+                "filename": filename,
                 "head_size": layout.head_dim,
                 "hidden_size": int(sv.residual.hidden),
                 "inputs": {
@@ -108,8 +110,12 @@ def export_decoder(
     pipeline: str = "",
     context_length: int | None = None,
     external_data: bool | None = None,
+    filename: str = MODEL_FILE,
 ) -> Path:
     """Write ``model`` as a cached decoder folder for ONNX Runtime GenAI; returns the folder.
+
+    ``filename`` names the model file (``genai_config.json`` points at it); the config and the
+    tokenizer files always keep their fixed names, so one folder holds one model.
 
     Files are written into a temporary folder beside ``folder`` and moved in one by one, the
     model file last, so a failed export never leaves a folder whose model and config disagree.
@@ -138,7 +144,7 @@ def export_decoder(
         export_onnx(
             decoder.gm,
             example,
-            staging / MODEL_FILE,
+            staging / filename,
             dynamic_shapes=shapes,
             input_names=["input_ids", "attention_mask", *layout.names()],
             output_names=["logits", *layout.output_names()],
@@ -146,14 +152,19 @@ def export_decoder(
             external_data=external_data,
             dim_names={**in_dims, **out_dims},
         )
-        config = genai_config(model, layout, vocab, context)
+        config = genai_config(model, layout, vocab, context, filename)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
             model.tokenizer.save_pretrained(staging)
-        files = sorted(staging.iterdir(), key=lambda p: p.name == MODEL_FILE)
+        files = sorted(staging.iterdir(), key=lambda p: p.name == filename)
         for path in files:  # the model file last: it is what makes the folder usable
             os.replace(path, target / path.name)
     return target
+
+
+def has_attention(model: Model) -> bool:
+    """Whether ``model`` is a decoder that :func:`export_decoder` can give a cache."""
+    return bool(model.structure.attention)
 
 
 def _example_inputs(layout: CacheLayout) -> tuple[torch.Tensor, ...]:

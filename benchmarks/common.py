@@ -35,12 +35,18 @@ def header(title: str, command: str) -> str:
     return f"## {title}\n\n`{command}` — {machine()} — {today}\n"
 
 
-def job(eval_windows: int = 16, calib_windows: int = 16) -> Job:
-    return Job(None, eval_windows=eval_windows, calib_windows=calib_windows, progress=False)
+def job(eval_windows: int = 16, calib_windows: int = 16, model: str | None = None) -> Job:
+    """SmolLM2 (or ``model``: a name, folder or a ``.pt2`` saved by ``qgraph run --save``)."""
+    return Job(model, eval_windows=eval_windows, calib_windows=calib_windows, progress=False)
 
 
 def run_rows(
-    rows: dict[str, tuple[str, str]], keys: list[str], path: Path, windows: int, **run_kw
+    rows: dict[str, tuple[str, str]],
+    keys: list[str],
+    path: Path,
+    windows: int,
+    model: str | None = None,
+    **run_kw,
 ) -> dict:
     """Run each row ``key -> (label, pipeline)`` not yet in the JSON file ``path`` and append its
     result as soon as it finishes, so an interrupted study resumes where it stopped."""
@@ -49,7 +55,7 @@ def run_rows(
     for key in keys:
         if key in done:
             continue
-        j = j or job(windows)
+        j = j or job(windows, model=model)
         pipeline = rows[key][1]
         t = time.perf_counter()
         rep = j.run(pipeline, **run_kw)
@@ -57,6 +63,7 @@ def run_rows(
             "pipeline": pipeline,
             "ppl": rep["ppl"],
             "ppl_float": rep["ppl_float"],
+            "baseline": rep["baseline"],
             "seconds": round(time.perf_counter() - t, 1),
             "date": time.strftime("%Y-%m-%d"),
             "passes": {p["name"]: p["summary"] for p in rep["passes"]},
@@ -68,10 +75,12 @@ def run_rows(
 
 def rows_table(rows: dict[str, tuple[str, str]], done: dict, windows: int) -> str:
     """The markdown table of the finished rows, as ratios to float measured in the same run."""
-    fp = next(iter(done.values()))["ppl_float"] if done else float("nan")
+    first = next(iter(done.values()), {})
+    fp = first.get("ppl_float", float("nan"))
+    base = "float" if first.get("baseline", "float32") == "float32" else "start"
     lines = [
-        f"{windows} windows × 512 held-out tokens; float perplexity {fp:.3f}.\n",
-        "| recipe | pipeline | perplexity | × float | run s |",
+        f"{windows} windows × 512 held-out tokens; {base} perplexity {fp:.3f}.\n",
+        f"| recipe | pipeline | perplexity | × {base} | run s |",
         "|---|---|---|---|---|",
     ]
     for key, (label, pipeline) in rows.items():
@@ -90,9 +99,12 @@ def study_main(rows: dict[str, tuple[str, str]], stem: str, title: str, script: 
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--rows", type=str, default=",".join(rows), help="row keys to run now")
+    ap.add_argument("--model", default=None, help="start from this model (default SmolLM2)")
     args = ap.parse_args()
     path = Path(script).parent / "results" / f"{stem}_w{args.windows}.json"
-    done = run_rows(rows, args.rows.split(","), path, args.windows)
+    done = run_rows(rows, args.rows.split(","), path, args.windows, model=args.model)
     cmd = f".venv/bin/python benchmarks/{Path(script).name} --windows {args.windows}"
+    if args.model:
+        cmd += f" --model {args.model}"
     print(header(title, cmd))
     print(rows_table(rows, done, args.windows))

@@ -12,6 +12,7 @@ from .errors import (
     TraceError,
     VerificationError,
 )
+from .generation import Sampling, generate
 from .model import Model
 from .pass_manager import Option, Pass, PassManager, parse_pipeline, register
 from .saving import save
@@ -33,10 +34,12 @@ __all__ = [
     "eval_windows",
     "from_hf",
     "from_module",
+    "generate",
     "load",
     "parse_pipeline",
     "register",
     "run_pipeline",
+    "Sampling",
     "save",
 ]
 __version__ = "0.1.0"

@@ -145,7 +145,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     rows = []
     for label, pipeline in RECIPES.items():
         log(f"recipe {label}: {pipeline}")
-        report = job.run(pipeline, export=out / f"{job.name}-{label}.onnx", verify_each=True)
+        folder = out / f"{job.name}-{label}"  # one decoder folder per recipe (ORT GenAI layout)
+        folder.mkdir(exist_ok=True)
+        report = job.run(pipeline, export=folder / "model.onnx", verify_each=True)
         rows.append({**report, "label": label})
     table = format_table([float_row(rows[0]), *rows])
     print(table)
@@ -194,6 +196,41 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if info.get("structure"):
         print("  structure:", json.dumps(info["structure"]))
     return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import Sampling, generate
+
+    sampling = Sampling(
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    out = generate(
+        args.model, args.prompt, args.max_new_tokens, sampling=sampling, backend=args.backend
+    )
+    if args.json:
+        print(json.dumps(out.to_json()))
+        return 0
+    print(args.prompt + (out.text or " ".join(map(str, out.tokens))))
+    print(
+        f"[qgraph] {len(out.tokens)} tokens ({out.backend}): prompt {out.prompt_tokens} tokens "
+        f"in {out.prompt_seconds:.2f}s, decode {out.tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--export",
         default=None,
-        help="write the rewritten model as ONNX and evaluate it in ONNX Runtime",
+        help="write the rewritten model as ONNX and evaluate it in ONNX Runtime; a language "
+        "model is written as a decoder with a KV cache, with genai_config.json and its "
+        "tokenizer beside it, so onnxruntime_genai.Model(folder) generates with it",
     )
     run.add_argument("--report", default=None, help="write a JSON report here")
     run.add_argument(
@@ -293,6 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("path")
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=_cmd_inspect)
+
+    gen = sub.add_parser(
+        "generate", help="continue a text prompt with a model, in torch or ONNX Runtime GenAI"
+    )
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="built-in name, HF directory, .gguf, a .pt2 saved by 'qgraph run --save', or "
+        "(--backend ort) a folder exported by 'qgraph run --export DIR/model.onnx'",
+    )
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=_int_range(1), default=32)
+    gen.add_argument("--backend", choices=("torch", "ort"), default="torch")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=_positive_float, default=1.0)
+    gen.add_argument("--top-k", type=_int_range(0), default=0, help="0: no top-k cut")
+    gen.add_argument("--top-p", type=_positive_float, default=1.0)
+    gen.add_argument("--seed", type=_int_range(0, _SEED_LIMIT, "2**64"), default=None)
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=_cmd_generate)
     return p
 
 

@@ -205,19 +205,3 @@ def _causal_mask(
     real = call(aten.ne.Scalar, (attention_mask, 0))
     real = call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (real, 1)), 2))
     return call(aten.logical_and.default, (call(aten.unsqueeze.default, (causal, 0)), real))
-
-
-@torch.no_grad()
-def decode_greedy(
-    decoder: CachedDecoder, input_ids: torch.Tensor, max_new_tokens: int
-) -> torch.Tensor:
-    """Greedy continuation of ``input_ids [B, S]`` by ``max_new_tokens``, one token a step."""
-    past = decoder.layout.empty(input_ids.shape[0])
-    mask = torch.ones_like(input_ids)
-    step, out = input_ids, []
-    for _ in range(max_new_tokens):
-        logits, past = decoder(step, mask, past)
-        step = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(step)
-        mask = torch.cat([mask, torch.ones_like(step)], 1)
-    return torch.cat([input_ids, *out], 1)

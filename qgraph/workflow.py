@@ -175,19 +175,27 @@ def export_and_check(
     model: Model, path, pipeline: str, windows: torch.Tensor, progress: bool
 ) -> dict:
     from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
+    from qgraph.backends.onnx_decoder import export_decoder, has_attention
 
     t = time.perf_counter()
-    path = export_model(model, path, pipeline)
+    path = Path(path)
+    cached = has_attention(model)
+    if cached:  # a decoder with a KV cache, genai_config.json and tokenizer beside it
+        export_decoder(model, path.parent, pipeline, filename=path.name)
+    else:
+        path = export_model(model, path, pipeline)
     seconds = time.perf_counter() - t
     size = path.stat().st_size + sum(
         p.stat().st_size for p in path.parent.glob(path.name + ".data")
     )
-    log(f"exported {path} ({size / 2**20:.1f} MB) in {seconds:.1f}s")
+    kind = "decoder with KV cache + genai_config.json" if cached else "model"
+    log(f"exported {path} ({kind}, {size / 2**20:.1f} MB) in {seconds:.1f}s")
     ops = optimized_op_histogram(path)
     ort_ppl = perplexity(ort_forward(path), windows, progress=progress, desc="onnxruntime ppl")
     log(f"ONNX Runtime perplexity {ort_ppl:.4f}")
     return {
         "path": str(path),
+        "kv_cache": cached,
         "file_mb": size / 2**20,
         "export_seconds": seconds,
         "ort_ppl": ort_ppl,

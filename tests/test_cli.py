@@ -82,6 +82,8 @@ def _one_error_line(err: str) -> str:
         (["run", "--pipeline", "fuse-norms", "--window", "abc"], "--window"),
         (["run", "--pipeline", "fuse-norms", "--seed", "-1"], "--seed"),
         (["run", "--pipeline", "fuse-norms", "--seed", str(2**64)], "--seed"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "--prompt", "x", "--top-k", "-1"], "--top-k"),
         (["demo", "--eval-windows", "0"], "--eval-windows"),
         (["demo", "--eval-windows", "-1"], "--eval-windows"),
     ],

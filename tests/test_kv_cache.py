@@ -8,7 +8,8 @@ from helpers import calibrated, fresh_copy, tiny_llama, tokens
 
 import qgraph
 from qgraph.errors import StructureError
-from qgraph.kv_cache import cached_decoder, decode_greedy
+from qgraph.generation import decode
+from qgraph.kv_cache import cached_decoder
 from qgraph.structure import SDPA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,11 +56,11 @@ def test_float_cache_matches_full_forward_and_hf_greedy(hf, float_model):
     assert _incremental_errors(float_model, ids, prefill=5) < 1e-5
     decoder = cached_decoder(float_model)
     prompt = ids[:1, :6]
-    ours = decode_greedy(decoder, prompt, 10)
+    ours, _, _ = decode(decoder, prompt[0].tolist(), 10)
     ref = hf.generate(
         prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt)
     )
-    assert torch.equal(ours, ref)
+    assert ref[0].tolist() == prompt[0].tolist() + ours
     assert decoder.layout.layers == 2 and decoder.layout.kv_heads == 2
     assert decoder.layout.names()[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
 
@@ -162,7 +163,7 @@ def test_exported_decoder_generates_in_onnx_runtime_genai(float_model, w4a4, whi
     assert dims["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
     assert dims["logits"] == ["batch_size", "sequence_length", 256]
     prompt = tokens(256, 1, 6, seed=3)
-    expected = decode_greedy(cached_decoder(model), prompt, 10)[0].tolist()
+    expected = prompt[0].tolist() + decode(cached_decoder(model), prompt[0].tolist(), 10)[0]
     assert _genai_greedy(folder, prompt, 10) == expected
     if which == "w4a4":
         hist = optimized_op_histogram(folder / "model.onnx")
@@ -178,3 +179,60 @@ def test_export_decoder_refuses_a_file_target(float_model, tmp_path):
     with pytest.raises(ExportError, match="not a folder"):
         export_decoder(float_model, target)
     assert target.read_text() == "keep me"
+
+
+# ------------------------------------------------------------------ qgraph.generate
+
+
+def test_generate_greedy_and_sampling_in_torch(hf, float_model):
+    prompt = tokens(256, 1, 5, seed=8)[0].tolist()
+    greedy = qgraph.generate(float_model, prompt, 8, stop_at_eos=False)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert greedy.tokens == ref[0, 5:].tolist()
+    assert greedy.text is None and greedy.prompt_tokens == 5 and greedy.backend == "torch"
+    assert greedy.tokens_per_s > 0 and 0 < greedy.prompt_seconds <= greedy.seconds
+    sampled = [
+        qgraph.generate(float_model, prompt, 8, sampling=qgraph.Sampling(True, seed=s)).tokens
+        for s in (1, 1, 2)
+    ]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]  # seeded
+    top1 = qgraph.generate(float_model, prompt, 8, sampling=qgraph.Sampling(True, top_k=1))
+    assert top1.tokens == greedy.tokens  # top-k 1 is greedy
+    nucleus = qgraph.generate(float_model, prompt, 8, sampling=qgraph.Sampling(True, top_p=1e-6))
+    assert nucleus.tokens == greedy.tokens  # so is the smallest nucleus
+
+
+def test_choose_next_follows_the_distribution():
+    from qgraph.generation import choose_next
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))
+    gen = torch.Generator().manual_seed(0)
+    draws = [choose_next(logits, qgraph.Sampling(True), gen) for _ in range(4000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=4).double() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]).double(), atol=0.03)
+    cut = [choose_next(logits, qgraph.Sampling(True, top_p=0.6), gen) for _ in range(500)]
+    assert set(cut) == {0, 1}  # 0.5 < 0.6: the nucleus holds the two most likely tokens
+
+
+def test_generate_in_onnx_runtime_genai_matches_torch(w4a4, tmp_path):
+    from qgraph.backends.onnx_decoder import export_decoder
+
+    pytest.importorskip("onnxruntime_genai")
+    folder = export_decoder(w4a4, tmp_path / "w4a4")
+    prompt = tokens(256, 1, 5, seed=9)[0].tolist()
+    torch_out = qgraph.generate(w4a4, prompt, 6, stop_at_eos=False)
+    ort_out = qgraph.generate(folder, prompt, 6, backend="ort", stop_at_eos=False)
+    assert ort_out.tokens == torch_out.tokens and ort_out.backend == "ort"
+
+
+def test_generate_refuses_bad_requests(float_model, tmp_path):
+    with pytest.raises(qgraph.DataError, match="exceed the model's context"):
+        qgraph.generate(float_model, [1] * 8190, 8)
+    with pytest.raises(qgraph.DataError, match="tokenizer"):
+        qgraph.generate(float_model, "no tokenizer here", 4)
+    with pytest.raises(qgraph.QGraphError, match="genai_config.json"):
+        qgraph.generate(tmp_path, [1, 2], 4, backend="ort")
+    with pytest.raises(qgraph.QGraphError, match="top_p"):
+        qgraph.Sampling(True, top_p=1.5)
+    with pytest.raises(qgraph.QGraphError, match="backend"):
+        qgraph.generate(float_model, [1, 2], 4, backend="tpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -11,10 +12,14 @@ from helpers import fresh_copy
 from transformers import LlamaForCausalLM
 
 import qgraph
-from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
+from qgraph.backends.onnx_backend import optimized_op_histogram, ort_forward
+from qgraph.backends.onnx_decoder import export_decoder
+from qgraph.cli import main
 from qgraph.data import load_text, token_windows
 from qgraph.evaluate import perplexity
+from qgraph.generation import decode
 from qgraph.graph_edits import get_tensor
+from qgraph.kv_cache import cached_decoder
 from qgraph.loaders import load_causal_lm
 
 pytestmark = [
@@ -100,16 +105,42 @@ def first_layers(lm) -> qgraph.Model:
     return qgraph.from_hf(cut, lm.tokenizer, "smollm2-135m-first-4-layers")
 
 
-def test_w4a16_onnx_matches_torch_and_uses_matmulnbits(first_layers, windows, tmp_path):
+def test_w4a16_decoder_runs_in_onnx_runtime_genai(first_layers, windows, tmp_path, capsys):
+    """The exported decoder folder: ONNX Runtime's perplexity matches torch's, and ONNX Runtime
+    GenAI, given the folder alone, tokenizes a text prompt and generates torch's greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
     model = fresh(first_layers)
-    qgraph.run_pipeline(model, "quantize{w=int4:channel}")
-    path = export_model(model, tmp_path / "w4.onnx", "quantize{w=int4:channel}")
-    ops = optimized_op_histogram(path)
+    pipeline = "fuse-norms,rotate{seed=0,online=all},quantize{w=int4:channel},gptq{calib-windows=2}"
+    model.set_calibration(windows[:2, :128])
+    qgraph.run_pipeline(model, pipeline)
+    folder = export_decoder(model, tmp_path / "w4", pipeline)
+    assert (folder / "tokenizer.json").exists() and (folder / "genai_config.json").exists()
+    ops = optimized_op_histogram(folder / "model.onnx")
     assert ops.get("com.microsoft::MatMulNBits", 0) == 4 * 7  # every linear but lm_head
     few = windows[:2]
     ppl_torch = perplexity(model, few)
-    ppl_ort = perplexity(ort_forward(path), few)
+    ppl_ort = perplexity(ort_forward(folder / "model.onnx"), few)
     assert abs(ppl_ort / ppl_torch - 1) < 0.005
+
+    prompt = "def fibonacci(n):\n    "
+    ids = torch.tensor([model.tokenizer.encode(prompt)])
+    expected = ids[0].tolist() + decode(cached_decoder(model), ids[0].tolist(), 12)[0]
+    genai = og.Model(str(folder))
+    tokenizer = og.Tokenizer(genai)
+    assert list(tokenizer.encode(prompt)) == ids[0].tolist()
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=ids.shape[1] + 12)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(tokenizer.encode(prompt))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [int(t) for t in generator.get_sequence(0)] == expected
+    # the same through the command line, as one JSON object
+    argv = ["generate", "--model", str(folder), "--backend", "ort", "--prompt", prompt]
+    assert main([*argv, "--max-new-tokens", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == expected[ids.shape[1] :] and out["tokens_per_s"] > 0
+    assert out["text"] == model.tokenizer.decode(out["tokens"])
 
 
 def test_online_rotations_and_expansion_exact_on_smollm2(lm, traced, windows):
