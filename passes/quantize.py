@@ -48,21 +48,22 @@ from torch import fx
 from qgraph import ops  # noqa: F401  (registers torch.ops.qgraph)
 from qgraph.calibration import ResumableRun, input_second_moments
 from qgraph.errors import DataError, PipelineError
-from qgraph.formats import CLIPS, parse_act_spec, parse_weight_spec, rtn_quantize
-from qgraph.graph_edits import finish, get_attr_node, get_tensor, new_attr
+from qgraph.formats import CLIPS, ActSpec, parse_act_spec, parse_weight_spec, rtn_quantize
+from qgraph.graph_edits import finish, get_attr_node, get_tensor, insert_call, new_attr
 from qgraph.kernels import quant as qk
 from qgraph.kernels import ranges as rk
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register, working_on
 from qgraph.quantized import QuantizedLayer
 from qgraph.selection import LayerSelector, selector_options
-from qgraph.structure import Linear
+from qgraph.structure import SDPA, Linear, gqa_source
 
 #: Most values of one layer input kept for the range searches (over all calibration windows).
 SAMPLE_CAP = 1 << 20
 #: Most values handed to ``mse_range`` (100 fake-quantizations each; slow on large inputs).
 MSE_SAMPLE_CAP = 100_000
 RANGES = ("minmax", "percentile", "mse", "klj")
+PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
 
 
 class _Reservoir:
@@ -231,6 +232,14 @@ class Quantize(Pass):
             "none",
             "activation spec none | int<b>:token[:sym|:asym] | int<b>:tensor[:sym|:asym]",
         ),
+        Option(
+            "kv",
+            str,
+            "none",
+            "key/value cache: none | int<b>[:head][:sym|:asym] (default asym): keys (after an "
+            "online R3) and values quantized per token and head, so the cache holds them "
+            "quantized",
+        ),
         *selector_options("lm_head"),
         Option(
             "calib-batches",
@@ -282,6 +291,7 @@ class Quantize(Pass):
         except PipelineError as exc:
             raise PipelineError(f"quantize: {exc}") from None
         self.selector = LayerSelector.from_pass(self)
+        self.kvspec = parse_kv_spec(self.opt("kv"))
         static = self.aspec is not None and self.aspec.mode == "tensor"
         method = self.opt("range")
         if method != "minmax" and not static:
@@ -368,9 +378,12 @@ class Quantize(Pass):
                 model.quant[lin.name] = self._rewrite(
                     model.gm, lin, qparams.get(lin.node), importance.get(lin.node)
                 )
+        kv_layers = insert_kv_quantizers(model, self.kvspec) if self.kvspec else 0
         finish(model.gm)
         summary = {
             "layers_quantized": len(chosen),
+            "kv_cache": self.kvspec.text().replace(":token", ":head") if self.kvspec else "none",
+            "kv_attention_layers": kv_layers,
             "weights": self.wspec.text(),
             "activations": self.aspec.text() if self.aspec else "none",
             "range": self._range,
@@ -436,3 +449,40 @@ class Quantize(Pass):
             clip=self.opt("clip"),
             float_weight=w,  # a reference (no copy) for passes that re-solve the weights
         )
+
+
+def parse_kv_spec(text: str) -> ActSpec | None:
+    """``none`` or ``int<b>[:head][:sym|:asym]``: a per-token-and-head quantizer (one scale per
+    head vector of one token; the default is asymmetric, like per-token activations)."""
+    if text == "none":
+        return None
+    parts = text.split(":")
+    if "token" in parts or "tensor" in parts:
+        raise PipelineError(
+            f"quantize: kv={text}: the cache is quantized per token and head (kv=int<b>[:head]); "
+            "one scale across heads or a static range is not offered"
+        )
+    rest = [p for p in parts[1:] if p != "head"]
+    try:
+        return parse_act_spec(":".join([parts[0], "token", *rest]))
+    except PipelineError as exc:
+        raise PipelineError(f"quantize: kv={text}: {exc}") from None
+
+
+def insert_kv_quantizers(model: Model, spec: ActSpec) -> int:
+    """A per-token quantizer on every attention's keys and values, where the cache will take
+    them: after the keys' online R3, before the GQA repeat. Returns the attentions done."""
+    gm = model.gm
+    sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
+    for sdpa in sdpas:
+        for index in (1, 2):
+            src, chain = gqa_source(sdpa.args[index])
+            if src.op == "call_function" and src.target is PER_TOKEN:
+                raise PipelineError(
+                    f"quantize: the keys/values of {sdpa.name} are already quantized (kv= was "
+                    "given to an earlier quantize)"
+                )
+            reader = chain[-1] if chain else sdpa
+            quant = insert_call(gm, reader, PER_TOKEN, (src, spec.bits, spec.symmetric))
+            reader.replace_input_with(src, quant)
+    return len(sdpas)

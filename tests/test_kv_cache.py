@@ -10,7 +10,7 @@ import qgraph
 from qgraph.errors import StructureError
 from qgraph.generation import decode
 from qgraph.kv_cache import cached_decoder
-from qgraph.structure import SDPA
+from qgraph.structure import SDPA, gqa_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,3 +236,49 @@ def test_generate_refuses_bad_requests(float_model, tmp_path):
         qgraph.Sampling(True, top_p=1.5)
     with pytest.raises(qgraph.QGraphError, match="backend"):
         qgraph.generate(float_model, [1, 2], 4, backend="tpu")
+
+
+# ------------------------------------------------------------------ KV-cache quantization
+
+
+def _logits_err(model: qgraph.Model, ref: qgraph.Model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        out, base = model(ids), ref(ids)
+    return float((out - base).abs().mean() / base.abs().mean())
+
+
+def test_kv_quantization_is_cached_quantized_and_exports(float_model, tmp_path):
+    from qgraph.backends.onnx_backend import export_model, ort_forward
+
+    per_token = torch.ops.qgraph.quantize_per_token.default
+    ids = tokens(256, 2, 24, seed=11)
+    rot = "fuse-norms,rotate{seed=0,online=r3},"
+    errs = {}
+    for kv in ("int8", "int4", "int4:head:sym"):
+        model = qgraph.run_pipeline(fresh_copy(float_model), rot + f"quantize{{w=int8,kv={kv}}}")
+        s = model.log[-1].summary
+        assert s["kv_attention_layers"] == 2 and s["kv_cache"].startswith(kv.split(":")[0])
+        for sdpa in (n for n in model.gm.graph.nodes if n.target is SDPA):
+            for index in (1, 2):  # the cache takes what the quantizer produced
+                src, _ = gqa_source(sdpa.args[index])
+                assert src.target is per_token and src.args[1] == int(kv[3])
+        errs[kv] = _logits_err(model, float_model, ids)
+        assert _incremental_errors(model, ids, prefill=7) < 1e-5
+    assert errs["int8"] < errs["int4"] / 4, errs
+    path = export_model(model, tmp_path / "kv.onnx")
+    with torch.no_grad():
+        ref = model(ids)
+    assert float((ort_forward(path)(ids) - ref).abs().max() / ref.abs().max()) < 1e-3
+
+
+def test_kv_option_errors(float_model):
+    with pytest.raises(qgraph.PipelineError, match="per token and head"):
+        qgraph.parse_pipeline("quantize{kv=int4:token}")
+    with pytest.raises(qgraph.PipelineError, match="kv=int9"):
+        qgraph.parse_pipeline("quantize{kv=int9}")
+    model = fresh_copy(float_model)
+    with pytest.raises(qgraph.PipelineError, match="already quantized"):
+        qgraph.run_pipeline(
+            model,
+            "quantize{w=int8,kv=int8,layers=mlp},quantize{w=int8,kv=int8,exclude='mlp|lm_head'}",
+        )
