@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from qgraph import __version__
+from qgraph.errors import ExportError
 from qgraph.model import Model
 
 from .onnx_export import export_onnx, op_histogram
@@ -48,18 +49,35 @@ def ort_forward(path: str | os.PathLike, threads: int = 2, exact_matmul: bool = 
     fused ``MatMulNBits`` kernels (accuracy level 0) so the file computes what the recipe says;
     without it ONNX Runtime quantizes activations to int8 inside them (faster, less exact)."""
     runner = OrtModel(path, threads=threads, matmulnbits_accuracy_level=0 if exact_matmul else None)
-    cache = [i for i in runner.session.get_inputs() if i.name.startswith("past_key_values.")]
+    inputs = runner.session.get_inputs()
 
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.numpy()
-        if not cache:
+        if len(inputs) == 1:
             return torch.as_tensor(runner(ids))
-        # a cached decoder: the whole window as its prompt, with an empty cache
-        batch = ids.shape[0]
-        empty = [np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in cache]
-        return torch.as_tensor(runner(ids, np.ones_like(ids), *empty))
+        # a cached decoder (qgraph's or ONNX Runtime GenAI's builder's): the whole window as
+        # the prompt, with an empty cache
+        return torch.as_tensor(runner(*(_decoder_feed(i, ids) for i in inputs)))
 
     return forward
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _decoder_feed(spec, ids: np.ndarray) -> np.ndarray:
+    """The value of one decoder input for a prompt ``ids`` and an empty cache."""
+    batch, seq = ids.shape
+    if spec.name == "input_ids":
+        return ids.astype(np.int32 if spec.type == "tensor(int32)" else np.int64)
+    if spec.name == "attention_mask":
+        return np.ones_like(ids, dtype=np.int32 if spec.type == "tensor(int32)" else np.int64)
+    if spec.name == "position_ids":
+        return np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+    if spec.name.startswith("past_key_values."):
+        dtype = _NUMPY_TYPES.get(spec.type, np.float32)
+        return np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype)
+    raise ExportError(f"cannot feed decoder input {spec.name!r} ({spec.type}, {spec.shape})")
 
 
 __all__ = [
