@@ -282,3 +282,20 @@ def test_kv_option_errors(float_model):
             model,
             "quantize{w=int8,kv=int8,layers=mlp},quantize{w=int8,kv=int8,exclude='mlp|lm_head'}",
         )
+
+
+def test_run_export_writes_a_decoder_folder_and_checks_it(float_model, tmp_path):
+    """What `qgraph run --export DIR/name.onnx` does for a language model."""
+    import json
+
+    from qgraph.evaluate import perplexity
+    from qgraph.workflow import export_and_check
+
+    windows = tokens(256, 2, 32, seed=12)
+    out = tmp_path / "run"
+    out.mkdir()
+    info = export_and_check(fresh_copy(float_model), out / "tiny.onnx", "", windows, False)
+    assert info["kv_cache"] and info["path"] == str(out / "tiny.onnx")
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "tiny.onnx"
+    assert info["ort_ppl"] == pytest.approx(perplexity(float_model, windows), rel=1e-4)
