@@ -125,7 +125,9 @@ def export_decoder(
         raise ExportError(f"export to {target}: it exists and is not a folder")
     if not target.parent.is_dir():
         raise ExportError(f"export to {target}: folder {target.parent} does not exist")
-    decoder = cached_decoder(model)
+    # GenAI allocates one float tensor per key and value: a quantized cache (int8 codes, scales
+    # and zeros) has no place in its layout, so the file caches the dequantized values
+    decoder = cached_decoder(model, quantized_cache=False)
     layout = decoder.layout
     example = _example_inputs(layout)
     with torch.no_grad():

@@ -58,6 +58,7 @@ class Generation:
     seconds: float  # the whole generation
     tokens_per_s: float  # generated tokens after the first / their time (decode speed)
     backend: str
+    cache_bytes: int | None = None  # the key/value cache at the end (torch backend)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,8 +87,9 @@ def decode(
     max_new_tokens: int,
     sampling: Sampling | None = None,
     eos: int | None = None,
-) -> tuple[list[int], float, float]:
-    """Prefill ``ids`` then generate; returns (new tokens, prefill seconds, total seconds)."""
+) -> tuple[list[int], float, float, int]:
+    """Prefill ``ids`` then generate; returns (new tokens, prefill seconds, total seconds, bytes
+    of the final cache)."""
     sampling = sampling or Sampling()
     gen = None
     if sampling.do_sample:
@@ -108,7 +110,8 @@ def decode(
             break
         step = torch.tensor([[token]])
         mask = torch.cat([mask, torch.ones_like(step)], 1)
-    return out, prefill, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return out, prefill, seconds, sum(t.numel() * t.element_size() for t in past)
 
 
 def generate(
@@ -137,11 +140,11 @@ def generate(
     context = getattr(model, "context_length", None) or DEFAULT_CONTEXT
     _check_length(len(ids), max_new_tokens, context)
     eos = getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None
-    tokens, prefill, seconds = decode(cached_decoder(model), ids, max_new_tokens, sampling, eos)
+    decoder = cached_decoder(model)
+    tokens, prefill, seconds, cache = decode(decoder, ids, max_new_tokens, sampling, eos)
     text = tokenizer.decode(tokens) if tokenizer is not None else None
-    return Generation(
-        tokens, text, len(ids), prefill, seconds, _decode_speed(tokens, prefill, seconds), "torch"
-    )
+    speed = _decode_speed(tokens, prefill, seconds)
+    return Generation(tokens, text, len(ids), prefill, seconds, speed, "torch", cache)
 
 
 def _prompt_ids(prompt: str | list[int], tokenizer) -> list[int]:

@@ -23,37 +23,67 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from operator import getitem
 
 import torch
 from torch import fx
 
 from .errors import StructureError
+from .kernels import quant as qk
 from .model import Model
 from .structure import gqa_source
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
 
 
 @dataclass
 class CacheLayout:
-    """What the cache of a decoder looks like."""
+    """What the cache of a decoder looks like.
+
+    A float cache holds ``key`` and ``value`` per layer. A quantized cache (``quantized``: the
+    model quantizes its keys and values, ``quantize{kv=...}``) holds each as three tensors,
+    ``.codes`` (int8), ``.scale`` and ``.zero`` (int8), one scale and zero per token and head.
+    """
 
     layers: int
     kv_heads: int
     head_dim: int
+    quantized: bool = False
+
+    def _parts(self) -> tuple[str, ...]:
+        return (".codes", ".scale", ".zero") if self.quantized else ("",)
 
     def names(self) -> list[str]:
         """Cache input names, in the order the decoder takes them (key, value per layer)."""
-        return [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        return [
+            f"past_key_values.{i}.{kv}{part}"
+            for i in range(self.layers)
+            for kv in ("key", "value")
+            for part in self._parts()
+        ]
 
     def output_names(self) -> list[str]:
-        return [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        return [n.replace("past_key_values.", "present.") for n in self.names()]
 
     def empty(self, batch: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """An empty cache (past length 0)."""
         shape = (batch, self.kv_heads, 0, self.head_dim)
-        return [torch.zeros(shape, dtype=dtype) for _ in range(2 * self.layers)]
+        if not self.quantized:
+            return [torch.zeros(shape, dtype=dtype) for _ in self.names()]
+        one = (batch, self.kv_heads, 0, 1)
+        per_kv = [
+            torch.zeros(shape, dtype=torch.int8),
+            torch.zeros(one),
+            torch.zeros(one, dtype=torch.int8),
+        ]
+        return [t.clone() for _ in range(2 * self.layers) for t in per_kv]
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token adds (all layers, keys and values, batch 1)."""
+        per_head = self.head_dim + 4 + 1 if self.quantized else 4 * self.head_dim
+        return 2 * self.layers * self.kv_heads * per_head
 
 
 @dataclass
@@ -67,9 +97,9 @@ class CachedDecoder:
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if len(past) != 2 * self.layout.layers:
+        if len(past) != len(self.layout.names()):
             raise ValueError(
-                f"the cache has {2 * self.layout.layers} tensors (key and value of "
+                f"the cache has {len(self.layout.names())} tensors (key and value of "
                 f"{self.layout.layers} layers); got {len(past)}"
             )
         expected = past[0].shape[2] + input_ids.shape[1]
@@ -82,8 +112,13 @@ class CachedDecoder:
         return out[0], list(out[1:])
 
 
-def cached_decoder(model: Model) -> CachedDecoder:
-    """A copy of ``model``'s graph that decodes with a key/value cache (see the module doc)."""
+def cached_decoder(model: Model, quantized_cache: bool | None = None) -> CachedDecoder:
+    """A copy of ``model``'s graph that decodes with a key/value cache (see the module doc).
+
+    ``quantized_cache`` stores keys and values as int8 codes with a scale and zero per token and
+    head where the model quantizes them (``quantize{kv=...}``); ``None`` does so whenever it
+    can. The decoded values are the ones the full forward computes with, to the bit.
+    """
     gm = copy.deepcopy(model.gm)
     graph = gm.graph
     attentions = [n for n in graph.nodes if n.op == "call_function" and n.target is SDPA]
@@ -97,17 +132,25 @@ def cached_decoder(model: Model) -> CachedDecoder:
         )
     (ids,) = placeholders
     output = next(n for n in graph.nodes if n.op == "output")
+    sources = [[gqa_source(sdpa.args[i]) for i in (1, 2)] for sdpa in attentions]
+    layout = _layout(attentions, sources)
+    quantizable = all(src.target is PER_TOKEN for pair in sources for src, _ in pair)
+    if quantized_cache and not quantizable:
+        raise StructureError(
+            "a quantized cache needs quantized keys and values (quantize{kv=int<b>}); this "
+            "model caches float keys and values"
+        )
+    layout.quantized = quantizable if quantized_cache is None else quantized_cache
 
-    # inputs: attention_mask, then key and value of each attention, in graph order
+    # inputs: attention_mask, then the cache tensors in layout order
     with graph.inserting_after(ids):
         mask_in = graph.placeholder("attention_mask")
     past: list[fx.Node] = []
     last = mask_in
-    for i in range(len(attentions)):
-        for kv in ("key", "value"):
-            with graph.inserting_after(last):
-                last = graph.placeholder(f"past_key_values_{i}_{kv}")
-            past.append(last)
+    for name in layout.names():
+        with graph.inserting_after(last):
+            last = graph.placeholder(name.replace(".", "_"))
+        past.append(last)
     with graph.inserting_before(last.next):  # (inserting_after would reverse the order)
         past_len = graph.call_function(aten.sym_size.int, (past[0], 2))
         seq = graph.call_function(aten.sym_size.int, (ids, 1))
@@ -115,30 +158,32 @@ def cached_decoder(model: Model) -> CachedDecoder:
         mask = _causal_mask(graph, mask_in, seq, total, past_len)
     _offset_positions(graph, past_len)
 
+    parts = len(past) // (2 * len(attentions))
     presents: list[fx.Node] = []
-    layout: CacheLayout | None = None
-    for i, sdpa in enumerate(attentions):
-        for slot, arg_index in ((0, 1), (1, 2)):
-            src, chain = gqa_source(sdpa.args[arg_index])
-            val = src.meta.get("val")
-            if val is None or val.dim() != 4:
-                raise StructureError(f"attention {sdpa.name}: cannot read the key/value shape")
-            this = CacheLayout(len(attentions), int(val.shape[1]), int(val.shape[3]))
-            if layout is not None and this != layout:
-                raise StructureError(
-                    f"attention {sdpa.name}: key/value shape {this} differs from the first "
-                    f"attention's {layout}; one cache layout per model is supported"
-                )
-            layout = this
-            with graph.inserting_after(src):
-                full = graph.call_function(aten.cat.default, ([past[2 * i + slot], src], 2))
+    for i, (sdpa, pair) in enumerate(zip(attentions, sources, strict=True)):
+        for slot, (src, chain) in enumerate(pair):
+            mine = past[(2 * i + slot) * parts : (2 * i + slot + 1) * parts]
             consumer = chain[-1] if chain else sdpa
+            with graph.inserting_before(consumer):
+                if layout.quantized:  # append codes, scales and zeros; attend to their decoding
+                    x, bits, symmetric = src.args
+                    new = graph.call_function(qk.encode_per_token, (x, bits, symmetric))
+                    stored = [
+                        graph.call_function(
+                            aten.cat.default, ([old, graph.call_function(getitem, (new, k))], 2)
+                        )
+                        for k, old in enumerate(mine)
+                    ]
+                    full = graph.call_function(qk.decode_per_token, tuple(stored))
+                else:
+                    stored = [graph.call_function(aten.cat.default, ([mine[0], src], 2))]
+                    full = stored[0]
             consumer.replace_input_with(src, full)
             for node in chain:  # the repeat's sizes: S (new tokens) becomes T (all tokens)
                 if node.target in (aten.expand.default, aten.reshape.default, aten.view.default):
                     sizes = [total if _is_length_of(s, ids) else s for s in node.args[1]]
                     node.args = (node.args[0], sizes, *node.args[2:])
-            presents.append(full)
+            presents.extend(stored)
         args = list(sdpa.args)
         if len(args) > 3:
             args[3] = mask
@@ -155,8 +200,26 @@ def cached_decoder(model: Model) -> CachedDecoder:
     graph.lint()
     graph._codegen = fx.graph.CodeGen()  # plain positional inputs/outputs, not export's pytrees
     gm.recompile()
-    assert layout is not None
     return CachedDecoder(gm, layout)
+
+
+def _layout(attentions: list[fx.Node], sources) -> CacheLayout:
+    """The one cache layout every attention's keys and values share."""
+    layout: CacheLayout | None = None
+    for sdpa, pair in zip(attentions, sources, strict=True):
+        for src, _ in pair:
+            val = src.meta.get("val")
+            if val is None or val.dim() != 4:
+                raise StructureError(f"attention {sdpa.name}: cannot read the key/value shape")
+            this = CacheLayout(len(attentions), int(val.shape[1]), int(val.shape[3]))
+            if layout is not None and this != layout:
+                raise StructureError(
+                    f"attention {sdpa.name}: key/value shape {this} differs from the first "
+                    f"attention's {layout}; one cache layout per model is supported"
+                )
+            layout = this
+    assert layout is not None
+    return layout
 
 
 def _is_length_of(size, ids: fx.Node) -> bool:

@@ -35,9 +35,11 @@ def w4a4(float_model) -> qgraph.Model:
 
 
 @torch.no_grad()
-def _incremental_errors(model: qgraph.Model, ids: torch.Tensor, prefill: int) -> float:
+def _incremental_errors(
+    model: qgraph.Model, ids: torch.Tensor, prefill: int, quantized_cache: bool | None = None
+) -> float:
     """Max |Δlogit| between a prefill then one-token steps through the cache, and one full pass."""
-    decoder = cached_decoder(model)
+    decoder = cached_decoder(model, quantized_cache)
     full = model(ids)
     batch = ids.shape[0]
     past = decoder.layout.empty(batch)
@@ -48,6 +50,7 @@ def _incremental_errors(model: qgraph.Model, ids: torch.Tensor, prefill: int) ->
         logits, past = decoder(ids[:, t : t + 1], mask, past)
         worst = max(worst, float((logits[:, 0] - full[:, t]).abs().max()))
     assert past[0].shape == (batch, decoder.layout.kv_heads, ids.shape[1], decoder.layout.head_dim)
+    assert past[0].dtype == (torch.int8 if decoder.layout.quantized else torch.float32)
     return worst / float(full.abs().max())
 
 
@@ -56,7 +59,7 @@ def test_float_cache_matches_full_forward_and_hf_greedy(hf, float_model):
     assert _incremental_errors(float_model, ids, prefill=5) < 1e-5
     decoder = cached_decoder(float_model)
     prompt = ids[:1, :6]
-    ours, _, _ = decode(decoder, prompt[0].tolist(), 10)
+    ours = decode(decoder, prompt[0].tolist(), 10)[0]
     ref = hf.generate(
         prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt)
     )
@@ -103,6 +106,8 @@ def test_masked_cache_entries_are_ignored(float_model):
 def test_bad_cache_and_mask_are_refused(float_model):
     decoder = cached_decoder(float_model)
     ids = tokens(256, 1, 3, seed=1)
+    with pytest.raises(StructureError, match="quantized keys and values"):
+        cached_decoder(float_model, quantized_cache=True)
     with pytest.raises(ValueError, match="cache has 4 tensors"):
         decoder(ids, torch.ones(1, 3, dtype=torch.long), decoder.layout.empty(1)[:2])
     with pytest.raises(ValueError, match=r"attention_mask must be \[batch, past \+ new\]"):
@@ -263,7 +268,23 @@ def test_kv_quantization_is_cached_quantized_and_exports(float_model, tmp_path):
                 src, _ = gqa_source(sdpa.args[index])
                 assert src.target is per_token and src.args[1] == int(kv[3])
         errs[kv] = _logits_err(model, float_model, ids)
-        assert _incremental_errors(model, ids, prefill=7) < 1e-5
+        assert _incremental_errors(model, ids, prefill=7) < 1e-5  # int8 codes in the cache
+        decoder = cached_decoder(model)
+        assert decoder.layout.quantized and decoder.layout.names()[:3] == [
+            "past_key_values.0.key.codes",
+            "past_key_values.0.key.scale",
+            "past_key_values.0.key.zero",
+        ]
+        # 16 int8 codes + a float scale + an int8 zero per head, against 16 floats
+        assert decoder.layout.bytes_per_token() == 2 * 2 * 2 * 21
+        assert cached_decoder(model, quantized_cache=False).layout.bytes_per_token() == 512
+        assert _incremental_errors(model, ids, prefill=7, quantized_cache=False) < 1e-5
+        prompt = ids[0, :6].tolist()
+        out = qgraph.generate(model, prompt, 4, stop_at_eos=False)
+        # 6 + 4 − 1 tokens: the last generated token is never fed back
+        assert out.cache_bytes == 9 * decoder.layout.bytes_per_token()
+        plain = decode(cached_decoder(model, quantized_cache=False), prompt, 4)
+        assert plain[0] == out.tokens and plain[3] == 9 * 512
     assert errs["int8"] < errs["int4"] / 4, errs
     path = export_model(model, tmp_path / "kv.onnx")
     with torch.no_grad():

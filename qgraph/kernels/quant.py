@@ -28,7 +28,9 @@ from qgraph.errors import DataError
 
 __all__ = [
     "SCALE_EPS",
+    "decode_per_token",
     "dequantize_weight",
+    "encode_per_token",
     "expand_groups",
     "fake_quantize_per_token",
     "fake_quantize_static",
@@ -227,11 +229,24 @@ def per_token_qparams(
     return _asymmetric(xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True), bits)
 
 
-def fake_quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Per-token (last dim) dynamic fake quantization; same shape and dtype as x."""
+def encode_per_token(
+    x: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) dynamic quantization: (codes int8, scale [..., 1], zero int8
+    [..., 1]), what a quantized key/value cache stores."""
     scale, zero = per_token_qparams(x, bits, symmetric)
     q = _quantize(x.to(scale.dtype), scale, zero, bits)
-    return ((q - zero) * scale).to(x.dtype)
+    return q.to(torch.int8), scale, zero.to(torch.int8)
+
+
+def decode_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(codes - zero) * scale`` in scale's dtype: the inverse of :func:`encode_per_token`."""
+    return (codes.to(scale.dtype) - zero.to(scale.dtype)) * scale
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Per-token (last dim) dynamic fake quantization; same shape and dtype as x."""
+    return decode_per_token(*encode_per_token(x, bits, symmetric)).to(x.dtype)
 
 
 def _as_scalar(v: float | torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
