@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="passes to run, e.g. W4A16: 'fuse-norms,rotate{seed=0},quantize{w=int4:channel},gptq'; "
         "W4A4: 'fuse-norms,rotate{seed=0,online=r2+r4},quantize{w=int4:channel,a=int4:token},gptq' "
-        "(4-bit activations need the online rotations; 'qgraph passes' lists every option)",
+        "(4-bit activations need the online rotations). Slower and better: append ',qat' to "
+        "fine-tune scales and codes on the calibration text; add 'learn-rotations' after "
+        "rotate for W4A4 (benchmarks/README.md). 'qgraph passes' lists every option",
     )
     run.add_argument(
         "--calib-text",
