@@ -133,7 +133,7 @@ class QAT(Pass):
     )
     options = (
         Option("estimator", str, "sigmoid", "sigmoid | ste", choices=ESTIMATORS),
-        Option("iters", int, 32, "Adam steps (one calibration window each)"),
+        Option("iters", int, 16, "Adam steps (one calibration window each)"),
         Option("lr", float, 0.01, "Adam learning rate of the latent weights, in grid steps"),
         Option("scale-lr", float, 0.002, "Adam learning rate of the log scales (0: fixed)"),
         Option("t-start", float, 8.0, "sigmoid estimator: sharpness at the first step"),
