@@ -77,8 +77,8 @@ def main() -> None:
     path = Path(__file__).parent / "results" / f"decode_w{args.windows}.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     job = Job(None, eval_windows=args.windows, progress=False)
-    prompt = job.eval[-1, :PROMPT].tolist()  # held-out text, not among the ppl windows
-    windows = job.eval[:-1] if args.windows > 1 else job.eval
+    prompt = job.eval[-1, :PROMPT].tolist()  # held-out text
+    windows = job.eval  # the same perplexity windows as the qgraph rows
     for key in args.rows.split(","):
         if key in done:
             continue
