@@ -50,6 +50,7 @@ def ort_forward(path: str | os.PathLike, threads: int = 2, exact_matmul: bool = 
     without it ONNX Runtime quantizes activations to int8 inside them (faster, less exact)."""
     runner = OrtModel(path, threads=threads, matmulnbits_accuracy_level=0 if exact_matmul else None)
     inputs = runner.session.get_inputs()
+    cache_dims = _cache_dims(Path(path), inputs)
 
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.numpy()
@@ -57,7 +58,7 @@ def ort_forward(path: str | os.PathLike, threads: int = 2, exact_matmul: bool = 
             return torch.as_tensor(runner(ids))
         # a cached decoder (qgraph's or ONNX Runtime GenAI's builder's): the whole window as
         # the prompt, with an empty cache
-        return torch.as_tensor(runner(*(_decoder_feed(i, ids) for i in inputs)))
+        return torch.as_tensor(runner(*(_decoder_feed(i, ids, cache_dims) for i in inputs)))
 
     return forward
 
@@ -65,7 +66,25 @@ def ort_forward(path: str | os.PathLike, threads: int = 2, exact_matmul: bool = 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def _decoder_feed(spec, ids: np.ndarray) -> np.ndarray:
+def _cache_dims(path: Path, inputs) -> tuple[int, int] | None:
+    """(kv_heads, head_size) of a decoder's cache: from its input shapes, or from the
+    ``genai_config.json`` beside it when the file leaves them symbolic (the GenAI builder)."""
+    cache = [i for i in inputs if i.name.startswith("past_key_values.")]
+    if not cache:
+        return None
+    heads, size = cache[0].shape[1], cache[0].shape[3]
+    if isinstance(heads, int) and isinstance(size, int):
+        return heads, size
+    config = path.parent / "genai_config.json"
+    if not config.exists():
+        raise ExportError(
+            f"{path}: the cache shape {cache[0].shape} is symbolic and no config says it"
+        )
+    decoder = json.loads(config.read_text())["model"]["decoder"]
+    return int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+
+
+def _decoder_feed(spec, ids: np.ndarray, cache_dims: tuple[int, int] | None) -> np.ndarray:
     """The value of one decoder input for a prompt ``ids`` and an empty cache."""
     batch, seq = ids.shape
     if spec.name == "input_ids":
@@ -76,7 +95,7 @@ def _decoder_feed(spec, ids: np.ndarray) -> np.ndarray:
         return np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
     if spec.name.startswith("past_key_values."):
         dtype = _NUMPY_TYPES.get(spec.type, np.float32)
-        return np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype)
+        return np.zeros((batch, cache_dims[0], 0, cache_dims[1]), dtype)
     raise ExportError(f"cannot feed decoder input {spec.name!r} ({spec.type}, {spec.shape})")
 
 
