@@ -320,3 +320,26 @@ def test_run_export_writes_a_decoder_folder_and_checks_it(float_model, tmp_path)
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["filename"] == "tiny.onnx"
     assert info["ort_ppl"] == pytest.approx(perplexity(float_model, windows), rel=1e-4)
+
+
+def test_ort_forward_reads_symbolic_cache_dims_from_the_config(float_model, tmp_path):
+    """ONNX Runtime GenAI's builder leaves the head size symbolic; genai_config.json says it."""
+    import onnx
+
+    from qgraph.backends.onnx_backend import ort_forward
+    from qgraph.backends.onnx_decoder import export_decoder
+    from qgraph.errors import ExportError
+
+    folder = export_decoder(float_model, tmp_path / "d")
+    proto = onnx.load(folder / "model.onnx")
+    for value in proto.graph.input:
+        if value.name.startswith("past_key_values."):
+            value.type.tensor_type.shape.dim[3].dim_param = "kv_cache_dim"
+    onnx.save(proto, folder / "model.onnx")
+    ids = tokens(256, 2, 9, seed=13)
+    with torch.no_grad():
+        ref = float_model(ids)
+    assert float((ort_forward(folder / "model.onnx")(ids) - ref).abs().max()) < 1e-4
+    (folder / "genai_config.json").unlink()
+    with pytest.raises(ExportError, match="symbolic"):
+        ort_forward(folder / "model.onnx")
