@@ -118,3 +118,20 @@ def test_annealed_sharpness_is_geometric():
     values = [annealed_sharpness(i, 5, 4.0, 64.0) for i in range(5)]
     np.testing.assert_allclose(values, [4, 8, 16, 32, 64])
     assert annealed_sharpness(0, 1, 4.0, 64.0) == 64.0
+
+
+def test_sigmoid_estimator_gradient_is_the_composite_one():
+    """The memory-saving autograd (recompute in backward) gives the composite's gradient."""
+    gen = torch.Generator().manual_seed(1)
+    c = (torch.randn(64, 32, generator=gen, dtype=torch.float64) * 5).requires_grad_(True)
+    g = torch.randn(64, 32, generator=gen, dtype=torch.float64)
+    out = estimate_codes(c, -8, 7, "sigmoid", 6.0)
+    (grad,) = torch.autograd.grad(out, c, g)
+    x = c.detach().requires_grad_(True)
+    ref = sigmoid_round(soft_clamp(x, -8, 7, 6.0), 6.0)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(out.detach(), ref.detach())
+    assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda v: estimate_codes(v, -8, 7, "sigmoid", 3.0), (c[:4, :4].detach().requires_grad_(),)
+    )

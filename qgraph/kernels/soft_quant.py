@@ -60,8 +60,30 @@ def estimate_codes(
     if estimator == "ste":
         return ste_round(c.clamp(qmin, qmax))
     if estimator == "sigmoid":
-        return sigmoid_round(soft_clamp(c, qmin, qmax, sharpness), sharpness)
+        return _SigmoidCodes.apply(c, qmin, qmax, sharpness)
     raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+
+
+class _SigmoidCodes(torch.autograd.Function):
+    """``sigmoid_round(soft_clamp(c))`` that keeps only ``c`` for its backward and recomputes the
+    rest there: autograd of the composite keeps about ten weight-sized tensors per layer alive
+    until the backward (15 GB on SmolLM2), this one, one."""
+
+    @staticmethod
+    def forward(ctx, c: torch.Tensor, qmin: int, qmax: int, sharpness: float) -> torch.Tensor:
+        ctx.save_for_backward(c)
+        ctx.args = (qmin, qmax, sharpness)
+        return sigmoid_round(soft_clamp(c, qmin, qmax, sharpness), sharpness)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (c,) = ctx.saved_tensors
+        qmin, qmax, sharpness = ctx.args
+        with torch.enable_grad():
+            x = c.detach().requires_grad_(True)
+            y = sigmoid_round(soft_clamp(x, qmin, qmax, sharpness), sharpness)
+            (dx,) = torch.autograd.grad(y, x, grad)
+        return dx, None, None, None
 
 
 def hard_codes(c: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
