@@ -38,6 +38,7 @@ from qgraph.selection import LayerSelector, selector_options
 
 from . import online_rotation
 from .rotate import apply_r1, check_r1, r2_possible, rotate_heads
+from .training import check_token_calibration, validate_schedule
 
 PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
 
@@ -157,15 +158,7 @@ class LearnRotations(Pass):
                 f"learn-rotations: a={self.opt('a')}: train against dynamic per-token "
                 "activations (int<b>:token); static ranges are calibrated after the rotation"
             )
-        for key in ("iters", "calib-windows"):
-            if self.opt(key) < 1:
-                raise PipelineError(f"learn-rotations: {key} must be >= 1, got {self.opt(key)}")
-        if self.opt("length") < 0 or self.opt("length") == 1:
-            raise PipelineError(
-                f"learn-rotations: length must be 0 (whole window) or >= 2, got {self.opt('length')}"
-            )
-        if not self.opt("lr") > 0:
-            raise PipelineError(f"learn-rotations: lr must be positive, got {self.opt('lr')}")
+        validate_schedule(self)
         if not 0 <= self.opt("momentum") < 1:
             raise PipelineError(
                 f"learn-rotations: momentum must be in [0, 1), got {self.opt('momentum')}"
@@ -173,11 +166,7 @@ class LearnRotations(Pass):
         self.selector = LayerSelector.from_pass(self)
 
     def check(self, model: Model) -> None:
-        if model.calibration is None or model.calibration.dtype != torch.long:
-            raise DataError(
-                "learn-rotations: needs calibration text (token windows) for its next-token loss "
-                "(Model.set_calibration or --calib-text)"
-            )
+        check_token_calibration(self, model, "next-token loss")
         check_r1(model)
 
     def run(self, model: Model) -> dict[str, Any]:

@@ -43,6 +43,8 @@ from qgraph.progress import bar
 from qgraph.quantized import SPARSE, BoundLayer
 from qgraph.selection import LayerSelector, selector_options
 
+from .training import check_token_calibration, validate_schedule
+
 ACT_QUANTIZERS = (
     torch.ops.qgraph.quantize_per_token.default,
     torch.ops.qgraph.quantize_static.default,
@@ -163,17 +165,9 @@ class QAT(Pass):
     preserves = frozenset({"structure", "quantized-layers"})  # only codes and scales change
 
     def validate(self) -> None:
-        for key in ("iters", "calib-windows"):
-            if self.opt(key) < 1:
-                raise PipelineError(f"qat: {key} must be >= 1, got {self.opt(key)}")
+        validate_schedule(self)
         if self.opt("holdout") < 0:
             raise PipelineError(f"qat: holdout must be >= 0, got {self.opt('holdout')}")
-        if self.opt("length") < 0 or self.opt("length") == 1:
-            raise PipelineError(
-                f"qat: length must be 0 (whole window) or >= 2, got {self.opt('length')}"
-            )
-        if not self.opt("lr") > 0:
-            raise PipelineError(f"qat: lr must be positive, got {self.opt('lr')}")
         if not self.opt("scale-lr") >= 0:
             raise PipelineError(f"qat: scale-lr must be >= 0, got {self.opt('scale-lr')}")
         if not 0 < self.opt("t-start") <= self.opt("t-end"):
@@ -183,11 +177,7 @@ class QAT(Pass):
         self.selector = LayerSelector.from_pass(self)
 
     def check(self, model: Model) -> None:
-        if model.calibration is None or model.calibration.dtype != torch.long:
-            raise DataError(
-                "qat: needs calibration text (token windows) for its training loss "
-                "(Model.set_calibration or --calib-text)"
-            )
+        check_token_calibration(self, model, "training loss")
         chosen = self.selector.select(list(model.quantized))
         if not chosen:
             raise PipelineError(f"qat: no quantized layer matches {self.selector.describe()}")
