@@ -21,6 +21,10 @@ ROWS = {
     "sigmoid": ("QAT, sigmoid rounding + SoftClamp", "qat{estimator=sigmoid}"),
     "ste-16": ("QAT, straight-through, 16 steps", "qat{estimator=ste,iters=16}"),
     "sigmoid-16": ("QAT, sigmoid + SoftClamp, 16 steps", "qat{estimator=sigmoid,iters=16}"),
+    "sigmoid-16-lr03": (
+        "QAT, sigmoid + SoftClamp, 16 steps, lr 0.03",
+        "qat{estimator=sigmoid,iters=16,lr=0.03}",
+    ),
     "ste-16-lr10": (
         "QAT, straight-through, 16 steps, lr 0.1",
         "qat{estimator=ste,iters=16,lr=0.1}",
