@@ -26,19 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qgraph.errors import DataError, PipelineError
+from qgraph.errors import PipelineError
 from qgraph.formats import ActSpec, WeightSpec, fake_quantize, parse_act_spec, parse_weight_spec
 from qgraph.graph_edits import finish, get_tensor
 from qgraph.kernels.rotation import Rotation
 from qgraph.kernels.stiefel import CayleySGD
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
-from qgraph.progress import bar
 from qgraph.selection import LayerSelector, selector_options
 
 from . import online_rotation
 from .rotate import apply_r1, check_r1, r2_possible, rotate_heads
-from .training import check_token_calibration, validate_schedule
+from .training import check_token_calibration, run_schedule, validate_schedule
 
 PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
 
@@ -193,18 +192,11 @@ class LearnRotations(Pass):
         before = mean_loss()
         opt = CayleySGD([u, *vs], self.opt("lr"), self.opt("momentum"))
         iters = self.opt("iters")
-        progress = bar(total=iters, desc=self.name, unit="step", leave=False)
-        for i in range(iters):
-            opt.lr = self.opt("lr") * (1 - i / iters)  # linear decay to 0
-            opt.zero_grad()
-            loss = loss_of(windows[i % len(windows)][None])
-            if not torch.isfinite(loss):
-                raise DataError(f"learn-rotations: the training loss is {float(loss)} at step {i}")
-            loss.backward()
-            opt.step()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-        progress.close()
+
+        def set_step(i: int, decay: float) -> None:
+            opt.lr = self.opt("lr") * decay
+
+        run_schedule(self, opt, windows, loss_of, set_step)
         after = mean_loss()
         kept = after >= before  # learning did not help on its own windows: keep rotate's
         summary: dict[str, Any] = {

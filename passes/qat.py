@@ -39,11 +39,10 @@ from qgraph.kernels.soft_quant import (
 )
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
-from qgraph.progress import bar
 from qgraph.quantized import SPARSE, BoundLayer
 from qgraph.selection import LayerSelector, selector_options
 
-from .training import check_token_calibration, validate_schedule
+from .training import check_token_calibration, run_schedule, validate_schedule
 
 ACT_QUANTIZERS = (
     torch.ops.qgraph.quantize_per_token.default,
@@ -270,20 +269,13 @@ class QAT(Pass):
             g["lr0"] = g["lr"]
         opt = torch.optim.Adam(groups)
         iters = self.opt("iters")
-        progress = bar(total=iters, desc=self.name, unit="step", leave=False)
-        for i in range(iters):
+
+        def set_step(i: int, decay: float) -> None:
             forward.sharpness = annealed_sharpness(i, iters, self.opt("t-start"), self.opt("t-end"))
             for g in opt.param_groups:
-                g["lr"] = g["lr0"] * (1 - i / iters)  # linear decay to 0
-            opt.zero_grad()
-            loss = _loss(forward, windows[i % len(windows)][None], kd, hard=False)
-            if not torch.isfinite(loss):
-                raise DataError(f"qat: the training loss is {float(loss)} at step {i}")
-            loss.backward()
-            opt.step()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        progress.close()
+                g["lr"] = g["lr0"] * decay
+
+        run_schedule(self, opt, windows, lambda ids: _loss(forward, ids, kd, hard=False), set_step)
 
     def _mean_loss(self, forward: QATForward, windows, kd: bool, hard: bool) -> float:
         with torch.no_grad():
