@@ -29,9 +29,16 @@ def export_metadata(model: Model, pipeline: str) -> dict[str, str]:
 
 
 def export_model(
-    model: Model, path: str | os.PathLike, pipeline: str = "", external_data: bool | None = None
+    model: Model,
+    path: str | os.PathLike,
+    pipeline: str = "",
+    external_data: bool | None = None,
+    integer_activations: bool = True,
 ) -> Path:
-    """Write ``model`` as an ONNX file that stock ONNX Runtime runs (opset 21)."""
+    """Write ``model`` as an ONNX file that stock ONNX Runtime runs (opset 21).
+
+    ``integer_activations`` runs per-token quantized layers as ``MatMulInteger``
+    (:mod:`qgraph.backends.onnx_integer`); False keeps them as float arithmetic."""
     return export_onnx(
         model.gm,
         model.example_inputs,
@@ -41,6 +48,7 @@ def export_model(
         output_names=["logits"],
         metadata=export_metadata(model, pipeline),
         external_data=external_data,
+        integer_activations=integer_activations,
     )
 
 

@@ -111,6 +111,7 @@ def export_decoder(
     context_length: int | None = None,
     external_data: bool | None = None,
     filename: str = MODEL_FILE,
+    integer_activations: bool = True,
 ) -> Path:
     """Write ``model`` as a cached decoder folder for ONNX Runtime GenAI; returns the folder.
 
@@ -153,6 +154,7 @@ def export_decoder(
             metadata=export_metadata(model, pipeline),
             external_data=external_data,
             dim_names={**in_dims, **out_dims},
+            integer_activations=integer_activations,
         )
         config = genai_config(model, layout, vocab, context, filename)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

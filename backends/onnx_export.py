@@ -29,6 +29,7 @@ import torch
 from qgraph.errors import ExportError
 
 from .onnx_hadamard import add_hadamard_functions, is_qgraph_function
+from .onnx_integer import INTEGER_TRANSLATIONS, integer_activation_graph
 from .onnx_lowering import CUSTOM_TRANSLATIONS
 
 __all__ = [
@@ -226,6 +227,7 @@ def export_onnx(
     opset: int = 21,
     external_data: bool | None = None,
     dim_names: Mapping[str, Mapping[int, str]] | None = None,
+    integer_activations: bool = True,
 ) -> Path:
     """Export ``module(*example_inputs)`` to ``path`` and return the path.
 
@@ -235,11 +237,15 @@ def export_onnx(
     module is exported in eval mode; its train/eval flags are restored afterwards.
     ``dim_names`` names dynamic axes of inputs and outputs (``{"input_ids": {0: "batch_size"}}``);
     the exporter's own symbols for them are renamed throughout the graph.
+    ``integer_activations`` lowers per-token quantized layers of a GraphModule to
+    ``MatMulInteger`` (:mod:`qgraph.backends.onnx_integer`); the module itself is not changed.
     """
     target = Path(path)
     if not target.parent.is_dir():
         raise ExportError(f"export to {target}: directory {target.parent} does not exist")
 
+    if integer_activations and isinstance(module, torch.fx.GraphModule):
+        module, _ = integer_activation_graph(module)
     try:
         with _quiet_exporter(), _eval_mode(module):
             program = torch.onnx.export(
@@ -247,7 +253,7 @@ def export_onnx(
                 tuple(example_inputs),
                 dynamo=True,
                 opset_version=opset,
-                custom_translation_table=CUSTOM_TRANSLATIONS,
+                custom_translation_table={**CUSTOM_TRANSLATIONS, **INTEGER_TRANSLATIONS},
                 dynamic_shapes=dynamic_shapes,
                 input_names=list(input_names) if input_names is not None else None,
                 output_names=list(output_names) if output_names is not None else None,

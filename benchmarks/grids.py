@@ -27,8 +27,17 @@ ROWS = {
     "gptq-narrow": ("W4A16 GPTQ", "quantize{w=int4:channel:narrow},gptq"),
     "gptq-full": ("W4A16 GPTQ", "quantize{w=int4:channel},gptq"),
     "gptq-full-output": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=output},gptq"),
+    "gptq-full-refit": ("W4A16 GPTQ", "quantize{w=int4:channel},gptq{refit-scale=true}"),
+    "gptq-full-output-refit": (
+        "W4A16 GPTQ",
+        "quantize{w=int4:channel,clip=output},gptq{refit-scale=true}",
+    ),
     "rot-gptq-narrow": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel:narrow},gptq"),
     "rot-gptq-full": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel},gptq"),
+    "rot-gptq-full-output": (
+        "W4A16 rotation + GPTQ",
+        ROT + "quantize{w=int4:channel,clip=output},gptq",
+    ),
     "w3-gptq-narrow": ("W3A16 GPTQ", "quantize{w=int3:channel:narrow},gptq"),
     "w3-gptq-full": ("W3A16 GPTQ", "quantize{w=int3:channel},gptq"),
     "w4a4-narrow": (
@@ -36,7 +45,12 @@ ROWS = {
         ROT_A4 + "quantize{w=int4:channel:narrow,a=int4:token},gptq",
     ),
     "w4a4-full": ("W4A4 rotation + GPTQ", ROT_A4 + "quantize{w=int4:channel,a=int4:token},gptq"),
+    "w4a4-full-output": (
+        "W4A4 rotation + GPTQ",
+        ROT_A4 + "quantize{w=int4:channel,a=int4:token,clip=output},gptq",
+    ),
     "w8a8": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token}"),
+    "w8a8-output": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token,clip=output}"),
     "w8a8-narrow": ("W8A8 RTN", "quantize{w=int8:channel:narrow,a=int8:token}"),
 }
 

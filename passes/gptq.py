@@ -50,6 +50,13 @@ class GPTQ(Pass):
             choices=("auto", *CLIPS),
         ),
         Option(
+            "refit-scale",
+            bool,
+            False,
+            "after GPTQ, re-solve each row's scales for its codes by least squares on the "
+            "layer's output error",
+        ),
+        Option(
             "calib-windows", int, 16, "calibration windows used (of the model's calibration data)"
         ),
         *selector_options("", "quantized layers"),
@@ -73,7 +80,7 @@ class GPTQ(Pass):
                 damp=self.opt("damp"), act_order=self.opt("act-order"),
                 block_size=self.opt("block-size"),
                 clip=clip,
-                full_range=spec.full_range,
+                full_range=spec.full_range, refit_scale=self.opt("refit-scale"),
             )  # fmt: skip
             rec.clip = clip
             stats["layers"] += 1

@@ -18,6 +18,7 @@ from qgraph.kernels.gptq import (
     GPTQResult,
     gptq_quantize,
     mse_clip_search,
+    refit_scales,
     rtn_error,
 )
 
@@ -425,3 +426,46 @@ def test_gptq_clip_search(layer):
     assert torch.equal(
         quant.dequantize_weight(grouped.codes, grouped.scale, grouped.zero), grouped.weight
     )
+
+
+def _lstsq_scales(w, h, a, groups):
+    """Reference: per row, the scales s minimising (w - Σ_g s_g a_g) H (...)ᵀ, by numpy lstsq
+    on the factor L of H = L Lᵀ (float64)."""
+    lt = np.linalg.cholesky(h.numpy() + 1e-9 * np.eye(h.shape[0])).T
+    out = []
+    for i in range(w.shape[0]):
+        basis = np.stack([lt @ (a[i].numpy() * (groups == g)) for g in range(groups.max() + 1)], 1)
+        out.append(np.linalg.lstsq(basis, lt @ w[i].numpy(), rcond=None)[0])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("granularity,group_size", [("channel", None), ("group", 16)])
+def test_refit_scales_is_the_least_squares_solution(layer, granularity, group_size):
+    w, h, _ = layer
+    res = gptq_quantize(w, h, 4, granularity=granularity, group_size=group_size, act_order=True)
+    s = refit_scales(w, h, res.codes, res.scale, res.zero, group_size)
+    a = res.codes.double() - quant.expand_groups(res.zero, INP, group_size).double()
+    groups = np.arange(INP) // (group_size or INP)
+    np.testing.assert_allclose(s.numpy(), _lstsq_scales(w, h, a, groups), rtol=1e-6)
+    refit = gptq_quantize(
+        w, h, 4, granularity=granularity, group_size=group_size, act_order=True, refit_scale=True
+    )
+    assert torch.equal(refit.codes, res.codes)
+    assert refit.error < res.error
+    assert torch.equal(quant.dequantize_weight(refit.codes, refit.scale, refit.zero, group_size),
+                       refit.weight)  # fmt: skip
+
+
+def test_refit_scales_never_increases_error(layer):
+    w, h, _ = layer
+    res = gptq_quantize(w, h, 4, granularity="tensor")
+    s = refit_scales(w, h, res.codes, res.scale, res.zero)
+    assert s.shape == (1, 1)
+    refit = quant.dequantize_weight(res.codes, s, res.zero)
+    assert rtn_error(w, h, refit) <= res.error
+    # codes that are all zero in a row give no equation: that row keeps its scale
+    codes = res.codes.clone()
+    codes[0] = 0
+    scale = torch.full((OUT, 1), 0.1, dtype=res.scale.dtype)
+    kept = refit_scales(w, h, codes, scale, torch.zeros_like(scale, dtype=torch.int8))
+    assert kept[0, 0] == scale[0, 0] and torch.isfinite(kept).all()

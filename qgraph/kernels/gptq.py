@@ -48,9 +48,22 @@ from dataclasses import dataclass
 import torch
 
 from qgraph.errors import DataError
-from qgraph.kernels.quant import dequantize_weight, qrange, quantize_weight, weight_qparams
+from qgraph.kernels.quant import (
+    dequantize_weight,
+    expand_groups,
+    qrange,
+    quantize_weight,
+    weight_qparams,
+)
 
-__all__ = ["DEFAULT_CLIP_GRID", "GPTQResult", "gptq_quantize", "mse_clip_search", "rtn_error"]
+__all__ = [
+    "DEFAULT_CLIP_GRID",
+    "GPTQResult",
+    "gptq_quantize",
+    "mse_clip_search",
+    "refit_scales",
+    "rtn_error",
+]
 
 #: Clip ratios tried by mse_clip_search: 1.0, 0.95, ..., 0.5.
 DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))
@@ -170,6 +183,64 @@ def mse_clip_search(
     return best_scale, best_zero
 
 
+def refit_scales(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """Least-squares scales for fixed codes: min over s of (w - ŵ(s)) H (w - ŵ(s))ᵀ per row.
+
+    GPTQ chooses codes against a scale fixed before its first column; once the codes are known
+    the output error is a quadratic in the scales, solved here in closed form (per row one
+    G×G system over its G groups, 1×1 per channel, one scalar for a per-tensor grid). A row
+    keeps its old scales unless the new ones are finite, positive and lower its error, so the
+    result is never worse on the objective. Returns the new scale in ``scale``'s layout/dtype.
+    """
+    check_layer_inputs(w, hessian)
+    out, inp = w.shape
+    h = hessian.detach().to(device=w.device, dtype=torch.float64)
+    h = (h + h.T) / 2
+    wf = w.detach().to(torch.float64)
+    s_old = scale.detach().to(torch.float64)
+    a = codes.to(torch.float64) - expand_groups(zero, inp, group_size).to(torch.float64)
+    n_groups = s_old.shape[1]
+    gs = inp if n_groups == 1 else (group_size or inp // n_groups)
+    member = torch.zeros(inp, n_groups, dtype=torch.float64, device=w.device)
+    member[torch.arange(inp), torch.arange(inp) // gs] = 1.0  # column -> its group
+    ah = a @ h  # [out, in]
+    if s_old.shape[0] == 1 and out > 1:  # one scale for the whole tensor
+        num = float((ah * wf).sum())
+        den = float((ah * a).sum())
+        s_new = torch.full_like(s_old, num / den if den > 0 else float("nan"))
+    else:
+        # M_i[g, g'] = Σ_{k∈g, l∈g'} a_ik H_kl a_il and b_i[g] = Σ_{k∈g} a_ik (H w_i)_k
+        b = (a * (wf @ h)) @ member  # [out, G]
+        if n_groups == 1:
+            m = ((ah * a).sum(1)).reshape(out, 1, 1)
+        else:
+            per_group = a.unsqueeze(1) * member.T.unsqueeze(0)  # [out, G, in]
+            m = (per_group @ h) @ (a.unsqueeze(2) * member.unsqueeze(0))  # [out, G, G]
+        m = m + torch.eye(n_groups, dtype=m.dtype, device=m.device) * 1e-12 * (
+            m.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True).unsqueeze(2) + 1e-30
+        )
+        s_new = torch.linalg.solve(m, b.unsqueeze(2)).squeeze(2)
+
+    def row_error(s: torch.Tensor) -> torch.Tensor:
+        d = wf - a * expand_groups(s.expand(out, n_groups), inp, group_size)
+        return ((d @ h) * d).sum(1)
+
+    ok = torch.isfinite(s_new).all(1, keepdim=True) & (s_new > 0).all(1, keepdim=True)
+    s_try = torch.where(ok, s_new, s_old.expand_as(s_new))
+    if s_old.shape[0] == 1 and out > 1:
+        better = bool(row_error(s_try).sum() < row_error(s_old).sum())
+        return (s_try if better else s_old).to(scale.dtype)
+    better = (row_error(s_try) < row_error(s_old)).unsqueeze(1)
+    return torch.where(better & ok, s_try, s_old).to(scale.dtype)
+
+
 def _cholesky_inverse_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ (float64), or a ValueError that suggests more damping."""
     lower, info = torch.linalg.cholesky_ex(h)
@@ -196,6 +267,7 @@ def gptq_quantize(
     clip: str = "none",
     clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
     full_range: bool = False,
+    refit_scale: bool = False,
 ) -> GPTQResult:
     """Quantize w [out, in] with GPTQ given the Hessian [in, in] of its inputs (∝ XᵀX).
 
@@ -207,7 +279,8 @@ def gptq_quantize(
     (mse_clip_search): "output" weighs each column by the Hessian's diagonal (the output error of
     each column alone), "mse" by 1 (plain weight MSE); for groups it is applied to the group's
     current weights. full_range selects the
-    symmetric full grid (quant.py). See the module docstring for the design.
+    symmetric full grid (quant.py). ``refit_scale`` re-solves the scales for the final codes by
+    least squares on the same objective (refit_scales). See the module docstring for the design.
     Inputs are never modified.
     """
     check_layer_inputs(w, hessian)
@@ -318,10 +391,13 @@ def gptq_quantize(
 
     codes = torch.empty_like(codes_p)
     codes[:, order] = codes_p
-    w_hat = dequantize_weight(codes, scale, zero, gs if granularity == "group" else None)
-    w_hat = w_hat.to(w.dtype)
+    group = gs if granularity == "group" else None
     if granularity == "tensor":
         scale, zero = scale[:1], zero[:1]
+    if refit_scale:
+        scale = refit_scales(w, hessian, codes, scale, zero, group)
+    w_hat = dequantize_weight(codes, scale, zero, group)
+    w_hat = w_hat.to(w.dtype)
     return GPTQResult(
         weight=w_hat,
         codes=codes,

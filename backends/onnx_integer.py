@@ -1,0 +1,140 @@
+"""Integer activation paths for ONNX Runtime: per-token-quantized linear layers as
+``MatMulInteger``.
+
+A per-token activation quantizer feeding per-channel symmetric weights is, in the torch graph,
+float arithmetic (``quantize_per_token`` → ``qlinear``). :func:`integer_activation_graph`
+rewrites a copy of such a graph into :mod:`qgraph.integer_ops`, and the lowerings here turn
+those into ``DynamicQuantize``-style standard ops plus one ``MatMulInteger`` per layer with a
+uint8 left operand (ONNX Runtime runs int8 activations through MLAS' u8s8 GEMM; an int8 left
+operand falls back to a reference loop ~15× slower, measured). The activation's row zero point
+and the unsigned shift are taken out of the integer product with the weight codes' column sums,
+so ``MatMulInteger`` needs no zero points. The quantizer is computed once even when several
+layers share it (q/k/v, gate/up).
+
+Eligible: activation bits ≤ 8 and weights symmetric with one scale per output channel (a group
+grid would need one product per group). Other layers keep the float path.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import onnx_ir as ir
+import torch
+from onnxscript import opset21 as op
+from torch import fx
+
+import qgraph.integer_ops  # noqa: F401  (registers torch.ops.qgraph.*_u8)
+from qgraph.kernels import quant as qk
+
+from .onnx_lowering import _cast, _const, _param_dtype
+
+__all__ = ["INTEGER_TRANSLATIONS", "integer_activation_graph"]
+
+PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
+QLINEAR = torch.ops.qgraph.qlinear.default
+PER_TOKEN_U8 = torch.ops.qgraph.quantize_per_token_u8.default
+QLINEAR_U8 = torch.ops.qgraph.qlinear_u8.default
+
+
+def _attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _integer_weight(gm: fx.GraphModule, user: fx.Node, source: fx.Node) -> bool:
+    """Whether ``user`` is a qlinear on ``source`` with symmetric per-channel weights."""
+    if user.target is not QLINEAR or user.args[0] is not source or user.kwargs:
+        return False
+    codes, scale, zero = (_attr(gm, a) for a in user.args[1:4])
+    if codes is None or scale is None or zero is None or codes.dtype != torch.int8:
+        return False
+    return scale.shape[0] == 1 and not bool(zero.any())
+
+
+def integer_activation_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` whose eligible per-token quantized layers use the integer ops, and how
+    many layers were rewritten. ``gm`` itself is not changed (the copy shares its tensors)."""
+    graph = fx.Graph()
+    env = graph.graph_copy(gm.graph, {})
+    if env is not None:
+        graph.output(env)
+    copy = fx.GraphModule(gm, graph)
+    rewritten = 0
+    for node in list(copy.graph.nodes):
+        if node.op != "call_function" or node.target is not PER_TOKEN:
+            continue
+        x, bits, symmetric = node.args
+        users = list(node.users)
+        if bits > 8 or not users or not all(_integer_weight(copy, u, node) for u in users):
+            continue
+        with copy.graph.inserting_after(node):
+            quant = copy.graph.call_function(PER_TOKEN_U8, (x, bits, symmetric))
+        with copy.graph.inserting_after(quant):
+            parts = [copy.graph.call_function(operator.getitem, (quant, i)) for i in range(3)]
+        for user in users:
+            codes_node, scale_node = user.args[1], user.args[2]
+            codes = _attr(copy, codes_node)
+            name = f"_qgraph_colsum_{rewritten}"
+            copy.register_buffer(name, codes.to(torch.int32).sum(0).to(torch.float32))
+            with copy.graph.inserting_before(user):
+                colsum = copy.graph.get_attr(name)
+                fused = copy.graph.call_function(
+                    QLINEAR_U8, (*parts, codes_node, scale_node, colsum, user.args[4])
+                )
+            user.replace_all_uses_with(fused)
+            copy.graph.erase_node(user)
+            rewritten += 1
+        copy.graph.erase_node(node)
+    copy.graph.lint()
+    copy.recompile()
+    return copy, rewritten
+
+
+def quantize_per_token_u8(x, bits: int, symmetric: bool):
+    """The per-token quantizer of :func:`onnx_lowering.quantize_per_token`, stopped at the
+    codes: returns ``(uint8 q - qmin, scale, zero - qmin)``."""
+    qmin, qmax = qk.qrange(bits)
+    dtype = _param_dtype(x)
+    xf = _cast(x, dtype)
+    axes = op.Constant(value=ir.tensor([-1], dtype=ir.DataType.INT64))
+    eps = _const(qk.SCALE_EPS, dtype)
+    lo_c, hi_c = _const(float(qmin), dtype), _const(float(qmax), dtype)
+    if symmetric:
+        amax = op.ReduceMax(op.Abs(xf), axes, keepdims=1)
+        scale = op.Max(op.Div(amax, hi_c), eps)
+        q = op.Clip(op.Round(op.Div(xf, scale)), lo_c, hi_c)
+        offset = op.Neg(lo_c)
+        offset = op.Expand(offset, op.Shape(scale))
+    else:
+        zero_f = _const(0.0, dtype)
+        lo = op.Min(op.ReduceMin(xf, axes, keepdims=1), zero_f)
+        hi = op.Max(op.ReduceMax(xf, axes, keepdims=1), zero_f)
+        scale = op.Max(op.Div(op.Sub(hi, lo), _const(float(2**bits - 1), dtype)), eps)
+        zero = op.Clip(op.Round(op.Sub(lo_c, op.Div(lo, scale))), lo_c, hi_c)
+        q = op.Clip(op.Add(op.Round(op.Div(xf, scale)), zero), lo_c, hi_c)
+        offset = op.Sub(zero, lo_c)
+    u = op.Cast(op.Sub(q, lo_c), to=ir.DataType.UINT8)
+    return u, scale, offset
+
+
+def qlinear_u8(u, scale, offset, codes, w_scale, colsum, bias):
+    """``MatMulInteger(u, codes)`` (uint8 × int8 → int32), the zero-point correction and the
+    two scales, in float32."""
+    f32 = ir.DataType.FLOAT
+    product = op.Cast(op.MatMulInteger(u, codes), to=f32)
+    out = op.Sub(product, op.Mul(_cast(offset, f32), colsum))
+    out = op.Mul(op.Mul(out, _cast(scale, f32)), _cast(w_scale, f32))
+    if bias is not None:
+        out = op.Add(out, bias)
+    return out
+
+
+INTEGER_TRANSLATIONS = {
+    PER_TOKEN_U8: quantize_per_token_u8,
+    QLINEAR_U8: qlinear_u8,
+}
