@@ -80,7 +80,7 @@ def integer_activation_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
             codes_node, scale_node = user.args[1], user.args[2]
             codes = _attr(copy, codes_node)
             name = f"_qgraph_colsum_{rewritten}"
-            copy.register_buffer(name, codes.to(torch.int32).sum(0).to(torch.float32))
+            copy.register_buffer(name, codes.to(torch.int32).sum(0, dtype=torch.int32))
             with copy.graph.inserting_before(user):
                 colsum = copy.graph.get_attr(name)
                 fused = copy.graph.call_function(
@@ -123,12 +123,13 @@ def quantize_per_token_u8(x, bits: int, symmetric: bool):
 
 
 def qlinear_u8(u, scale, offset, codes, w_scale, colsum, bias):
-    """``MatMulInteger(u, codes)`` (uint8 × int8 → int32), the zero-point correction and the
-    two scales, in float32."""
-    f32 = ir.DataType.FLOAT
-    product = op.Cast(op.MatMulInteger(u, codes), to=f32)
-    out = op.Sub(product, op.Mul(_cast(offset, f32), colsum))
-    out = op.Mul(op.Mul(out, _cast(scale, f32)), _cast(w_scale, f32))
+    """``MatMulInteger(u, codes)`` (uint8 × int8 → int32) minus ``offset · colsum`` in int32
+    (exact: a float32 difference of two sums above 2^24 would round), then the two scales in
+    float32."""
+    product = op.MatMulInteger(u, codes)
+    shift = op.Mul(op.Cast(offset, to=ir.DataType.INT32), colsum)
+    out = op.Cast(op.Sub(product, shift), to=ir.DataType.FLOAT)
+    out = op.Mul(op.Mul(out, _cast(scale, ir.DataType.FLOAT)), _cast(w_scale, ir.DataType.FLOAT))
     if bias is not None:
         out = op.Add(out, bias)
     return out

@@ -19,39 +19,48 @@ ROT = "fuse-norms,rotate{seed=0},"
 ROT_A4 = "fuse-norms,rotate{seed=0,online=r2+r4},"
 #: key -> (recipe label, pipeline)
 ROWS = {
-    "rtn-narrow": ("W4A16 RTN", "quantize{w=int4:channel:narrow}"),
-    "rtn-full": ("W4A16 RTN", "quantize{w=int4:channel}"),
+    "rtn-narrow": ("W4A16 RTN", "quantize{w=int4:channel:narrow,clip=none}"),
+    "rtn-full": ("W4A16 RTN", "quantize{w=int4:channel,clip=none}"),
     "rtn-full-output": ("W4A16 RTN", "quantize{w=int4:channel,clip=output}"),
     "rtn-full-mse": ("W4A16 RTN", "quantize{w=int4:channel,clip=mse}"),
-    "gptq-narrow-noact": ("W4A16 GPTQ", "quantize{w=int4:channel:narrow},gptq{act-order=false}"),
-    "gptq-narrow": ("W4A16 GPTQ", "quantize{w=int4:channel:narrow},gptq"),
-    "gptq-full": ("W4A16 GPTQ", "quantize{w=int4:channel},gptq"),
+    "gptq-narrow-noact": (
+        "W4A16 GPTQ",
+        "quantize{w=int4:channel:narrow,clip=none},gptq{act-order=false}",
+    ),
+    "gptq-narrow": ("W4A16 GPTQ", "quantize{w=int4:channel:narrow,clip=none},gptq"),
+    "gptq-full": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=none},gptq"),
     "gptq-full-output": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=output},gptq"),
-    "gptq-full-refit": ("W4A16 GPTQ", "quantize{w=int4:channel},gptq{refit-scale=true}"),
+    "gptq-full-refit": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=none},gptq{refit-scale=true}"),
     "gptq-full-output-refit": (
         "W4A16 GPTQ",
         "quantize{w=int4:channel,clip=output},gptq{refit-scale=true}",
     ),
-    "rot-gptq-narrow": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel:narrow},gptq"),
-    "rot-gptq-full": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel},gptq"),
+    "rot-gptq-narrow": (
+        "W4A16 rotation + GPTQ",
+        ROT + "quantize{w=int4:channel:narrow,clip=none},gptq",
+    ),
+    "rot-gptq-full": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel,clip=none},gptq"),
     "rot-gptq-full-output": (
         "W4A16 rotation + GPTQ",
         ROT + "quantize{w=int4:channel,clip=output},gptq",
     ),
-    "w3-gptq-narrow": ("W3A16 GPTQ", "quantize{w=int3:channel:narrow},gptq"),
-    "w3-gptq-full": ("W3A16 GPTQ", "quantize{w=int3:channel},gptq"),
+    "w3-gptq-narrow": ("W3A16 GPTQ", "quantize{w=int3:channel:narrow,clip=none},gptq"),
+    "w3-gptq-full": ("W3A16 GPTQ", "quantize{w=int3:channel,clip=none},gptq"),
     "w4a4-narrow": (
         "W4A4 rotation + GPTQ",
-        ROT_A4 + "quantize{w=int4:channel:narrow,a=int4:token},gptq",
+        ROT_A4 + "quantize{w=int4:channel:narrow,a=int4:token,clip=none},gptq",
     ),
-    "w4a4-full": ("W4A4 rotation + GPTQ", ROT_A4 + "quantize{w=int4:channel,a=int4:token},gptq"),
+    "w4a4-full": (
+        "W4A4 rotation + GPTQ",
+        ROT_A4 + "quantize{w=int4:channel,a=int4:token,clip=none},gptq",
+    ),
     "w4a4-full-output": (
         "W4A4 rotation + GPTQ",
         ROT_A4 + "quantize{w=int4:channel,a=int4:token,clip=output},gptq",
     ),
-    "w8a8": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token}"),
+    "w8a8": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token,clip=none}"),
     "w8a8-output": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token,clip=output}"),
-    "w8a8-narrow": ("W8A8 RTN", "quantize{w=int8:channel:narrow,a=int8:token}"),
+    "w8a8-narrow": ("W8A8 RTN", "quantize{w=int8:channel:narrow,a=int8:token,clip=none}"),
 }
 
 

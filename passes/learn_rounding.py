@@ -1,7 +1,7 @@
 """learn-rounding: learn each quantized weight's up/down rounding (AdaRound, arXiv 2004.10568).
 
 Gradient-based PTQ (Yvinec et al., arXiv 2308.07662) on the grid ``quantize`` chose: the
-scale and zero of every layer stay as they are (including an MSE-clipped grid, ``clip=mse``)
+scale and zero of every layer stay as they are (including a clipped grid, ``clip=output`` or ``clip=mse``)
 and only the rounding direction of each weight is optimised, on the Hessian proxy
 ``tr(ΔW XᵀX ΔWᵀ)`` of the layer's output error. Like ``gptq``, layers are visited in graph
 order in groups sharing an input, and the calibration batch runs through the *current* graph,
@@ -75,8 +75,10 @@ class LearnRounding(Pass):
 
         def solve(rec: QuantizedLayer, w: torch.Tensor, h: torch.Tensor):
             w, spec = w.float(), rec.weight
-            # the grid quantize chose (RTN's, or the MSE-clipped one); only the rounding is learned
-            scale, zero = choose_grid(w, spec, rec.clip)
+            # the grid quantize chose (RTN's or a clipped one); only the rounding is learned.
+            # clip=output weighs columns by E[x_j²]: the Hessian's diagonal, up to a factor
+            importance = h.diagonal().float() if rec.clip == "output" else None
+            scale, zero = choose_grid(w, spec, rec.clip, importance)
             res = learn_rounding(
                 w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
                 iters=self.opt("iters"), lr=self.opt("lr"), reg=self.opt("reg"),

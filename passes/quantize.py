@@ -24,7 +24,8 @@ The searches work on a seeded uniform random subsample of each layer input (at m
 ``SAMPLE_CAP`` values over all windows; every value when there are fewer, so small models are
 calibrated exactly), see :func:`calibrate_ranges`.
 
-``clip=output`` chooses the weight scales per row/group by ``kernels.gptq.mse_clip_search``
+``clip=output`` (the default, ``auto``, whenever the model has calibration data) chooses the
+weight scales per row/group by ``kernels.gptq.mse_clip_search``
 (the clip ratio of least error, 1.0 = RTN included) with each input column's error weighted by
 Σx_j² of the layer's input on ``calib-batches`` calibration windows: the layer's output error in
 a diagonal approximation. ``clip=mse`` weighs every column alike (plain weight MSE), which
@@ -273,12 +274,13 @@ class Quantize(Pass):
         Option(
             "clip",
             str,
-            "none",
-            "weight range: none (min/max) | output (clip ratio per row/group of least output "
-            "error: weight error weighted by the mean square of each input on calibration data) "
-            "| mse (least plain weight MSE; clips the weights that meet large activations, "
-            "usually worse)",
-            choices=CLIPS,
+            "auto",
+            "weight range: auto (output when the model has calibration data, else none) | none "
+            "(min/max) | output (clip ratio per row/group of least output error: weight error "
+            "weighted by the mean square of each input on calibration data; measured best) | mse "
+            "(least plain weight MSE; clips the weights that meet large activations, usually "
+            "worse)",
+            choices=("auto", *CLIPS),
         ),
     )
     provides = frozenset({"quantized", "float-weights"})
@@ -336,6 +338,9 @@ class Quantize(Pass):
             raise PipelineError(
                 f"quantize: no unquantized linear layer matches {self.selector.describe()}"
             )
+        self._clip = self.opt("clip")
+        if self._clip == "auto":  # the measured best wherever calibration text is at hand
+            self._clip = "output" if model.calibration is not None else "none"
         method = self.opt("range")
         self._range = None  # the range method recorded, None without static activations
         qparams: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -366,7 +371,7 @@ class Quantize(Pass):
                     done[id(st)] = (s, z)
                 qparams[n] = done[id(st)]
         importance = {}
-        if self.opt("clip") == "output":
+        if self._clip == "output":
             importance = input_second_moments(
                 model.gm,
                 [lin.node for lin in chosen],
@@ -387,7 +392,7 @@ class Quantize(Pass):
             "weights": self.wspec.text(),
             "activations": self.aspec.text() if self.aspec else "none",
             "range": self._range,
-            "clip": self.opt("clip"),
+            "clip": self._clip,
         }
         if self._range == "percentile":
             summary["percentile"] = self.opt("percentile")
@@ -400,7 +405,7 @@ class Quantize(Pass):
     ) -> QuantizedLayer:
         node = lin.node
         w = get_tensor(gm, lin.weight)
-        stored = rtn_quantize(w, self.wspec, self.opt("clip"), importance)
+        stored = rtn_quantize(w, self.wspec, self._clip, importance)
         g = gm.graph
         x = node.args[0]
         if self.aspec is not None and self.aspec.mode == "token":
@@ -446,7 +451,7 @@ class Quantize(Pass):
             group=stored.group,
             n_scales=stored.n_scales,
             act_range=self._range,
-            clip=self.opt("clip"),
+            clip=self._clip,
             float_weight=w,  # a reference (no copy) for passes that re-solve the weights
         )
 

@@ -58,9 +58,11 @@ def qlinear_u8(
     colsum: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``(u @ codes - offset * colsum) * scale * w_scale + bias`` in float32."""
+    """``(u @ codes - offset * colsum) * scale * w_scale + bias``: the integer part exact (as
+    int32 in ONNX), the scaling in float32; ``colsum`` is int32."""
     exact = u.to(torch.float64) @ codes.to(torch.float64)  # integer-valued, exact below 2^53
-    out = (exact.to(torch.float32) - offset.float() * colsum) * scale.float() * w_scale.float()
+    exact = exact - offset.to(torch.float64) * colsum.to(torch.float64)
+    out = exact.to(torch.float32) * scale.float() * w_scale.float()
     if bias is not None:
         out = out + bias
     return out

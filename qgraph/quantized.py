@@ -52,7 +52,7 @@ class QuantizedLayer:
     group: int  # rows of codes per stored scale row
     n_scales: int  # distinct scales the quantizer defines
     act_range: str | None = None  # range method of a static activation quantizer
-    clip: str = "none"  # weight range search quantize used (none | mse)
+    clip: str = "none"  # weight range search quantize used (none | output | mse)
     solver: str = "rtn"  # who chose the codes last: rtn | gptq | learned-rounding | split
     sparse: SparseBranch | None = None
     float_weight: torch.Tensor | None = field(default=None, repr=False, compare=False)

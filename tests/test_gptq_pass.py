@@ -51,8 +51,9 @@ def test_gptq_hessian_comes_from_the_rewritten_graph(llama96):
     rec = model.quantized.layers[0].record
     assert model.quantized.layers[0].node is first
     expected = gptq_quantize(
-        rec.float_weight, x.T @ x, 4, True, "channel", act_order=True, full_range=True
-    )  # the defaults: full grid, act-order
+        rec.float_weight, x.T @ x, 4, True, "channel", act_order=True, full_range=True,
+        clip="output",
+    )  # the defaults: full grid, act-order, clip ratio by output error  # fmt: skip
     qgraph.run_pipeline(model, "gptq{calib-windows=8}")
     first = next(n for n in model.gm.graph.nodes if n.target is QLINEAR)
     codes = get_tensor(model.gm, first.args[1].target)  # stored [in, out]

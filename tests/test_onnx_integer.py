@@ -75,7 +75,7 @@ def test_u8_linear_matches_float64_math():
     )
     codes = torch.randint(-128, 128, (48, 20), generator=gen).to(torch.int8)
     w_scale, bias = torch.rand(1, 20, generator=gen), torch.randn(20, generator=gen)
-    colsum = codes.to(torch.int32).sum(0).float()
+    colsum = codes.to(torch.int32).sum(0, dtype=torch.int32)
     got = torch.ops.qgraph.qlinear_u8(u, scale, offset, codes, w_scale, colsum, bias)
     ref = ((u.double() - offset.double()) * scale.double()) @ (codes.double() * w_scale.double())
     torch.testing.assert_close(got.double(), ref + bias.double(), rtol=1e-6, atol=1e-5)

@@ -87,7 +87,9 @@ def tied_tokens(torch_in: list[torch.Tensor], ort_in: list[torch.Tensor]) -> tor
     return tie.cummax(dim=-1).values
 
 
-def assert_ort_matches(model: qgraph.Model, path, instrumented, ids_list) -> None:
+def assert_ort_matches(
+    model: qgraph.Model, path, instrumented, ids_list, untied_share: float = 0.75
+) -> None:
     forward = ort_forward(path)
     probe = OrtModel(instrumented, matmulnbits_accuracy_level=0)
     untied = total = 0
@@ -105,7 +107,7 @@ def assert_ort_matches(model: qgraph.Model, path, instrumented, ids_list) -> Non
         assert float(e.max()) <= 5e-2
         untied += int((~mask).sum())
         total += mask.numel()
-    assert untied >= 0.75 * total, f"only {untied}/{total} tokens free of rounding ties"
+    assert untied >= untied_share * total, f"only {untied}/{total} tokens free of rounding ties"
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -120,10 +122,12 @@ def hf():
     )  # fmt: skip
 
 
-def build(hf, pipeline: str, directory, name: str):
+def build(hf, pipeline: str, directory, name: str, integer_activations: bool = False):
     model = traced_copy(hf)
     qgraph.run_pipeline(model, pipeline)
-    path = export_model(model, directory / f"{name}.onnx", pipeline)
+    path = export_model(
+        model, directory / f"{name}.onnx", pipeline, integer_activations=integer_activations
+    )
     instrumented = directory / f"{name}-probe.onnx"
     assert instrument(path, instrumented) == 4 * LAYERS
     return model, path, instrumented
@@ -177,13 +181,26 @@ def test_w4a8_runs_as_matmulnbits(w4a8) -> None:
     assert len(int4) >= 14  # the codes are stored as packed 4-bit tensors
 
 
+W8A8_IDS = [tokens(VOCAB, 2, 24, 3), tokens(VOCAB, 1, 41, 4), tokens(VOCAB, 4, 6, 5)]
+
+
 def test_w8a8_export_matches_torch(w8a8) -> None:
+    """The float path (fake quantization + MatMulNBits), as the torch graph computes it."""
     model, path, instrumented = w8a8
-    ids_list = [tokens(VOCAB, 2, 24, 3), tokens(VOCAB, 1, 41, 4), tokens(VOCAB, 4, 6, 5)]
-    assert_ort_matches(model, path, instrumented, ids_list)
+    assert_ort_matches(model, path, instrumented, W8A8_IDS)
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert meta["qgraph.pipeline"] == W8A8
     assert len(json.loads(meta["qgraph.pass_log"])) == 3
+
+
+def test_w8a8_integer_path_matches_torch(hf, tmp_path) -> None:
+    """The default export: MatMulInteger sums exactly where torch's float32 GEMM rounds, so
+    more values near a rounding midpoint fall on the other side than between two float
+    GEMMs; every token free of such ties still matches to 1e-4."""
+    model, path, instrumented = build(hf, W8A8, tmp_path, "w8a8-int", integer_activations=True)
+    ops = optimized_op_histogram(path)
+    assert ops.get("MatMulInteger") == 14 and "com.microsoft::MatMulNBits" not in ops
+    assert_ort_matches(model, path, instrumented, W8A8_IDS, untied_share=0.5)
 
 
 def test_ragged_groups_export_and_fuse(hf, tmp_path) -> None:

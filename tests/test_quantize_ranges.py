@@ -264,7 +264,7 @@ def test_clip_output_minimises_the_activation_weighted_error(llama, model, spec)
     """clip=output: per row/group the clip ratio of least Σ_j E[x_j²] (w_j - ŵ_j)², x the
     layer's input on the calibration windows (captured from the HF model here)."""
     rtn, mse = copy.deepcopy(model), copy.deepcopy(model)
-    qgraph.run_pipeline(rtn, f"quantize{{w={spec}}}")
+    qgraph.run_pipeline(rtn, f"quantize{{w={spec},clip=none}}")
     qgraph.run_pipeline(mse, f"quantize{{w={spec},clip=mse}}")
     qgraph.run_pipeline(model, f"quantize{{w={spec},clip=output,calib-batches=2}}")
     d = hf_input_square_sums(llama, model.calibration[:2])
@@ -277,6 +277,22 @@ def test_clip_output_minimises_the_activation_weighted_error(llama, model, spec)
     assert all(r.clip == "output" for r in model.quant.values())
 
 
+def test_clip_default_is_output_with_calibration_and_none_without(model) -> None:
+    """clip=auto (the default) is the measured best, output, whenever calibration data exists;
+    without it RTN keeps the min/max grid instead of failing."""
+    uncalibrated = copy.deepcopy(model)
+    uncalibrated.calibration = None
+    qgraph.run_pipeline(model, "quantize{w=int4}")
+    explicit = copy.deepcopy(uncalibrated)
+    explicit.calibration = model.calibration
+    qgraph.run_pipeline(explicit, "quantize{w=int4,clip=output}")
+    assert model.log[-1].summary["clip"] == "output"
+    assert weight_errors(model) == weight_errors(explicit)
+    qgraph.run_pipeline(uncalibrated, "quantize{w=int4}")
+    assert uncalibrated.log[-1].summary["clip"] == "none"
+    assert all(r.clip == "none" for r in uncalibrated.quant.values())
+
+
 def test_clip_output_needs_calibration(model) -> None:
     model.calibration = None
     with pytest.raises(qgraph.DataError, match="clip=output"):
@@ -286,7 +302,7 @@ def test_clip_output_needs_calibration(model) -> None:
 @pytest.mark.parametrize("spec", ["int4:group32:asym", "int3:channel", "int4:tensor"])
 def test_clip_mse_never_worse_than_rtn(model, spec) -> None:
     rtn = copy.deepcopy(model)
-    qgraph.run_pipeline(rtn, f"quantize{{w={spec}}}")
+    qgraph.run_pipeline(rtn, f"quantize{{w={spec},clip=none}}")
     qgraph.run_pipeline(model, f"quantize{{w={spec},clip=mse}}")
     e_rtn, e_mse = weight_errors(rtn), weight_errors(model)
     assert e_rtn.keys() == e_mse.keys() and len(e_rtn) == 14
