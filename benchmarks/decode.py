@@ -41,7 +41,12 @@ ROWS = {
         "W4A4 R1–R4 + GPTQ",
         "fuse-norms,rotate{seed=0,online=r2+r4},quantize{w=int4:channel,a=int4:token},gptq",
     ),
-    "builder-int4": ("ONNX Runtime GenAI builder int4 (anchor)", ""),
+    "w8a8": (
+        "W8A8 R1+R2 (integer products)",
+        "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}",
+    ),
+    "builder-fp32": ("ONNX Runtime GenAI builder fp32 (GroupQueryAttention)", "fp32"),
+    "builder-int4": ("ONNX Runtime GenAI builder int4 (anchor)", "int4"),
 }
 
 
@@ -54,11 +59,11 @@ def speed(folder: Path, prompt: list[int]) -> dict:
     }
 
 
-def builder_row(folder: Path, windows) -> dict:
+def builder_row(folder: Path, windows, precision: str) -> dict:
     """The model builder on SmolLM2's Hugging Face folder, then the same measurements."""
     source = load_causal_lm(None).source
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-    cmd += ["-i", str(source), "-o", str(folder), "-p", "int4", "-e", "cpu"]
+    cmd += ["-i", str(source), "-o", str(folder), "-p", precision, "-e", "cpu"]
     t = time.perf_counter()
     if not (folder / "genai_config.json").exists():  # a folder built before is reused
         subprocess.run(cmd, check=True, capture_output=True)
@@ -85,8 +90,8 @@ def main() -> None:
             continue
         folder = args.out / key
         folder.mkdir(parents=True, exist_ok=True)
-        if key == "builder-int4":
-            row = builder_row(folder, windows)
+        if key.startswith("builder-"):
+            row = builder_row(folder, windows, ROWS[key][1])
         else:
             rep = job.run(ROWS[key][1], export=folder / "model.onnx")
             row = {

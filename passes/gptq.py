@@ -72,23 +72,44 @@ class GPTQ(Pass):
     def run(self, model: Model) -> dict[str, Any]:
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
 
-        def solve(rec: QuantizedLayer, w: torch.Tensor, h: torch.Tensor):
-            spec = rec.weight
-            clip = rec.clip if self.opt("clip") == "auto" else self.opt("clip")
-            res = gptq_quantize(
-                w, h, spec.bits, spec.symmetric, spec.granularity, spec.group_size,
-                damp=self.opt("damp"), act_order=self.opt("act-order"),
-                block_size=self.opt("block-size"),
-                clip=clip,
-                full_range=spec.full_range, refit_scale=self.opt("refit-scale"),
-            )  # fmt: skip
-            rec.clip = clip
-            stats["layers"] += 1
-            stats["gptq_error"] += res.error
-            stats["rtn_error"] += rtn_error(w, h, fake_quantize(w.float(), spec))
-            return res.codes, res.scale, res.zero
+        def solve_group(recs: list[QuantizedLayer], h: torch.Tensor) -> list[tuple]:
+            # Layers that share an input (q/k/v, gate/up) and a grid are solved as one weight:
+            # GPTQ treats rows independently given H, so the codes are those of solving them
+            # one by one (up to the summation order of the block products), and the
+            # factorisation of H and the column loop run once instead of per layer.
+            out: dict[int, tuple] = {}
+            batches: dict[tuple, list[int]] = {}
+            for i, rec in enumerate(recs):
+                clip = rec.clip if self.opt("clip") == "auto" else self.opt("clip")
+                rec.clip = clip
+                key = (rec.weight, clip) if rec.weight.granularity != "tensor" else (i,)
+                batches.setdefault(key, []).append(i)
+            for members in batches.values():
+                spec, clip = recs[members[0]].weight, recs[members[0]].clip
+                weights = [recs[i].float_weight for i in members]
+                res = gptq_quantize(
+                    torch.cat(weights) if len(weights) > 1 else weights[0], h,
+                    spec.bits, spec.symmetric, spec.granularity, spec.group_size,
+                    damp=self.opt("damp"), act_order=self.opt("act-order"),
+                    block_size=self.opt("block-size"), clip=clip,
+                    full_range=spec.full_range, refit_scale=self.opt("refit-scale"),
+                    with_error=False,
+                )  # fmt: skip
+                rows = 0
+                for i, w in zip(members, weights, strict=True):
+                    part = slice(rows, rows + w.shape[0]) if spec.granularity != "tensor" else None
+                    rows += w.shape[0]
+                    codes = res.codes[part] if part else res.codes
+                    scale = res.scale[part] if part else res.scale
+                    zero = res.zero[part] if part else res.zero
+                    w_hat = res.weight[part] if part else res.weight
+                    stats["layers"] += 1
+                    stats["gptq_error"] += rtn_error(w, h, w_hat)
+                    stats["rtn_error"] += rtn_error(w, h, fake_quantize(w.float(), spec))
+                    out[i] = (codes, scale, zero)
+            return [out[i] for i in range(len(recs))]
 
-        groups, tokens = solve_in_graph_order(model, self, solve)
+        groups, tokens = solve_in_graph_order(model, self, solve_group=solve_group)
         n = max(1, stats["layers"])
         return {
             "layers": stats["layers"],

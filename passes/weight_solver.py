@@ -21,6 +21,9 @@ from qgraph.selection import LayerSelector
 
 #: solve(record, float weight [out, in], hessian) -> (codes, scale, zero) in the kernels' layout
 Solver = Callable[[QuantizedLayer, torch.Tensor, torch.Tensor], tuple]
+#: solve_group(records, hessian) -> one (codes, scale, zero) per record: layers sharing an input
+#: solved together (they share the Hessian and everything derived from it)
+GroupSolver = Callable[[list[QuantizedLayer], torch.Tensor], list[tuple]]
 
 
 def check_solvable(p: Pass, model: Model) -> None:
@@ -47,8 +50,13 @@ def _chosen(p: Pass, model: Model) -> list[BoundLayer]:
     return LayerSelector.from_pass(p).select(list(model.quantized))
 
 
-def solve_in_graph_order(model: Model, p: Pass, solve: Solver) -> tuple[int, int]:
-    """Run ``solve`` on every selected quantized layer; returns (groups, calibration tokens)."""
+def solve_in_graph_order(
+    model: Model, p: Pass, solve: Solver | None = None, solve_group: GroupSolver | None = None
+) -> tuple[int, int]:
+    """Run ``solve`` on every selected quantized layer (or ``solve_group`` on each group of
+    layers that share an input); returns (groups, calibration tokens)."""
+    if (solve is None) == (solve_group is None):
+        raise ValueError("give exactly one of solve and solve_group")
     batch = model.calibration[: p.opt("calib-windows")]
     gm = model.gm
     chosen = {id(b) for b in _chosen(p, model)}
@@ -64,10 +72,16 @@ def solve_in_graph_order(model: Model, p: Pass, solve: Solver) -> tuple[int, int
         if group is None:
             return
         h = input_hessian(run.env[node.args[0]])
-        for layer in group:
+        if solve_group is not None:
+            with working_on(", ".join(layer.record.name for layer in group)):
+                solved = solve_group([layer.record for layer in group], h)
+        else:
+            solved = []
+            for layer in group:
+                with working_on(layer.record.name):
+                    solved.append(solve(layer.record, layer.record.float_weight, h))
+        for layer, (codes, scale, zero) in zip(group, solved, strict=True):
             rec = layer.record
-            with working_on(rec.name):
-                codes, scale, zero = solve(rec, rec.float_weight, h)
             stored = to_storage(codes, scale, zero, rec.weight).tensors()
             for arg, value in zip(layer.node.args[1:4], stored, strict=True):
                 set_tensor(gm, arg.target, value)

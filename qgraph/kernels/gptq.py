@@ -268,20 +268,22 @@ def gptq_quantize(
     clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
     full_range: bool = False,
     refit_scale: bool = False,
+    with_error: bool = True,
 ) -> GPTQResult:
     """Quantize w [out, in] with GPTQ given the Hessian [in, in] of its inputs (∝ XᵀX).
 
-    Dead inputs (diag H == 0) get diag 1 and zero weights; damp · mean(diag H) is added to the
-    diagonal. granularity is 'tensor' (one scale/zero [1, 1], fixed from the whole weight before
-    any update), 'channel' (scale/zero [out, 1]) or 'group' (needs group_size; [out, ceil(in /
-    group_size)], each group's grid taken when its first column is reached). ``clip`` other than
-    "none" picks each row's (channel) or group's clip ratio from clip_grid by error
-    (mse_clip_search): "output" weighs each column by the Hessian's diagonal (the output error of
-    each column alone), "mse" by 1 (plain weight MSE); for groups it is applied to the group's
-    current weights. full_range selects the
-    symmetric full grid (quant.py). ``refit_scale`` re-solves the scales for the final codes by
-    least squares on the same objective (refit_scales). See the module docstring for the design.
-    Inputs are never modified.
+        Dead inputs (diag H == 0) get diag 1 and zero weights; damp · mean(diag H) is added to the
+        diagonal. granularity is 'tensor' (one scale/zero [1, 1], fixed from the whole weight before
+        any update), 'channel' (scale/zero [out, 1]) or 'group' (needs group_size; [out, ceil(in /
+        group_size)], each group's grid taken when its first column is reached). ``clip`` other than
+        "none" picks each row's (channel) or group's clip ratio from clip_grid by error
+        (mse_clip_search): "output" weighs each column by the Hessian's diagonal (the output error of
+        each column alone), "mse" by 1 (plain weight MSE); for groups it is applied to the group's
+        current weights. full_range selects the
+        symmetric full grid (quant.py). ``refit_scale`` re-solves the scales for the final codes by
+        least squares on the same objective (refit_scales). ``with_error=False`` skips the proxy loss
+    (``error`` is NaN) for callers that measure it themselves. See the module docstring for the design.
+        Inputs are never modified.
     """
     check_layer_inputs(w, hessian)
     qrange(bits)
@@ -358,6 +360,7 @@ def gptq_quantize(
     u = _cholesky_inverse_upper(h, damp).to(wd)
     del h
 
+    qmin, qmax = qrange(bits)
     codes_p = torch.empty(out, inp, dtype=torch.int8, device=device)
     for i1 in range(0, inp, block_size):
         i2 = min(i1 + block_size, inp)
@@ -379,11 +382,13 @@ def gptq_quantize(
                 s, z = params(current, torch.arange(g * gs, min((g + 1) * gs, inp)))
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
                 ready[g] = True
-            s, z = scale[:, g : g + 1], zero[:, g : g + 1]
+            s, z = scale[:, g : g + 1], zero[:, g : g + 1].to(wd)
             col = w1[:, i : i + 1]
-            q = quantize_weight(col, s, z, bits)
+            # quantize_weight / dequantize_weight inlined (same operations, same bits): this
+            # loop runs once per column and their checks and group expansion dominated it
+            q = (torch.round(col / s) + z).clamp_(qmin, qmax)
             codes_p[:, j : j + 1] = q
-            e = (col - dequantize_weight(q, s, z)) / u[j, j]
+            e = (col - (q - z) * s) / u[j, j]
             w1[:, i:] -= e * u[j : j + 1, j:i2]
             err1[:, i : i + 1] = e
         if i2 < inp:
@@ -403,6 +408,6 @@ def gptq_quantize(
         codes=codes,
         scale=scale,
         zero=zero,
-        error=rtn_error(w, hessian, w_hat),
+        error=rtn_error(w, hessian, w_hat) if with_error else float("nan"),
         perm=perm,
     )
