@@ -24,8 +24,8 @@ The searches work on a seeded uniform random subsample of each layer input (at m
 ``SAMPLE_CAP`` values over all windows; every value when there are fewer, so small models are
 calibrated exactly), see :func:`calibrate_ranges`.
 
-``clip=output`` (the default, ``auto``, whenever the model has calibration data) chooses the
-weight scales per row/group by ``kernels.gptq.mse_clip_search``
+``clip=output`` (the default, ``auto``, below 8 bits whenever the model has calibration data)
+chooses the weight scales per row/group by ``kernels.gptq.mse_clip_search``
 (the clip ratio of least error, 1.0 = RTN included) with each input column's error weighted by
 Σx_j² of the layer's input on ``calib-batches`` calibration windows: the layer's output error in
 a diagonal approximation. ``clip=mse`` weighs every column alike (plain weight MSE), which
@@ -275,7 +275,8 @@ class Quantize(Pass):
             "clip",
             str,
             "auto",
-            "weight range: auto (output when the model has calibration data, else none) | none "
+            "weight range: auto (output below 8 bits when the model has calibration data, else "
+            "none) | none "
             "(min/max) | output (clip ratio per row/group of least output error: weight error "
             "weighted by the mean square of each input on calibration data; measured best) | mse "
             "(least plain weight MSE; clips the weights that meet large activations, usually "
@@ -339,8 +340,9 @@ class Quantize(Pass):
                 f"quantize: no unquantized linear layer matches {self.selector.describe()}"
             )
         self._clip = self.opt("clip")
-        if self._clip == "auto":  # the measured best wherever calibration text is at hand
-            self._clip = "output" if model.calibration is not None else "none"
+        if self._clip == "auto":  # the measured best (benchmarks/README.md, weight grids)
+            below_8 = self.wspec.bits < 8  # at 8 bits clipping only cost (W8A8 +0.15 %)
+            self._clip = "output" if model.calibration is not None and below_8 else "none"
         method = self.opt("range")
         self._range = None  # the range method recorded, None without static activations
         qparams: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}

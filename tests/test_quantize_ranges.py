@@ -278,8 +278,9 @@ def test_clip_output_minimises_the_activation_weighted_error(llama, model, spec)
 
 
 def test_clip_default_is_output_with_calibration_and_none_without(model) -> None:
-    """clip=auto (the default) is the measured best, output, whenever calibration data exists;
-    without it RTN keeps the min/max grid instead of failing."""
+    """clip=auto (the default) is the measured best: output below 8 bits whenever calibration
+    data exists; without it RTN keeps the min/max grid instead of failing."""
+    eight = copy.deepcopy(model)
     uncalibrated = copy.deepcopy(model)
     uncalibrated.calibration = None
     qgraph.run_pipeline(model, "quantize{w=int4}")
@@ -290,6 +291,8 @@ def test_clip_default_is_output_with_calibration_and_none_without(model) -> None
     assert weight_errors(model) == weight_errors(explicit)
     qgraph.run_pipeline(uncalibrated, "quantize{w=int4}")
     assert uncalibrated.log[-1].summary["clip"] == "none"
+    qgraph.run_pipeline(eight, "quantize{w=int8}")
+    assert eight.log[-1].summary["clip"] == "none"  # 8 bits: measured no gain
     assert all(r.clip == "none" for r in uncalibrated.quant.values())
 
 
