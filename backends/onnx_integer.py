@@ -53,7 +53,9 @@ def _integer_weight(gm: fx.GraphModule, user: fx.Node, source: fx.Node) -> bool:
     codes, scale, zero = (_attr(gm, a) for a in user.args[1:4])
     if codes is None or scale is None or zero is None or codes.dtype != torch.int8:
         return False
-    return scale.shape[0] == 1 and not bool(zero.any())
+    # per-channel scales are stored as identical row blocks (formats.storage_group) so that
+    # ONNX Runtime can fuse the float path into MatMulNBits: one distinct row is per channel
+    return torch.equal(scale, scale[:1].expand_as(scale)) and not bool(zero.any())
 
 
 def integer_activation_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
@@ -77,14 +79,16 @@ def integer_activation_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         with copy.graph.inserting_after(quant):
             parts = [copy.graph.call_function(operator.getitem, (quant, i)) for i in range(3)]
         for user in users:
-            codes_node, scale_node = user.args[1], user.args[2]
-            codes = _attr(copy, codes_node)
-            name = f"_qgraph_colsum_{rewritten}"
-            copy.register_buffer(name, codes.to(torch.int32).sum(0, dtype=torch.int32))
+            codes_node = user.args[1]
+            codes, scale = _attr(copy, codes_node), _attr(copy, user.args[2])
+            colsum_name, scale_name = f"_qgraph_colsum_{rewritten}", f"_qgraph_wscale_{rewritten}"
+            copy.register_buffer(colsum_name, codes.to(torch.int32).sum(0, dtype=torch.int32))
+            copy.register_buffer(scale_name, scale[:1].clone())
             with copy.graph.inserting_before(user):
-                colsum = copy.graph.get_attr(name)
+                colsum = copy.graph.get_attr(colsum_name)
+                w_scale = copy.graph.get_attr(scale_name)
                 fused = copy.graph.call_function(
-                    QLINEAR_U8, (*parts, codes_node, scale_node, colsum, user.args[4])
+                    QLINEAR_U8, (*parts, codes_node, w_scale, colsum, user.args[4])
                 )
             user.replace_all_uses_with(fused)
             copy.graph.erase_node(user)

@@ -28,8 +28,10 @@ QLINEAR = torch.ops.qgraph.qlinear.default
 
 @pytest.fixture(scope="module")
 def hf():
-    return tiny_llama(vocab=VOCAB, hidden=64, intermediate=128, layers=2, head_dim=16,
-                      tied=False, init=0.05, random_norms=True)  # fmt: skip
+    """Hidden 96 and MLP 192: per-channel scales are stored as 3 identical row blocks
+    (formats.storage_group), as on real models, not as one row."""
+    return tiny_llama(vocab=VOCAB, hidden=96, intermediate=192, layers=2, heads=6, kv_heads=2,
+                      head_dim=16, tied=False, init=0.05, random_norms=True)  # fmt: skip
 
 
 def _quantized(hf, pipeline: str) -> qgraph.Model:
@@ -87,6 +89,8 @@ def test_rewrite_keeps_the_function_and_the_model(hf, pipeline):
     before = model.gm.code
     rewritten, n = integer_activation_graph(model.gm)
     assert n == 14 and _count(rewritten, U8) == 14 and _count(rewritten, QLINEAR) == 0
+    first = next(n for n in model.gm.graph.nodes if n.target is QLINEAR)
+    assert model.gm.get_buffer(first.args[2].target).shape[0] == 3  # stored in row blocks
     assert model.gm.code == before and _count(model.gm, U8) == 0  # the model is not touched
     ids = tokens(VOCAB, 2, 24, seed=5)
     ref = model(ids)
