@@ -33,12 +33,13 @@ def export_model(
     path: str | os.PathLike,
     pipeline: str = "",
     external_data: bool | None = None,
-    integer_activations: bool = True,
+    integer_activations: bool = False,
 ) -> Path:
     """Write ``model`` as an ONNX file that stock ONNX Runtime runs (opset 21).
 
     ``integer_activations`` runs per-token quantized layers as ``MatMulInteger``
-    (:mod:`qgraph.backends.onnx_integer`); False keeps them as float arithmetic."""
+    (:mod:`qgraph.backends.onnx_integer`): measured 1.2–1.6× faster prefill but 0.8–0.9× the
+    decode speed of the default float path (fake quantization into ``MatMulNBits``)."""
     return export_onnx(
         model.gm,
         model.example_inputs,

@@ -111,7 +111,7 @@ def export_decoder(
     context_length: int | None = None,
     external_data: bool | None = None,
     filename: str = MODEL_FILE,
-    integer_activations: bool = True,
+    integer_activations: bool = False,
 ) -> Path:
     """Write ``model`` as a cached decoder folder for ONNX Runtime GenAI; returns the folder.
 

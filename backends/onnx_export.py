@@ -227,7 +227,7 @@ def export_onnx(
     opset: int = 21,
     external_data: bool | None = None,
     dim_names: Mapping[str, Mapping[int, str]] | None = None,
-    integer_activations: bool = True,
+    integer_activations: bool = False,
 ) -> Path:
     """Export ``module(*example_inputs)`` to ``path`` and return the path.
 

@@ -126,6 +126,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     report = job.run(
         args.pipeline,
         export=args.export,
+        integer_activations=args.integer_activations,
         save=args.save,
         save_float_weights=args.save_float_weights,
         verify_each=args.verify_each,
@@ -291,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the rewritten model as ONNX and evaluate it in ONNX Runtime; a language "
         "model is written as a decoder with a KV cache, with genai_config.json and its "
         "tokenizer beside it, so onnxruntime_genai.Model(folder) generates with it",
+    )
+    run.add_argument(
+        "--integer-activations",
+        action="store_true",
+        help="with --export: run per-token int8/int4-quantized layers (symmetric per-channel "
+        "weights) as MatMulInteger integer products; measured 1.2-1.6x faster prompt "
+        "processing but 0.8-0.9x the decode speed of the default path, and 8-bit weight storage",
     )
     run.add_argument("--report", default=None, help="write a JSON report here")
     run.add_argument(

@@ -109,6 +109,7 @@ class Job:
         pipeline: str,
         *,
         export: str | os.PathLike | None = None,
+        integer_activations: bool = False,
         save: str | os.PathLike | None = None,
         save_float_weights: bool = False,
         verify_each: bool = False,
@@ -166,13 +167,20 @@ class Job:
             report["saved"] = str(save_model(model, save, float_weights=save_float_weights))
             log(f"saved the rewritten model to {save}")
         if export:
-            report["export"] = export_and_check(model, export, pipeline, self.eval, self.progress)
+            report["export"] = export_and_check(
+                model, export, pipeline, self.eval, self.progress, integer_activations
+            )
         report["seconds"] = time.perf_counter() - t0
         return report
 
 
 def export_and_check(
-    model: Model, path, pipeline: str, windows: torch.Tensor, progress: bool
+    model: Model,
+    path,
+    pipeline: str,
+    windows: torch.Tensor,
+    progress: bool,
+    integer_activations: bool = False,
 ) -> dict:
     from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
     from qgraph.backends.onnx_decoder import export_decoder, has_attention
@@ -181,9 +189,12 @@ def export_and_check(
     path = Path(path)
     cached = has_attention(model)
     if cached:  # a decoder with a KV cache, genai_config.json and tokenizer beside it
-        export_decoder(model, path.parent, pipeline, filename=path.name)
+        export_decoder(
+            model, path.parent, pipeline, filename=path.name,
+            integer_activations=integer_activations,
+        )  # fmt: skip
     else:
-        path = export_model(model, path, pipeline)
+        path = export_model(model, path, pipeline, integer_activations=integer_activations)
     seconds = time.perf_counter() - t
     size = path.stat().st_size + sum(
         p.stat().st_size for p in path.parent.glob(path.name + ".data")
@@ -199,6 +210,7 @@ def export_and_check(
         "file_mb": size / 2**20,
         "export_seconds": seconds,
         "ort_ppl": ort_ppl,
+        "integer_activations": integer_activations,
         "ort_optimized_ops": {k: v for k, v in ops.items() if "MatMul" in k or "Dequantize" in k},
     }
 

@@ -266,3 +266,16 @@ def raises_naming(error: type[Exception], *fragments: str):
             return handled
 
     return _Check()
+
+
+def genai_greedy(folder, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy tokens (prompt included) of the real client, ``onnxruntime_genai``, on a folder."""
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.numpy().astype("int32"))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]

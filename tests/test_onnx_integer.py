@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama, tokens, traced_copy
+from helpers import genai_greedy, tiny_llama, tokens, traced_copy
 
 import qgraph
 import qgraph.integer_ops  # noqa: F401  (registers torch.ops.qgraph.*_u8)
@@ -117,8 +117,8 @@ def test_ineligible_layers_keep_the_float_path(hf, pipeline):
 @pytest.mark.parametrize("pipeline", [W8A8, W4A4])
 def test_exported_integer_path_runs_in_onnx_runtime(hf, pipeline, tmp_path):
     model = _quantized(hf, pipeline)
-    integer = export_model(model, tmp_path / "int.onnx", pipeline)
-    floating = export_model(model, tmp_path / "float.onnx", pipeline, integer_activations=False)
+    integer = export_model(model, tmp_path / "int.onnx", pipeline, integer_activations=True)
+    floating = export_model(model, tmp_path / "float.onnx", pipeline)  # the default
     ops = optimized_op_histogram(integer)
     assert ops.get("MatMulInteger") == 14 and "com.microsoft::MatMulNBits" not in ops
     assert optimized_op_histogram(floating).get("com.microsoft::MatMulNBits") == 14
@@ -126,3 +126,17 @@ def test_exported_integer_path_runs_in_onnx_runtime(hf, pipeline, tmp_path):
     ref = model(ids)
     for path in (integer, floating):
         assert_close_but_for_ties(ort_forward(path)(ids), ref)
+
+
+def test_integer_decoder_generates_in_onnx_runtime_genai(hf, tmp_path):
+    """The real client: a W8A8 decoder folder with integer products generates torch's tokens."""
+    from qgraph.backends.onnx_decoder import export_decoder
+    from qgraph.generation import decode
+    from qgraph.kv_cache import cached_decoder
+
+    model = _quantized(hf, W8A8)
+    folder = export_decoder(model, tmp_path / "w8a8", W8A8, integer_activations=True)
+    assert optimized_op_histogram(folder / "model.onnx").get("MatMulInteger") == 14
+    prompt = tokens(VOCAB, 1, 6, seed=3)
+    expected = prompt[0].tolist() + decode(cached_decoder(model), prompt[0].tolist(), 8)[0]
+    assert genai_greedy(folder, prompt, 8) == expected
