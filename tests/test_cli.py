@@ -347,3 +347,22 @@ def test_no_progress_flag_silences_bars(capsys, monkeypatch) -> None:
     assert main(["run", "--pipeline", "fuse-norms"]) == 0
     assert "fake ppl" in capsys.readouterr().err
     assert _FakeJob.switch_seen == [False, True]
+
+
+def test_integer_activations_flag_reaches_the_export(tmp_path, monkeypatch, capsys) -> None:
+    seen: dict = {}
+
+    class RecordingJob:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def run(self, pipeline, **kwargs):
+            seen.update(kwargs)
+            raise Reached("reached run")
+
+    monkeypatch.setattr(qgraph.workflow, "Job", RecordingJob)
+    argv = ["run", "--pipeline", "fuse-norms", "--export", str(tmp_path / "m.onnx")]
+    assert main([*argv, "--integer-activations"]) == 2
+    assert seen["integer_activations"] is True and seen["export"] == str(tmp_path / "m.onnx")
+    assert main(argv) == 2
+    assert seen["integer_activations"] is False  # the float path is the default
