@@ -25,11 +25,17 @@ ROWS = {
     "rtn-full-mse": ("W4A16 RTN", "quantize{w=int4:channel,clip=mse}"),
     "gptq-narrow-noact": (
         "W4A16 GPTQ",
-        "quantize{w=int4:channel:narrow,clip=none},gptq{act-order=false}",
+        "quantize{w=int4:channel:narrow,clip=none},gptq{act-order=false,refit-scale=false}",
     ),
-    "gptq-narrow": ("W4A16 GPTQ", "quantize{w=int4:channel:narrow,clip=none},gptq"),
-    "gptq-full": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=none},gptq"),
-    "gptq-full-output": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=output},gptq"),
+    "gptq-narrow": (
+        "W4A16 GPTQ",
+        "quantize{w=int4:channel:narrow,clip=none},gptq{refit-scale=false}",
+    ),
+    "gptq-full": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=none},gptq{refit-scale=false}"),
+    "gptq-full-output": (
+        "W4A16 GPTQ",
+        "quantize{w=int4:channel,clip=output},gptq{refit-scale=false}",
+    ),
     "gptq-full-refit": ("W4A16 GPTQ", "quantize{w=int4:channel,clip=none},gptq{refit-scale=true}"),
     "gptq-full-output-refit": (
         "W4A16 GPTQ",
@@ -37,26 +43,32 @@ ROWS = {
     ),
     "rot-gptq-narrow": (
         "W4A16 rotation + GPTQ",
-        ROT + "quantize{w=int4:channel:narrow,clip=none},gptq",
+        ROT + "quantize{w=int4:channel:narrow,clip=none},gptq{refit-scale=false}",
     ),
-    "rot-gptq-full": ("W4A16 rotation + GPTQ", ROT + "quantize{w=int4:channel,clip=none},gptq"),
+    "rot-gptq-full": (
+        "W4A16 rotation + GPTQ",
+        ROT + "quantize{w=int4:channel,clip=none},gptq{refit-scale=false}",
+    ),
     "rot-gptq-full-output": (
         "W4A16 rotation + GPTQ",
-        ROT + "quantize{w=int4:channel,clip=output},gptq",
+        ROT + "quantize{w=int4:channel,clip=output},gptq{refit-scale=false}",
     ),
-    "w3-gptq-narrow": ("W3A16 GPTQ", "quantize{w=int3:channel:narrow,clip=none},gptq"),
-    "w3-gptq-full": ("W3A16 GPTQ", "quantize{w=int3:channel,clip=none},gptq"),
+    "w3-gptq-narrow": (
+        "W3A16 GPTQ",
+        "quantize{w=int3:channel:narrow,clip=none},gptq{refit-scale=false}",
+    ),
+    "w3-gptq-full": ("W3A16 GPTQ", "quantize{w=int3:channel,clip=none},gptq{refit-scale=false}"),
     "w4a4-narrow": (
         "W4A4 rotation + GPTQ",
-        ROT_A4 + "quantize{w=int4:channel:narrow,a=int4:token,clip=none},gptq",
+        ROT_A4 + "quantize{w=int4:channel:narrow,a=int4:token,clip=none},gptq{refit-scale=false}",
     ),
     "w4a4-full": (
         "W4A4 rotation + GPTQ",
-        ROT_A4 + "quantize{w=int4:channel,a=int4:token,clip=none},gptq",
+        ROT_A4 + "quantize{w=int4:channel,a=int4:token,clip=none},gptq{refit-scale=false}",
     ),
     "w4a4-full-output": (
         "W4A4 rotation + GPTQ",
-        ROT_A4 + "quantize{w=int4:channel,a=int4:token,clip=output},gptq",
+        ROT_A4 + "quantize{w=int4:channel,a=int4:token,clip=output},gptq{refit-scale=false}",
     ),
     "w8a8": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token,clip=none}"),
     "w8a8-output": ("W8A8 RTN", "quantize{w=int8:channel,a=int8:token,clip=output}"),
