@@ -1,8 +1,8 @@
 """learn-rounding: learn each quantized weight's up/down rounding (AdaRound, arXiv 2004.10568).
 
 Gradient-based PTQ (Yvinec et al., arXiv 2308.07662) on the grid ``quantize`` chose: the
-scale and zero of every layer stay as they are (including a clipped grid, ``clip=output`` or ``clip=mse``)
-and only the rounding direction of each weight is optimised, on the Hessian proxy
+scale and zero of every layer stay as they are (including a clipped grid, ``clip=output`` or
+``clip=mse``) and only the rounding direction of each weight is optimised, on the Hessian proxy
 ``tr(ΔW XᵀX ΔWᵀ)`` of the layer's output error. Like ``gptq``, layers are visited in graph
 order in groups sharing an input, and the calibration batch runs through the *current* graph,
 so each group's ``XᵀX`` comes from inputs as the layer sees them: rotated, activation-quantized
