@@ -42,7 +42,7 @@ ROWS = {
         "fuse-norms,rotate{seed=0,online=r2+r4},quantize{w=int4:channel,a=int4:token},gptq",
     ),
     "w8a8": (
-        "W8A8 R1+R2 (integer products)",
+        "W8A8 R1+R2",
         "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}",
     ),
     "builder-fp32": ("ONNX Runtime GenAI builder fp32 (GroupQueryAttention)", "fp32"),
