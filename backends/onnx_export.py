@@ -244,7 +244,12 @@ def export_onnx(
     if not target.parent.is_dir():
         raise ExportError(f"export to {target}: directory {target.parent} does not exist")
 
-    if integer_activations and isinstance(module, torch.fx.GraphModule):
+    if integer_activations:
+        if not isinstance(module, torch.fx.GraphModule):
+            raise ExportError(
+                f"export to {target}: integer_activations rewrites a qgraph GraphModule, got "
+                f"{type(module).__name__}"
+            )
         module, _ = integer_activation_graph(module)
     try:
         with _quiet_exporter(), _eval_mode(module):

@@ -25,9 +25,10 @@ from onnxscript import opset21 as op
 from torch import fx
 
 import qgraph.integer_ops  # noqa: F401  (registers torch.ops.qgraph.*_u8)
+from qgraph.graph_edits import get_tensor
 from qgraph.kernels import quant as qk
 
-from .onnx_lowering import _cast, _const, _param_dtype
+from .onnx_lowering import _cast, _const, per_token_codes
 
 __all__ = ["INTEGER_TRANSLATIONS", "integer_activation_graph"]
 
@@ -37,12 +38,11 @@ PER_TOKEN_U8 = torch.ops.qgraph.quantize_per_token_u8.default
 QLINEAR_U8 = torch.ops.qgraph.qlinear_u8.default
 
 
-def _attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads, None for any other argument."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part, None)
+    value = get_tensor(gm, node.target)
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -100,30 +100,12 @@ def integer_activation_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
 
 
 def quantize_per_token_u8(x, bits: int, symmetric: bool):
-    """The per-token quantizer of :func:`onnx_lowering.quantize_per_token`, stopped at the
-    codes: returns ``(uint8 q - qmin, scale, zero - qmin)``."""
-    qmin, qmax = qk.qrange(bits)
-    dtype = _param_dtype(x)
-    xf = _cast(x, dtype)
-    axes = op.Constant(value=ir.tensor([-1], dtype=ir.DataType.INT64))
-    eps = _const(qk.SCALE_EPS, dtype)
-    lo_c, hi_c = _const(float(qmin), dtype), _const(float(qmax), dtype)
-    if symmetric:
-        amax = op.ReduceMax(op.Abs(xf), axes, keepdims=1)
-        scale = op.Max(op.Div(amax, hi_c), eps)
-        q = op.Clip(op.Round(op.Div(xf, scale)), lo_c, hi_c)
-        offset = op.Neg(lo_c)
-        offset = op.Expand(offset, op.Shape(scale))
-    else:
-        zero_f = _const(0.0, dtype)
-        lo = op.Min(op.ReduceMin(xf, axes, keepdims=1), zero_f)
-        hi = op.Max(op.ReduceMax(xf, axes, keepdims=1), zero_f)
-        scale = op.Max(op.Div(op.Sub(hi, lo), _const(float(2**bits - 1), dtype)), eps)
-        zero = op.Clip(op.Round(op.Sub(lo_c, op.Div(lo, scale))), lo_c, hi_c)
-        q = op.Clip(op.Add(op.Round(op.Div(xf, scale)), zero), lo_c, hi_c)
-        offset = op.Sub(zero, lo_c)
-    u = op.Cast(op.Sub(q, lo_c), to=ir.DataType.UINT8)
-    return u, scale, offset
+    """The float path's per-token quantizer (:func:`onnx_lowering.per_token_codes`), stopped at
+    the codes: returns ``(uint8 q - qmin, scale, zero - qmin)``."""
+    q, scale, zero, dtype = per_token_codes(x, bits, symmetric)
+    qmin = _const(float(qk.qrange(bits)[0]), dtype)
+    offset = op.Expand(op.Neg(qmin), op.Shape(scale)) if zero is None else op.Sub(zero, qmin)
+    return op.Cast(op.Sub(q, qmin), to=ir.DataType.UINT8), scale, offset
 
 
 def qlinear_u8(u, scale, offset, codes, w_scale, colsum, bias):

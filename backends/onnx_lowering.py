@@ -82,29 +82,40 @@ def _fake_quantize(xf, scale, zero, bits: int, dtype: ir.DataType):
     return op.Mul(q, scale)
 
 
-def quantize_per_token(x, bits: int, symmetric: bool):
-    """Dynamic per-row fake quantization; mirrors ``qk.fake_quantize_per_token``.
-
-    Parameters are computed in float32 (float64 for float64 inputs) like the kernel; the
-    symmetric case skips ``+ 0`` / ``- 0``, which cannot change a value.
-    """
+def per_token_codes(x, bits: int, symmetric: bool):
+    """Dynamic per-row quantization up to the codes, as ``qk.encode_per_token`` computes it:
+    returns ``(q, scale, zero, dtype)`` with float codes ``q`` (``zero`` is None when
+    symmetric). Parameters are in float32 (float64 for float64 inputs) like the kernel."""
     qmin, qmax = qk.qrange(bits)
     dtype = _param_dtype(x)
     xf = _cast(x, dtype)
     axes = op.Constant(value=ir.tensor([-1], dtype=ir.DataType.INT64))
     eps = _const(qk.SCALE_EPS, dtype)
+    lo_c, hi_c = _const(float(qmin), dtype), _const(float(qmax), dtype)
     if symmetric:
         amax = op.ReduceMax(op.Abs(xf), axes, keepdims=1)
-        scale = op.Max(op.Div(amax, _const(float(qmax), dtype)), eps)
+        scale = op.Max(op.Div(amax, hi_c), eps)
         zero = None
     else:
         zero_f = _const(0.0, dtype)
         lo = op.Min(op.ReduceMin(xf, axes, keepdims=1), zero_f)
         hi = op.Max(op.ReduceMax(xf, axes, keepdims=1), zero_f)
         scale = op.Max(op.Div(op.Sub(hi, lo), _const(float(2**bits - 1), dtype)), eps)
-        zero = op.Round(op.Sub(_const(float(qmin), dtype), op.Div(lo, scale)))
-        zero = op.Clip(zero, _const(float(qmin), dtype), _const(float(qmax), dtype))
-    return _cast(_fake_quantize(xf, scale, zero, bits, dtype), x.dtype)
+        zero = op.Clip(op.Round(op.Sub(lo_c, op.Div(lo, scale))), lo_c, hi_c)
+    q = op.Round(op.Div(xf, scale))
+    if zero is not None:
+        q = op.Add(q, zero)
+    return op.Clip(q, lo_c, hi_c), scale, zero, dtype
+
+
+def quantize_per_token(x, bits: int, symmetric: bool):
+    """Dynamic per-row fake quantization; mirrors ``qk.fake_quantize_per_token``: the codes of
+    :func:`per_token_codes`, then ``(q - zero) * scale`` (the symmetric case skips ``- 0``,
+    which cannot change a value)."""
+    q, scale, zero, _ = per_token_codes(x, bits, symmetric)
+    if zero is not None:
+        q = op.Sub(q, zero)
+    return _cast(op.Mul(q, scale), x.dtype)
 
 
 def quantize_static(x, scale, zero, bits: int):

@@ -95,18 +95,17 @@ class GPTQ(Pass):
                     full_range=spec.full_range, refit_scale=self.opt("refit-scale"),
                     with_error=False,
                 )  # fmt: skip
-                rows = 0
-                for i, w in zip(members, weights, strict=True):
-                    part = slice(rows, rows + w.shape[0]) if spec.granularity != "tensor" else None
-                    rows += w.shape[0]
-                    codes = res.codes[part] if part else res.codes
-                    scale = res.scale[part] if part else res.scale
-                    zero = res.zero[part] if part else res.zero
-                    w_hat = res.weight[part] if part else res.weight
+                # split the stacked rows back per layer (a per-tensor grid is never stacked)
+                sizes = [w.shape[0] for w in weights]
+                parts = [(res.codes, res.scale, res.zero)]
+                if len(members) > 1:
+                    parts = list(zip(*(t.split(sizes) for t in parts[0]), strict=True))
+                w_hats = res.weight.split(sizes)
+                for i, w, w_hat, part in zip(members, weights, w_hats, parts, strict=True):
                     stats["layers"] += 1
                     stats["gptq_error"] += rtn_error(w, h, w_hat)
                     stats["rtn_error"] += rtn_error(w, h, fake_quantize(w.float(), spec))
-                    out[i] = (codes, scale, zero)
+                    out[i] = part
             return [out[i] for i in range(len(recs))]
 
         groups, tokens = solve_in_graph_order(model, self, solve_group=solve_group)

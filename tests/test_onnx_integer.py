@@ -140,3 +140,12 @@ def test_integer_decoder_generates_in_onnx_runtime_genai(hf, tmp_path):
     prompt = tokens(VOCAB, 1, 6, seed=3)
     expected = prompt[0].tolist() + decode(cached_decoder(model), prompt[0].tolist(), 8)[0]
     assert genai_greedy(folder, prompt, 8) == expected
+
+
+def test_integer_path_needs_a_qgraph_graph(tmp_path):
+    from qgraph.backends.onnx_export import export_onnx
+
+    target = tmp_path / "m.onnx"
+    with pytest.raises(qgraph.ExportError, match="integer_activations"):
+        export_onnx(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), target, integer_activations=True)
+    assert not target.exists()

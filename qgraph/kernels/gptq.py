@@ -210,31 +210,33 @@ def refit_scales(
     gs = inp if n_groups == 1 else (group_size or inp // n_groups)
     member = torch.zeros(inp, n_groups, dtype=torch.float64, device=w.device)
     member[torch.arange(inp), torch.arange(inp) // gs] = 1.0  # column -> its group
-    ah = a @ h  # [out, in]
-    if s_old.shape[0] == 1 and out > 1:  # one scale for the whole tensor
-        num = float((ah * wf).sum())
-        den = float((ah * a).sum())
-        s_new = torch.full_like(s_old, num / den if den > 0 else float("nan"))
+    # Each row's error is the quadratic  c - 2 sᵀb + sᵀ M s  in its scales s, with
+    # c = w H wᵀ, b[g] = Σ_{k∈g} a_k (H w)_k and M[g, g'] = Σ_{k∈g, l∈g'} a_k H_kl a_l.
+    wh = wf @ h
+    c = (wh * wf).sum(1)
+    b = (a * wh) @ member  # [out, G]
+    if n_groups == 1:
+        m = ((a @ h) * a).sum(1).reshape(out, 1, 1)
     else:
-        # M_i[g, g'] = Σ_{k∈g, l∈g'} a_ik H_kl a_il and b_i[g] = Σ_{k∈g} a_ik (H w_i)_k
-        b = (a * (wf @ h)) @ member  # [out, G]
-        if n_groups == 1:
-            m = ((ah * a).sum(1)).reshape(out, 1, 1)
-        else:
-            per_group = a.unsqueeze(1) * member.T.unsqueeze(0)  # [out, G, in]
-            m = (per_group @ h) @ (a.unsqueeze(2) * member.unsqueeze(0))  # [out, G, G]
-        m = m + torch.eye(n_groups, dtype=m.dtype, device=m.device) * 1e-12 * (
-            m.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True).unsqueeze(2) + 1e-30
-        )
-        s_new = torch.linalg.solve(m, b.unsqueeze(2)).squeeze(2)
+        per_group = a.unsqueeze(1) * member.T.unsqueeze(0)  # [out, G, in]
+        m = (per_group @ h) @ (a.unsqueeze(2) * member.unsqueeze(0))  # [out, G, G]
 
     def row_error(s: torch.Tensor) -> torch.Tensor:
-        d = wf - a * expand_groups(s.expand(out, n_groups), inp, group_size)
-        return ((d @ h) * d).sum(1)
+        s = s.expand(out, n_groups)
+        return c - 2 * (s * b).sum(1) + (s.unsqueeze(1) @ m @ s.unsqueeze(2)).reshape(out)
 
+    per_tensor = s_old.shape[0] == 1 and out > 1
+    if per_tensor:  # one scale for the whole tensor: one quadratic summed over the rows
+        den = float(m.sum())
+        s_new = torch.full_like(s_old, float(b.sum()) / den if den > 0 else float("nan"))
+    else:
+        m_reg = m + torch.eye(n_groups, dtype=m.dtype, device=m.device) * 1e-12 * (
+            m.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True).unsqueeze(2) + 1e-30
+        )
+        s_new = torch.linalg.solve(m_reg, b.unsqueeze(2)).squeeze(2)
     ok = torch.isfinite(s_new).all(1, keepdim=True) & (s_new > 0).all(1, keepdim=True)
     s_try = torch.where(ok, s_new, s_old.expand_as(s_new))
-    if s_old.shape[0] == 1 and out > 1:
+    if per_tensor:
         better = bool(row_error(s_try).sum() < row_error(s_old).sum())
         return (s_try if better else s_old).to(scale.dtype)
     better = (row_error(s_try) < row_error(s_old)).unsqueeze(1)
