@@ -4,16 +4,24 @@ Every row is one recipe exported with ``qgraph run --export DIR/model.onnx`` (a 
 KV cache, ``genai_config.json`` and the tokenizer), then run by ``onnxruntime_genai``: a
 128-token prompt from the held-out text and 128 new tokens, greedy. The anchor row is ONNX
 Runtime GenAI's own model builder on the same model (``-p int4``, RTN, block 32, ``lm_head``
-int4 too). Perplexity is each file's own, in ONNX Runtime, on the held-out windows. Rows are
-appended to ``results/decode_w{windows}.json`` as they finish.
+int4 too). Perplexity is each file's own, in ONNX Runtime, on the held-out windows.
 
-    .venv/bin/python benchmarks/decode.py [--windows 8] [--rows KEY,...] [--out DIR]
+Two phases, so that building can share the machine and timing need not:
+
+1. **build**: each row's folder is written once (under ``--out``) and its quality appended to
+   ``results/decode_w{windows}.json``; a folder that exists is reused.
+2. **time**: every requested row is generated ``--repeats`` times, the rows interleaved, in one
+   run, and the median speed is recorded. Ratios are only taken between rows of that run.
+
+    .venv/bin/python benchmarks/decode.py [--windows 8] [--rows KEY,...] [--repeats 3]
+        [--build-only] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -29,34 +37,34 @@ from qgraph.workflow import Job, write_json
 
 PROMPT, NEW = 128, 128
 W4 = "quantize{w=int4:channel}"
+W4_HEAD = "quantize{w=int4:channel,exclude=}"  # lm_head quantized too, as the builder does
+W4A4 = "quantize{w=int4:channel,a=int4:token},gptq"
+ONLINE = "fuse-norms,rotate{seed=0,online=all},"
 ROWS = {
     "float": ("float32", "fuse-norms"),
-    "w4a16-gptq": ("W4A16 GPTQ", W4 + ",gptq"),
-    "w4a16-rot-gptq": ("W4A16 R1+R2 + GPTQ", "fuse-norms,rotate{seed=0}," + W4 + ",gptq"),
-    "w4a16-r1r4-gptq": (
-        "W4A16 R1–R4 + GPTQ",
-        "fuse-norms,rotate{seed=0,online=all}," + W4 + ",gptq",
+    "w4a16-gptq": ("W4A16 GPTQ, lm_head float", W4 + ",gptq"),
+    "w4a16-gptq-head": ("W4A16 GPTQ, lm_head int4", W4_HEAD + ",gptq"),
+    "w4a16-rot-gptq": (
+        "W4A16 R1+R2 + GPTQ, lm_head float",
+        "fuse-norms,rotate{seed=0}," + W4 + ",gptq",
     ),
-    "w4a4-gptq": (
-        "W4A4 R1–R4 + GPTQ",
-        "fuse-norms,rotate{seed=0,online=r2+r4},quantize{w=int4:channel,a=int4:token},gptq",
+    "w4a16-rot-gptq-head": (
+        "W4A16 R1+R2 + GPTQ, lm_head int4",
+        "fuse-norms,rotate{seed=0}," + W4_HEAD + ",gptq",
     ),
-    "w8a8": (
-        "W8A8 R1+R2",
-        "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}",
-    ),
+    "w4a16-r1r4-gptq-head": ("W4A16 R1–R4 + GPTQ, lm_head int4", ONLINE + W4_HEAD + ",gptq"),
+    "w4a4-gptq": ("W4A4 R1–R4 + GPTQ", ONLINE + W4A4),
+    "w4a4-expand-gptq": ("W4A4 R1–R4 + expand +5 % + GPTQ", ONLINE + "expand{budget=5}," + W4A4),
+    "w8a8": ("W8A8 R1+R2", "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}"),
     "builder-fp32": ("ONNX Runtime GenAI builder fp32 (GroupQueryAttention)", "fp32"),
     "builder-int4": ("ONNX Runtime GenAI builder int4 (anchor)", "int4"),
 }
 
 
-def speed(folder: Path, prompt: list[int]) -> dict:
+def speed(folder: Path, prompt: list[int]) -> tuple[float, float]:
     out = qgraph.generate(folder, prompt, NEW, backend="ort", stop_at_eos=False)
-    return {
-        "tokens": len(out.tokens),
-        "prompt_seconds": out.prompt_seconds,
-        "tokens_per_s": out.tokens_per_s,
-    }
+    assert len(out.tokens) == NEW, (folder, len(out.tokens))
+    return out.tokens_per_s, out.prompt_seconds
 
 
 def builder_row(folder: Path, windows, precision: str) -> dict:
@@ -65,8 +73,7 @@ def builder_row(folder: Path, windows, precision: str) -> dict:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
     cmd += ["-i", str(source), "-o", str(folder), "-p", precision, "-e", "cpu"]
     t = time.perf_counter()
-    if not (folder / "genai_config.json").exists():  # a folder built before is reused
-        subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True)
     return {
         "pipeline": " ".join(cmd[1:]),
         "export_seconds": time.perf_counter() - t,
@@ -74,24 +81,16 @@ def builder_row(folder: Path, windows, precision: str) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--rows", type=str, default=",".join(ROWS))
-    ap.add_argument("--out", type=Path, default=Path("out/decode"))
-    args = ap.parse_args()
-    path = Path(__file__).parent / "results" / f"decode_w{args.windows}.json"
-    done = json.loads(path.read_text()) if path.exists() else {}
-    job = Job(None, eval_windows=args.windows, progress=False)
-    prompt = job.eval[-1, :PROMPT].tolist()  # held-out text
-    windows = job.eval  # the same perplexity windows as the qgraph rows
-    for key in args.rows.split(","):
-        if key in done:
+def build(keys: list[str], out: Path, job: Job, done: dict, path: Path) -> None:
+    """Write each row's folder and record its quality (rows already recorded are kept)."""
+    for key in keys:
+        folder = out / key
+        if key in done and (folder / "genai_config.json").exists():
             continue
-        folder = args.out / key
         folder.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
         if key.startswith("builder-"):
-            row = builder_row(folder, windows, ROWS[key][1])
+            row = builder_row(folder, job.eval, ROWS[key][1])
         else:
             rep = job.run(ROWS[key][1], export=folder / "model.onnx")
             row = {
@@ -101,23 +100,64 @@ def main() -> None:
                 "ppl_float": rep["ppl_float"],
                 "file_mb": rep["export"]["file_mb"],
             }
-        row.update(speed(folder, prompt), date=time.strftime("%Y-%m-%d"))
+        row.update(build_seconds=round(time.perf_counter() - t, 1), date=time.strftime("%Y-%m-%d"))
         done[key] = row
         write_json(path, done)
-        print(f"{key}: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-    base = done.get("float", {}).get("tokens_per_s")
+        print(f"{key}: built, ort ppl {row['ort_ppl']:.3f}", file=sys.stderr)
+
+
+def time_rows(keys: list[str], out: Path, prompt: list[int], repeats: int) -> dict:
+    """Median decode tokens/s and prompt seconds of each row, the rows interleaved."""
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
+    for _ in range(repeats):
+        for key in keys:
+            runs[key].append(speed(out / key, prompt))
+    return {
+        k: {
+            "tokens_per_s": statistics.median(r[0] for r in v),
+            "tokens_per_s_runs": [round(r[0], 2) for r in v],
+            "prompt_seconds": statistics.median(r[1] for r in v),
+        }
+        for k, v in runs.items()
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--rows", type=str, default=",".join(ROWS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("out/decode"))
+    args = ap.parse_args()
+    keys = args.rows.split(",")
+    if unknown := [k for k in keys if k not in ROWS]:
+        ap.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    path = Path(__file__).parent / "results" / f"decode_w{args.windows}.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    job = Job(None, eval_windows=args.windows, progress=False)
+    build(keys, args.out, job, done, path)
+    if args.build_only:
+        return
+    prompt = job.eval[-1, :PROMPT].tolist()  # held-out text
+    timed = time_rows(keys, args.out, prompt, args.repeats)
+    stamp = {"timed_together": keys, "timed_on": time.strftime("%Y-%m-%d %H:%M")}
+    for key, t in timed.items():
+        done[key].update(t, **stamp)
+    write_json(path, done)
+    base = timed.get("float", {}).get("tokens_per_s")
     print(header("Decode speed in ONNX Runtime GenAI (SmolLM2-135M, batch 1)", " ".join(sys.argv)))
-    print(f"{PROMPT}-token prompt + {NEW} new tokens, greedy.\n")
-    print("| recipe | ONNX Runtime ppl | prompt s | decode tokens/s | × float |")
-    print("|---|---|---|---|---|")
-    for key, (label, _) in ROWS.items():
-        r = done.get(key)
-        if r:
-            ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "–"
-            print(
-                f"| {label} | {r['ort_ppl']:.3f} | {r['prompt_seconds']:.2f} | "
-                f"{r['tokens_per_s']:.1f} | {ratio} |"
-            )
+    print(f"{PROMPT}-token prompt + {NEW} new tokens, greedy, median of {args.repeats}.\n")
+    print("| recipe | ONNX Runtime ppl | file MB | prompt s | decode tokens/s | × float |")
+    print("|---|---|---|---|---|---|")
+    for key in keys:
+        r, label = done[key], ROWS[key][0]
+        ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "–"
+        mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "–"
+        print(
+            f"| {label} | {r['ort_ppl']:.3f} | {mb} | {r['prompt_seconds']:.2f} | "
+            f"{r['tokens_per_s']:.1f} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

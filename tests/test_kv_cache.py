@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import calibrated, fresh_copy, genai_greedy, tiny_llama, tokens
@@ -101,6 +103,35 @@ def test_masked_cache_entries_are_ignored(float_model):
         p[:, :, 2] = 1e3  # the masked entry's contents no longer matter
     again, _ = decoder(nxt, mask, poisoned)
     assert torch.allclose(again, masked, atol=1e-6)
+
+
+@torch.no_grad()
+def test_left_padded_batch_rows_decode_as_they_do_alone(float_model):
+    """A short prompt left-padded next to a long one gives, at its real tokens, the logits it gives
+    alone: positions are ``P + arange(S)`` for every row, so a padded row's tokens sit 3 places
+    later than alone, and RoPE sees only position differences. Padding queries, which see no
+    key at all, must not produce NaN that reaches real rows."""
+    decoder = cached_decoder(float_model)
+    long, short = tokens(256, 1, 7, seed=8), tokens(256, 1, 4, seed=9)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    batch_logits, past = decoder(ids, mask, decoder.layout.empty(2))
+    alone_logits, alone_past = decoder(
+        short, torch.ones(1, 4, dtype=torch.long), decoder.layout.empty(1)
+    )
+    assert torch.isfinite(batch_logits).all()
+    scale = float(alone_logits.abs().max())
+    worst = float((batch_logits[1, 3:] - alone_logits[0]).abs().max())
+    for step in range(4):
+        nxt = alone_logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        batch_logits, past = decoder(torch.cat([nxt, nxt]), mask, past)
+        alone_logits, alone_past = decoder(
+            nxt, torch.ones(1, 5 + step, dtype=torch.long), alone_past
+        )
+        worst = max(worst, float((batch_logits[1] - alone_logits[0]).abs().max()))
+    assert worst / scale < 1e-5
 
 
 def test_bad_cache_and_mask_are_refused(float_model):
@@ -216,6 +247,30 @@ def test_generate_in_onnx_runtime_genai_matches_torch(w4a4, tmp_path):
     torch_out = qgraph.generate(w4a4, prompt, 6, stop_at_eos=False)
     ort_out = qgraph.generate(folder, prompt, 6, backend="ort", stop_at_eos=False)
     assert ort_out.tokens == torch_out.tokens and ort_out.backend == "ort"
+
+
+def test_genai_left_padded_batch_generates_each_prompt_s_own_tokens(float_model, tmp_path):
+    """ONNX Runtime GenAI pads a batch on the left (pad id = eos here) and masks the padding."""
+    from qgraph.backends.onnx_decoder import export_decoder
+
+    og = pytest.importorskip("onnxruntime_genai")
+    folder = export_decoder(float_model, tmp_path / "float")
+    pad = json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
+    long, short = (
+        t.clamp(min=pad + 1) for t in (tokens(256, 1, 7, seed=8), tokens(256, 1, 4, seed=9))
+    )
+    batch = torch.cat([long, torch.cat([torch.full((1, 3), pad), short], 1)])
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=7 + 6, batch_size=2)
+    generator = og.Generator(model, params)
+    generator.append_tokens(batch.numpy().astype("int32"))
+    while not generator.is_done():
+        generator.generate_next_token()
+    for row, prompt in enumerate((long, short)):
+        expected = decode(cached_decoder(float_model), prompt[0].tolist(), 6, eos=None)[0]
+        got = [int(t) for t in generator.get_sequence(row)][7:]
+        assert got == expected, row
 
 
 def test_generate_refuses_bad_requests(float_model, tmp_path):
