@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from qgraph.formats import CLIPS, fake_quantize
-from qgraph.kernels.gptq import gptq_quantize, rtn_error
+from qgraph.kernels.gptq import gptq_quantize, row_proxy_errors
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
 from qgraph.quantized import QuantizedLayer
@@ -64,6 +64,7 @@ class GPTQ(Pass):
     requires = frozenset({"quantized", "float-weights"})
     provides = frozenset({"gptq"})
     forbids = frozenset({"gptq", "learned-rounding", "qat"})
+    resolves_grids = True
     preserves = frozenset({"structure", "quantized-layers"})  # only codes and scales change
 
     def check(self, model: Model) -> None:
@@ -87,8 +88,9 @@ class GPTQ(Pass):
             for members in batches.values():
                 spec, clip = recs[members[0]].weight, recs[members[0]].clip
                 weights = [recs[i].float_weight for i in members]
+                stack = torch.cat(weights) if len(weights) > 1 else weights[0]
                 res = gptq_quantize(
-                    torch.cat(weights) if len(weights) > 1 else weights[0], h,
+                    stack, h,
                     spec.bits, spec.symmetric, spec.granularity, spec.group_size,
                     damp=self.opt("damp"), act_order=self.opt("act-order"),
                     block_size=self.opt("block-size"), clip=clip,
@@ -100,11 +102,18 @@ class GPTQ(Pass):
                 parts = [(res.codes, res.scale, res.zero)]
                 if len(members) > 1:
                     parts = list(zip(*(t.split(sizes) for t in parts[0]), strict=True))
-                w_hats = res.weight.split(sizes)
-                for i, w, w_hat, part in zip(members, weights, w_hats, parts, strict=True):
+                # proxy errors of the whole stack at once (float32 statistics), split per layer
+                trace = float(h.diagonal().sum())
+                errors = {
+                    "gptq_error": row_proxy_errors(stack, h, res.weight).split(sizes),
+                    "rtn_error": row_proxy_errors(
+                        stack, h, fake_quantize(stack.float(), spec)
+                    ).split(sizes),
+                }
+                for k, (i, part) in enumerate(zip(members, parts, strict=True)):
                     stats["layers"] += 1
-                    stats["gptq_error"] += rtn_error(w, h, w_hat)
-                    stats["rtn_error"] += rtn_error(w, h, fake_quantize(w.float(), spec))
+                    for key, rows in errors.items():
+                        stats[key] += float(rows[k].sum()) / (sizes[k] * trace)
                     out[i] = part
             return [out[i] for i in range(len(recs))]
 

@@ -52,6 +52,7 @@ class LearnRounding(Pass):
     requires = frozenset({"quantized", "float-weights"})
     provides = frozenset({"learned-rounding"})
     forbids = frozenset({"gptq", "learned-rounding", "qat"})
+    resolves_grids = True
     preserves = frozenset({"structure", "quantized-layers"})  # only codes change
 
     def validate(self) -> None:

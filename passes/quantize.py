@@ -30,6 +30,9 @@ chooses the weight scales per row/group by ``kernels.gptq.mse_clip_search``
 Σx_j² of the layer's input on ``calib-batches`` calibration windows: the layer's output error in
 a diagonal approximation. ``clip=mse`` weighs every column alike (plain weight MSE), which
 clips the weights that meet LLMs' large activation channels and is kept for comparison.
+When the next pass re-solves every grid from its own Hessians (``gptq``, ``learn-rounding``:
+``Pass.resolves_grids``), the search is left to it: ``quantize`` writes plain round-to-nearest
+placeholder codes, records ``clip=output`` for the next pass, and saves a calibration pass.
 
 Formats, the stored layout and the accounting are :mod:`qgraph.formats`; each rewritten layer
 gets a :class:`qgraph.quantized.QuantizedLayer` record in ``model.quant``. ``quantize`` may run
@@ -54,7 +57,7 @@ from qgraph.graph_edits import finish, get_attr_node, get_tensor, insert_call, n
 from qgraph.kernels import quant as qk
 from qgraph.kernels import ranges as rk
 from qgraph.model import Model
-from qgraph.pass_manager import Option, Pass, register, working_on
+from qgraph.pass_manager import Option, Pass, next_pass, register, working_on
 from qgraph.quantized import QuantizedLayer
 from qgraph.selection import LayerSelector, selector_options
 from qgraph.structure import SDPA, Linear, gqa_source
@@ -373,7 +376,15 @@ class Quantize(Pass):
                     done[id(st)] = (s, z)
                 qparams[n] = done[id(st)]
         importance = {}
-        if self._clip == "output":
+        self._search = self._clip
+        if self._clip == "output" and (later := _resolved_next(chosen)):
+            # the next pass searches every grid again from its own Hessians: a clip search here
+            # would cost a calibration pass (a third of quantize+gptq) for codes it discards
+            self._search = "none"
+            summary_note = f"searched by {later}"
+        else:
+            summary_note = None
+        if self._search == "output":
             importance = input_second_moments(
                 model.gm,
                 [lin.node for lin in chosen],
@@ -396,6 +407,8 @@ class Quantize(Pass):
             "range": self._range,
             "clip": self._clip,
         }
+        if summary_note:
+            summary["clip_search"] = summary_note
         if self._range == "percentile":
             summary["percentile"] = self.opt("percentile")
         if self._range == "klj":
@@ -407,7 +420,7 @@ class Quantize(Pass):
     ) -> QuantizedLayer:
         node = lin.node
         w = get_tensor(gm, lin.weight)
-        stored = rtn_quantize(w, self.wspec, self._clip, importance)
+        stored = rtn_quantize(w, self.wspec, self._search, importance)
         g = gm.graph
         x = node.args[0]
         if self.aspec is not None and self.aspec.mode == "token":
@@ -456,6 +469,15 @@ class Quantize(Pass):
             clip=self._clip,
             float_weight=w,  # a reference (no copy) for passes that re-solve the weights
         )
+
+
+def _resolved_next(chosen: list[Linear]) -> str | None:
+    """The name of the next pipeline pass if it re-solves the grid of every layer in ``chosen``."""
+    nxt = next_pass()
+    if nxt is None or not nxt.resolves_grids:
+        return None
+    selector = LayerSelector.from_pass(nxt)
+    return nxt.name if all(selector.matches(lin.name, lin.role) for lin in chosen) else None
 
 
 def parse_kv_spec(text: str) -> ActSpec | None:

@@ -65,9 +65,15 @@ class ResumableRun(fx.Interpreter):
 
 
 def input_hessian(x: torch.Tensor) -> torch.Tensor:
-    """``XᵀX`` (float64) of activations ``x [..., in]`` flattened over all leading dims."""
-    flat = x.reshape(-1, x.shape[-1]).double()
-    return flat.T @ flat
+    """``XᵀX`` of activations ``x [..., in]`` flattened over all leading dims, returned in float64.
+
+    The product runs in the activations' own precision (float32 for float32 models: twice the
+    speed of float64 and relative error ~1e-6, far below GPTQ's 1 % damping); half precision is
+    widened to float32 first."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    return (flat.T @ flat).double()
 
 
 def input_second_moments(

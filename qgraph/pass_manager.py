@@ -80,6 +80,9 @@ class Pass:
     #: analyses (names in qgraph.model.ANALYSES) still valid after the pass; the rest are dropped
     preserves: ClassVar[frozenset[str]] = frozenset()
     exact: ClassVar[bool] = False
+    #: chooses every selected layer's grid and codes again from the float weights (gptq,
+    #: learn-rounding), so a pass right before it may leave a cheap placeholder grid
+    resolves_grids: ClassVar[bool] = False
 
     def __init__(self, **opts: Any):
         known = {o.name: o for o in self.options}
@@ -346,8 +349,12 @@ class PassManager:
 
     def run(self, model: Model) -> Model:
         check_order(self.passes, model.properties)
-        for p in self.passes:
-            self.run_one(p, model)
+        for i, p in enumerate(self.passes):
+            token = _NEXT.set(self.passes[i + 1] if i + 1 < len(self.passes) else None)
+            try:
+                self.run_one(p, model)
+            finally:
+                _NEXT.reset(token)
         return model
 
     def run_one(self, p: Pass, model: Model, parent: str | None = None) -> PassRecord:
@@ -414,13 +421,24 @@ _MANAGER: contextvars.ContextVar[PassManager | None] = contextvars.ContextVar(
     "qgraph_manager", default=None
 )
 _LAYER: contextvars.ContextVar[str | None] = contextvars.ContextVar("qgraph_layer", default=None)
+_NEXT: contextvars.ContextVar[Pass | None] = contextvars.ContextVar("qgraph_next", default=None)
+
+
+def next_pass() -> Pass | None:
+    """The pass the running pipeline runs after the current one (None when it is the last, runs
+    alone, or runs nested inside another pass)."""
+    return _NEXT.get()
 
 
 def run_nested(p: Pass, model: Model, parent: Pass) -> PassRecord:
     """Run ``p`` from inside ``parent``'s run through the active pass manager, so it gets a log
     record (marked with its parent), an op diff and verification like any other pass."""
     manager = _MANAGER.get() or PassManager([])
-    return manager.run_one(p, model, parent=parent.name)
+    token = _NEXT.set(None)
+    try:
+        return manager.run_one(p, model, parent=parent.name)
+    finally:
+        _NEXT.reset(token)
 
 
 @contextlib.contextmanager

@@ -47,11 +47,11 @@ def test_gptq_hessian_comes_from_the_rewritten_graph(llama96):
 
     with torch.no_grad():
         Capture(model.gm).run(calib)
-    x = captured["x"].reshape(-1, captured["x"].shape[-1]).double()
+    x = captured["x"].reshape(-1, captured["x"].shape[-1])  # float32, as the pass multiplies
     rec = model.quantized.layers[0].record
     assert model.quantized.layers[0].node is first
     expected = gptq_quantize(
-        rec.float_weight, x.T @ x, 4, True, "channel", act_order=True, full_range=True,
+        rec.float_weight, (x.T @ x).double(), 4, True, "channel", act_order=True, full_range=True,
         clip="output",
     )  # the defaults: full grid, act-order, clip ratio by output error  # fmt: skip
     qgraph.run_pipeline(model, "gptq{calib-windows=8}")
@@ -85,3 +85,35 @@ def test_resumable_run_stops_before_the_rest_of_the_graph(llama96):
     out = ResumableRun(model.gm, lambda n, r: None).run(ids)
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert torch.equal(out, model(ids))
+
+
+@pytest.mark.parametrize("then", ["gptq", "learn-rounding{iters=5}"])
+def test_quantize_leaves_the_clip_search_to_a_pass_that_resolves_every_grid(llama96, then):
+    """``quantize,gptq`` in one pipeline skips quantize's calibration pass for clip=output and
+    gives the codes and scales of the two passes run one after the other."""
+    calib = tokens(256, 8, 32, seed=5)
+    together, apart = traced_copy(llama96), traced_copy(llama96)
+    for m in (together, apart):
+        m.set_calibration(calib)
+    qgraph.run_pipeline(together, f"fuse-norms,quantize{{w=int4:channel}},{then}")
+    qgraph.run_pipeline(apart, "fuse-norms,quantize{w=int4:channel}")
+    assert "clip_search" not in apart.log[-1].summary  # alone, quantize searches its grids
+    qgraph.run_pipeline(apart, then)
+    assert together.log[1].summary["clip"] == "output"
+    assert together.log[1].summary["clip_search"] == f"searched by {then.split('{')[0]}"
+    layers = [[n for n in m.gm.graph.nodes if n.target is QLINEAR] for m in (together, apart)]
+    assert len(layers[0]) == len(layers[1]) == 14
+    for a, b in zip(*layers, strict=True):
+        for k in (1, 2):  # codes and scales
+            ta, tb = (
+                get_tensor(together.gm, a.args[k].target),
+                get_tensor(apart.gm, b.args[k].target),
+            )
+            assert torch.equal(ta, tb), a.name
+
+
+def test_quantize_searches_when_the_next_pass_resolves_only_some_layers(llama96):
+    model = traced_copy(llama96)
+    model.set_calibration(tokens(256, 4, 32, seed=6))
+    qgraph.run_pipeline(model, "quantize{w=int4:channel},gptq{layers=mlp}")
+    assert "clip_search" not in model.log[0].summary

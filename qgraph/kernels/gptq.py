@@ -63,6 +63,7 @@ __all__ = [
     "mse_clip_search",
     "refit_scales",
     "rtn_error",
+    "row_proxy_errors",
 ]
 
 #: Clip ratios tried by mse_clip_search: 1.0, 0.95, ..., 0.5.
@@ -128,6 +129,14 @@ def rtn_error(w: torch.Tensor, hessian: torch.Tensor, w_hat: torch.Tensor) -> fl
     return float(((delta @ h) * delta).sum()) / (w.shape[0] * trace)
 
 
+def row_proxy_errors(w: torch.Tensor, hessian: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """Each row's ``(w - ŵ) H (w - ŵ)ᵀ`` in float32, unchecked and unnormalised: the cheap form of
+    :func:`rtn_error` for statistics over many layers (rows of stacked weights split freely;
+    divide a part's sum by its rows · trace H to get its ``rtn_error``)."""
+    delta = w.detach().float() - w_hat.detach().float()
+    return ((delta @ hessian.float()) * delta).sum(1)
+
+
 def mse_clip_search(
     w: torch.Tensor,
     bits: int,
@@ -159,20 +168,23 @@ def mse_clip_search(
         )
     best_scale = best_zero = best_err = None
     gs = group_size if granularity == "group" else None
+    qmin, qmax = qrange(bits)
+    wf = imp = None
     for r in grid:
         scale, zero = weight_qparams(
             w, bits, symmetric, granularity, group_size, clip_ratio=r, full_range=full_range
         )
-        codes = quantize_weight(w, scale, zero, bits, gs)
-        diff = w.detach().to(scale.dtype) - dequantize_weight(codes, scale, zero, gs)
-        err = diff.square()
-        if importance is not None:
-            err = err * importance.to(err.dtype)
-        # Groups are contiguous along the row (whole tensor for 'tensor'), as in quant.py;
-        # a ragged last group is zero-padded (zeros add no error).
-        if gs is not None and err.shape[1] % gs:
-            err = torch.nn.functional.pad(err, (0, scale.shape[1] * gs - err.shape[1]))
-        err = err.reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
+        if gs is None:  # one scale per row or tensor: quantize inline, weigh columns by a GEMV
+            if wf is None:
+                wf = w.detach().to(scale.dtype)
+                imp = torch.ones(w.shape[1], dtype=scale.dtype, device=w.device)
+                imp = imp if importance is None else importance.to(imp)
+            zf = zero.to(scale.dtype)
+            q = (torch.round(wf / scale) + zf).clamp_(qmin, qmax)
+            err = (wf - (q - zf) * scale).square_() @ imp
+            err = err.reshape(-1, 1) if scale.shape[0] > 1 else err.sum().reshape(1, 1)
+        else:
+            err = _group_errors(w, scale, zero, bits, gs, importance)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
             continue
@@ -181,6 +193,26 @@ def mse_clip_search(
         best_zero = torch.where(better, zero, best_zero)
         best_err = torch.where(better, err, best_err)
     return best_scale, best_zero
+
+
+def _group_errors(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    gs: int,
+    importance: torch.Tensor | None,
+) -> torch.Tensor:
+    """Weighted squared fake-quantization error per group, ``[out, G]``."""
+    codes = quantize_weight(w, scale, zero, bits, gs)
+    err = (w.detach().to(scale.dtype) - dequantize_weight(codes, scale, zero, gs)).square()
+    if importance is not None:
+        err = err * importance.to(err.dtype)
+    # groups are contiguous along the row, as in quant.py; a ragged last group is zero-padded
+    # (zeros add no error)
+    if err.shape[1] % gs:
+        err = torch.nn.functional.pad(err, (0, scale.shape[1] * gs - err.shape[1]))
+    return err.reshape(scale.shape[0], scale.shape[1], -1).sum(-1)
 
 
 def refit_scales(
@@ -201,29 +233,34 @@ def refit_scales(
     """
     check_layer_inputs(w, hessian)
     out, inp = w.shape
+    # the two big products run in the weight's working precision (float32 for float32 weights:
+    # b and M have no cancellation, so the scales are as good to ~1e-6); the rest in float64
+    wd = _work_dtype(w.dtype)
     h = hessian.detach().to(device=w.device, dtype=torch.float64)
-    h = (h + h.T) / 2
-    wf = w.detach().to(torch.float64)
+    h = ((h + h.T) / 2).to(wd)
+    wf = w.detach().to(wd)
     s_old = scale.detach().to(torch.float64)
-    a = codes.to(torch.float64) - expand_groups(zero, inp, group_size).to(torch.float64)
+    a = codes.to(wd) - expand_groups(zero, inp, group_size).to(wd)
     n_groups = s_old.shape[1]
     gs = inp if n_groups == 1 else (group_size or inp // n_groups)
     member = torch.zeros(inp, n_groups, dtype=torch.float64, device=w.device)
     member[torch.arange(inp), torch.arange(inp) // gs] = 1.0  # column -> its group
     # Each row's error is the quadratic  c - 2 sᵀb + sᵀ M s  in its scales s, with
     # c = w H wᵀ, b[g] = Σ_{k∈g} a_k (H w)_k and M[g, g'] = Σ_{k∈g, l∈g'} a_k H_kl a_l.
-    wh = wf @ h
-    c = (wh * wf).sum(1)
-    b = (a * wh) @ member  # [out, G]
+    # c does not depend on s, so it is never formed: changes of error are compared instead.
+    b = (a.double() * (wf @ h).double()) @ member  # [out, G]
     if n_groups == 1:
-        m = ((a @ h) * a).sum(1).reshape(out, 1, 1)
+        m = ((a @ h).double() * a.double()).sum(1).reshape(out, 1, 1)
     else:
-        per_group = a.unsqueeze(1) * member.T.unsqueeze(0)  # [out, G, in]
-        m = (per_group @ h) @ (a.unsqueeze(2) * member.unsqueeze(0))  # [out, G, G]
+        member_w = member.to(wd)
+        per_group = a.unsqueeze(1) * member_w.T.unsqueeze(0)  # [out, G, in]: a restricted to g
+        m = ((per_group @ h) @ (a.unsqueeze(2) * member_w.unsqueeze(0))).double()  # [out, G, G]
 
-    def row_error(s: torch.Tensor) -> torch.Tensor:
-        s = s.expand(out, n_groups)
-        return c - 2 * (s * b).sum(1) + (s.unsqueeze(1) @ m @ s.unsqueeze(2)).reshape(out)
+    def change(s: torch.Tensor) -> torch.Tensor:
+        """Each row's error at scales ``s`` minus its error at the old scales."""
+        s, s0 = s.expand(out, n_groups), s_old.expand(out, n_groups)
+        quad = (s.unsqueeze(1) @ m @ s.unsqueeze(2)) - (s0.unsqueeze(1) @ m @ s0.unsqueeze(2))
+        return quad.reshape(out) - 2 * ((s - s0) * b).sum(1)
 
     per_tensor = s_old.shape[0] == 1 and out > 1
     if per_tensor:  # one scale for the whole tensor: one quadratic summed over the rows
@@ -237,9 +274,8 @@ def refit_scales(
     ok = torch.isfinite(s_new).all(1, keepdim=True) & (s_new > 0).all(1, keepdim=True)
     s_try = torch.where(ok, s_new, s_old.expand_as(s_new))
     if per_tensor:
-        better = bool(row_error(s_try).sum() < row_error(s_old).sum())
-        return (s_try if better else s_old).to(scale.dtype)
-    better = (row_error(s_try) < row_error(s_old)).unsqueeze(1)
+        return (s_try if bool(change(s_try).sum() < 0) else s_old).to(scale.dtype)
+    better = (change(s_try) < 0).unsqueeze(1)
     return torch.where(better & ok, s_try, s_old).to(scale.dtype)
 
 
@@ -364,6 +400,7 @@ def gptq_quantize(
 
     qmin, qmax = qrange(bits)
     codes_p = torch.empty(out, inp, dtype=torch.int8, device=device)
+    zero_w, zero_g = None, -1
     for i1 in range(0, inp, block_size):
         i2 = min(i1 + block_size, inp)
         w1 = weight[:, i1:i2].clone()
@@ -384,7 +421,9 @@ def gptq_quantize(
                 s, z = params(current, torch.arange(g * gs, min((g + 1) * gs, inp)))
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
                 ready[g] = True
-            s, z = scale[:, g : g + 1], zero[:, g : g + 1].to(wd)
+            if zero_w is None or zero_g != g:  # the zero point in the working dtype, per group
+                zero_w, zero_g = zero[:, g : g + 1].to(wd), g
+            s, z = scale[:, g : g + 1], zero_w
             col = w1[:, i : i + 1]
             # quantize_weight / dequantize_weight inlined (same operations, same bits): this
             # loop runs once per column and their checks and group expansion dominated it
