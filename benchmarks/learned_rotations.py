@@ -24,6 +24,20 @@ ROWS = {
     "w4a4-rtn-spinquant": ("W4A4 RTN, learned (SpinQuant layout)", SPIN + LEARN + W4A4),
     "w4a4-gptq-hadamard": ("W4A4 GPTQ, Hadamard", HAD + W4A4 + ",gptq"),
     "w4a4-gptq-learned": ("W4A4 GPTQ, learned", HAD + LEARN + W4A4 + ",gptq"),
+    # SpinQuant's GPTQ recipe: rotations trained with float weights (W16A4), GPTQ after
+    "w4a4-gptq-learned-w16": (
+        "W4A4 GPTQ, learned with float weights",
+        HAD + "learn-rotations{w=none}," + W4A4 + ",gptq",
+    ),
+    # the rows of 2026-12-02 (session 7), before clip=output and refit-scale were the defaults
+    "w4a4-gptq-hadamard-minmax": (
+        "W4A4 GPTQ, Hadamard, min/max grid",
+        HAD + W4A4[:-1] + ",clip=none},gptq{refit-scale=false}",
+    ),
+    "w4a4-gptq-learned-minmax": (
+        "W4A4 GPTQ, learned, min/max grid",
+        HAD + LEARN + W4A4[:-1] + ",clip=none},gptq{refit-scale=false}",
+    ),
     "w4a16-gptq-learned": (
         "W4A16 GPTQ, learned",
         "fuse-norms,rotate{seed=0},learn-rotations{a=none}," + W4 + ",gptq",
