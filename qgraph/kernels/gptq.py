@@ -231,7 +231,8 @@ def refit_scales(
     the output error is a quadratic in the scales, solved here in closed form (per row one
     G×G system over its G groups, 1×1 per channel, one scalar for a per-tensor grid). A row
     keeps its old scales unless the new ones are finite, positive and lower its error, so the
-    result is never worse on the objective. Returns the new scale in ``scale``'s layout/dtype.
+    result is never worse on the objective (to float32 rounding of its products for float32
+    weights; exactly so in float64). Returns the new scale in ``scale``'s layout/dtype.
     """
     check_layer_inputs(w, hessian)
     h = hessian.detach().to(device=w.device, dtype=torch.float64)
