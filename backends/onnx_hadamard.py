@@ -22,6 +22,7 @@ and ``r = min(m, RADIX)``::
     Reshape [-1, K, m]
     MatMul(C, ·)                       (K > 1; C = H_Kᵀ, or H_K for transpose: y[k'] =
                                         sum_k H_K[k, k'] x[k], as in the kernel)
+    MatMul(·, H_m)                     (m ≤ DENSE_MAX: every Sylvester stage at once), else
     Reshape [-1, r] → MatMul(·, H_r)   (r > 1: the butterfly stages h = 1 ... r/2 at once)
     log2(m/r) × [Reshape [-1, 2, h] → Split → Add, Sub → Concat]   (h = r, 2r, ..., m/2)
     Reshape Shape(x)
@@ -75,8 +76,10 @@ butterflies only, 1.0 ms like this on one EPYC core)."""
 
 DENSE_MAX = 128
 """Sizes up to this run as one dense ``[n, n]`` MatMul (e.g. R3's 64-point rotations of q and
-k): a few thousand multiply-adds per row cost less than the per-node overhead of the staged
-form, which dominates a decode step in ONNX Runtime."""
+k), and so does the power-of-two factor ``m ≤ DENSE_MAX`` of a larger size (R4's
+1536 = 12 · 128: a 12 × 12 and a 128 × 128 MatMul): a hundred multiply-adds per value cost
+less than the per-node overhead of the staged form, which dominates a decode step in ONNX
+Runtime."""
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
 _NAME = re.compile(r"Hadamard(?P<n>[1-9][0-9]*)(?P<t>T?)(?P<u>_unscaled)?(?P<s>_nosigns)?")
@@ -236,10 +239,13 @@ def build_function(variant: HadamardVariant, onnx_opset: int = 21) -> ir.Functio
         left = (h_k if variant.transpose else h_k.T) * scale
         y = body.one("MatMul", body.float_const(left, x), y)
         scale = 1.0
-    if r > 1:  # the first log2(r) stages at once: H_m = H_{m/r} (x) H_r, H_r symmetric
-        y = body.one("Reshape", y, body.const(np.array([-1, r], dtype=np.int64)))
-        y = body.one("MatMul", y, body.float_const(_base_matrix(r).numpy() * scale, x))
-    y = _butterflies(body, y, m, r)
+    if m <= DENSE_MAX:  # all Sylvester stages as one [m, m] MatMul (e.g. R4's 1536 = 12 · 128)
+        y = body.one("MatMul", y, body.float_const(_base_matrix(m).numpy() * scale, x))
+    else:
+        if r > 1:  # the first log2(r) stages at once: H_m = H_{m/r} (x) H_r, H_r symmetric
+            y = body.one("Reshape", y, body.const(np.array([-1, r], dtype=np.int64)))
+            y = body.one("MatMul", y, body.float_const(_base_matrix(r).numpy() * scale, x))
+        y = _butterflies(body, y, m, r)
     y = body.one("Reshape", y, body.one("Shape", x))
     return _finish(body, variant, x, signs, y, onnx_opset)
 
