@@ -376,14 +376,10 @@ class Quantize(Pass):
                     done[id(st)] = (s, z)
                 qparams[n] = done[id(st)]
         importance = {}
-        self._search = self._clip
-        if self._clip == "output" and (later := _resolved_next(chosen)):
-            # the next pass searches every grid again from its own Hessians: a clip search here
-            # would cost a calibration pass (a third of quantize+gptq) for codes it discards
-            self._search = "none"
-            summary_note = f"searched by {later}"
-        else:
-            summary_note = None
+        # when the next pass searches every grid again from its own Hessians, a clip search here
+        # would cost a calibration pass (a third of quantize+gptq) for codes it discards
+        later = _resolved_next(chosen) if self._clip == "output" else None
+        self._search = "none" if later else self._clip
         if self._search == "output":
             importance = input_second_moments(
                 model.gm,
@@ -407,8 +403,8 @@ class Quantize(Pass):
             "range": self._range,
             "clip": self._clip,
         }
-        if summary_note:
-            summary["clip_search"] = summary_note
+        if later:
+            summary["clip_search"] = f"searched by {later}"
         if self._range == "percentile":
             summary["percentile"] = self.opt("percentile")
         if self._range == "klj":

@@ -165,8 +165,6 @@ def test_graph_without_attention_is_refused():
 @pytest.mark.parametrize("which", ["float", "w4a4"])
 def test_exported_decoder_generates_in_onnx_runtime_genai(float_model, w4a4, which, tmp_path):
     """The real client: onnxruntime_genai.Model(folder) generates the torch decoder's tokens."""
-    import json
-
     import onnx
 
     from qgraph.backends.onnx_decoder import export_decoder
@@ -350,7 +348,6 @@ def test_kv_option_errors(float_model):
 
 def test_run_export_writes_a_decoder_folder_and_checks_it(float_model, tmp_path):
     """What `qgraph run --export DIR/name.onnx` does for a language model."""
-    import json
 
     from qgraph.evaluate import perplexity
     from qgraph.workflow import export_and_check
