@@ -46,7 +46,7 @@ def export_model(
         path,
         dynamic_shapes=model.dynamic_shapes,
         input_names=list(model.input_names),
-        output_names=["logits"],
+        output_names=list(model.output_names),
         metadata=export_metadata(model, pipeline),
         external_data=external_data,
         integer_activations=integer_activations,

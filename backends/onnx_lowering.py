@@ -10,7 +10,10 @@ inference of a Python number's dtype depends on whether the op's other input typ
   wrapped in ``Cast(to=INT4)``; :func:`qgraph.backends.onnx_export.postprocess` folds those casts
   of constants into packed INT4 initializers, range-checked (the exporter's own optimizer folds
   only small tensors, and wraps out-of-range values silently).
-* ``quantize_per_token`` / ``quantize_static`` become standard ops that repeat the torch kernels'
+* ``qconv`` becomes ``DequantizeLinear(axis=0) → Conv``.
+* ``quantize_static`` at 8 bits on float32 becomes a ``QuantizeLinear → DequantizeLinear`` pair
+  (the QDQ form ONNX Runtime turns into integer kernels).
+* ``quantize_per_token`` / other ``quantize_static`` become standard ops that repeat the torch kernels'
   arithmetic step by step (same operation order, same eps), so ONNX Runtime and torch agree to
   float rounding. ONNX ``Round`` rounds half to even, like ``torch.round``.
 * ``hadamard`` becomes one ``qgraph::Hadamard{n}…`` node; ``postprocess`` adds its model-local
@@ -32,7 +35,14 @@ from qgraph.kernels import quant as qk
 from .onnx_hadamard import hadamard
 from .onnx_sparse import SPARSE_TRANSLATIONS
 
-__all__ = ["CUSTOM_TRANSLATIONS", "hadamard", "qlinear", "quantize_per_token", "quantize_static"]
+__all__ = [
+    "CUSTOM_TRANSLATIONS",
+    "hadamard",
+    "qconv",
+    "qlinear",
+    "quantize_per_token",
+    "quantize_static",
+]
 
 
 def _cast_like_if_needed(value, like):
@@ -53,6 +63,18 @@ def qlinear(x, codes, scale, zero, bias, group_size: int, bits: int):
     if bias is not None:
         out = op.Add(out, bias)
     return out
+
+
+def qconv(x, codes, scale, zero, bias, stride, padding, dilation, groups: int, bits: int):
+    """``Conv(x, DequantizeLinear(codes, scale, zero, axis=0), bias)``: with a QDQ input and
+    output (8-bit static activations) ONNX Runtime runs it as ``QLinearConv``."""
+    if bits <= 4:
+        codes = op.Cast(codes, to=ir.DataType.INT4)
+        zero = op.Cast(zero, to=ir.DataType.INT4)
+    weight = _cast_like_if_needed(op.DequantizeLinear(codes, scale, zero, axis=0), x)
+    pads = list(padding) * 2
+    args = (x, weight) if bias is None else (x, weight, bias)
+    return op.Conv(*args, strides=list(stride), pads=pads, dilations=list(dilation), group=groups)
 
 
 def _param_dtype(x) -> ir.DataType:
@@ -125,12 +147,20 @@ def quantize_static(x, scale, zero, bits: int):
     """
     dtype = _param_dtype(x)
     s = op.Max(_cast(scale, dtype), _const(qk.SCALE_EPS, dtype))
+    if bits == 8 and x.dtype == ir.DataType.FLOAT:
+        # QuantizeLinear rounds half to even and saturates like the kernel; as a QDQ pair
+        # ONNX Runtime fuses it with the integer kernels around it (QLinearConv, ...)
+        # uint8 codes (the signed codes + 128), the activation type ONNX Runtime's integer
+        # kernels take; constant folding turns the zero point into a uint8 initializer
+        z8 = op.Cast(op.Add(_cast(zero, dtype), _const(128.0, dtype)), to=ir.DataType.UINT8)
+        return op.DequantizeLinear(op.QuantizeLinear(x, s, z8), s, z8)
     z = _cast(zero, dtype)
     return _cast(_fake_quantize(_cast(x, dtype), s, z, bits, dtype), x.dtype)
 
 
 CUSTOM_TRANSLATIONS: dict[Callable, Callable] = {
     torch.ops.qgraph.qlinear.default: qlinear,
+    torch.ops.qgraph.qconv.default: qconv,
     torch.ops.qgraph.quantize_per_token.default: quantize_per_token,
     torch.ops.qgraph.quantize_static.default: quantize_static,
     torch.ops.qgraph.hadamard.default: hadamard,

@@ -177,11 +177,11 @@ class QAT(Pass):
 
     def check(self, model: Model) -> None:
         check_token_calibration(self, model, "training loss")
-        chosen = self.selector.select(list(model.quantized))
+        chosen = self.selector.select(model.quantized.linear())
         if not chosen:
             raise PipelineError(f"qat: no quantized layer matches {self.selector.describe()}")
         if self.opt("loss") == "kd":
-            missing = [b.name for b in model.quantized if b.record.float_weight is None]
+            missing = [b.name for b in model.quantized.linear() if b.record.float_weight is None]
             if missing:
                 raise PipelineError(
                     f"qat: loss=kd needs the float weights of every quantized layer; "
@@ -192,7 +192,7 @@ class QAT(Pass):
     def run(self, model: Model) -> dict[str, Any]:
         start = time.perf_counter()
         gm = model.gm
-        everything = list(model.quantized)
+        everything = model.quantized.linear()
         kd = self.opt("loss") == "kd" or (
             self.opt("loss") == "auto"
             and all(b.record.float_weight is not None for b in everything)

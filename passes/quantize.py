@@ -52,7 +52,14 @@ from torch import fx
 from qgraph import ops  # noqa: F401  (registers torch.ops.qgraph)
 from qgraph.calibration import ResumableRun, input_second_moments
 from qgraph.errors import DataError, PipelineError
-from qgraph.formats import CLIPS, ActSpec, parse_act_spec, parse_weight_spec, rtn_quantize
+from qgraph.formats import (
+    CLIPS,
+    ActSpec,
+    choose_grid,
+    parse_act_spec,
+    parse_weight_spec,
+    rtn_quantize,
+)
 from qgraph.graph_edits import finish, get_attr_node, get_tensor, insert_call, new_attr
 from qgraph.kernels import quant as qk
 from qgraph.kernels import ranges as rk
@@ -143,12 +150,25 @@ def calibrate_ranges(
     inputs (reproducible). When fewer than ``sample_cap`` values are seen, the sample is all of
     them. Nodes reading the same tensor (q/k/v) share one ActStats object.
     """
+    values = observe_values(model, [n.args[0] for n in nodes], batches, sample_cap, seed)
+    return {n: values[n.args[0]] for n in nodes if n.args[0] in values}
+
+
+def observe_values(
+    model: Model,
+    values: list[fx.Node],
+    batches: int,
+    sample_cap: int = SAMPLE_CAP,
+    seed: int = 0,
+) -> dict[fx.Node, ActStats]:
+    """:class:`ActStats` of each value (node output) on the first ``batches`` calibration
+    windows; see :func:`calibrate_ranges`."""
     if model.calibration is None:
         raise DataError(
             "quantize: static activation quantization needs calibration data (--calib-text)"
         )
-    order = {x: i for i, x in enumerate(dict.fromkeys(n.args[0] for n in nodes))}
-    inputs: dict[fx.Node, ActStats] = {}  # by the observed input tensor's node
+    order = {x: i for i, x in enumerate(dict.fromkeys(values))}
+    inputs: dict[fx.Node, ActStats] = {}  # by the observed tensor's node
     position = {n: i for i, n in enumerate(model.gm.graph.nodes)}
     last = max(order, key=position.__getitem__) if order else None
 
@@ -168,18 +188,15 @@ def calibrate_ranges(
         if st.reservoir is not None:
             st.reservoir.add(out)
         if n is last:
-            run.stop()  # nothing after the last observed input is needed
+            run.stop()  # nothing after the last observed value is needed
 
     with torch.inference_mode():
         for i in range(min(batches, model.calibration.shape[0])):
             ResumableRun(model.gm, after=observe).run(model.calibration[i : i + 1])
-    stats = {n: inputs[n.args[0]] for n in nodes if n.args[0] in inputs}
-    for n, st in stats.items():
+    for n, st in inputs.items():
         if not (math.isfinite(st.lo) and math.isfinite(st.hi)):
-            raise DataError(
-                f"quantize: calibration produced non-finite activations at the input of {n.name}"
-            )
-    return stats
+            raise DataError(f"quantize: calibration produced non-finite activations at {n.name}")
+    return inputs
 
 
 def static_qparams(
@@ -286,6 +303,13 @@ class Quantize(Pass):
             "worse)",
             choices=("auto", *CLIPS),
         ),
+        Option(
+            "conv-out",
+            bool,
+            True,
+            "with static activations, also quantize each convolution's output on the same "
+            "spec, so the file runs DQ→Conv→Q as ONNX Runtime's integer QLinearConv",
+        ),
     )
     provides = frozenset({"quantized", "float-weights"})
     forbids = frozenset({"gptq", "learned-rounding", "sparse-split", "qat"})
@@ -337,11 +361,14 @@ class Quantize(Pass):
             )
 
     def run(self, model: Model) -> dict[str, Any]:
-        chosen = self.selector.select(model.structure.linears)
-        if not chosen:
+        every = self.selector.select(model.structure.linears + model.structure.convs)
+        if not every:
             raise PipelineError(
-                f"quantize: no unquantized linear layer matches {self.selector.describe()}"
+                f"quantize: no unquantized linear or conv layer matches {self.selector.describe()}"
             )
+        chosen = [lin for lin in every if lin.kind == "linear"]
+        convs = [lin for lin in every if lin.kind == "conv"]
+        self._check_convs(convs)
         self._clip = self.opt("clip")
         if self._clip == "auto":  # the measured best (benchmarks/README.md, weight grids)
             below_8 = self.wspec.bits < 8  # at 8 bits clipping only cost (W8A8 +0.15 %)
@@ -349,16 +376,21 @@ class Quantize(Pass):
         method = self.opt("range")
         self._range = None  # the range method recorded, None without static activations
         qparams: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
+        out_qparams: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.aspec is not None and self.aspec.mode == "tensor":
             self._range = method
-            stats = calibrate_ranges(
+            outputs = [c.node for c in convs] if self.opt("conv-out") else []
+            stats = observe_values(
                 model,
-                [lin.node for lin in chosen],
+                [lin.node.args[0] for lin in every] + outputs,
                 self.opt("calib-batches"),
                 sample_cap=0 if method == "minmax" else SAMPLE_CAP,
             )
             done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q/k/v share their stats
-            for n, st in stats.items():
+            wanted = [(lin.node, False) for lin in every] + [(n, True) for n in outputs]
+            for n, is_output in wanted:
+                where = f"the {'output' if is_output else 'input'} of {n.name}"
+                st = stats[n] if is_output else stats[n.args[0]]
                 if id(st) not in done:
                     try:
                         s, z, _ = static_qparams(
@@ -370,15 +402,16 @@ class Quantize(Pass):
                             self.opt("pow2"),
                         )
                     except DataError as exc:
-                        raise DataError(
-                            f"quantize: range={method} at the input of {n.name}: {exc}"
-                        ) from None
+                        raise DataError(f"quantize: range={method} at {where}: {exc}") from None
                     done[id(st)] = (s, z)
-                qparams[n] = done[id(st)]
+                if is_output:
+                    out_qparams[n] = done[id(st)]
+                else:
+                    qparams[n] = done[id(st)]
         importance = {}
         # when the next pass searches every grid again from its own Hessians, a clip search here
         # would cost a calibration pass (a third of quantize+gptq) for codes it discards
-        later = _resolved_next(chosen) if self._clip == "output" else None
+        later = _resolved_next(chosen) if self._clip == "output" and not convs else None
         self._search = "none" if later else self._clip
         if self._search == "output":
             importance = input_second_moments(
@@ -392,10 +425,16 @@ class Quantize(Pass):
                 model.quant[lin.name] = self._rewrite(
                     model.gm, lin, qparams.get(lin.node), importance.get(lin.node)
                 )
+        for conv in convs:
+            with working_on(conv.name):
+                model.quant[conv.name] = self._rewrite_conv(
+                    model.gm, conv, qparams.get(conv.node), out_qparams.get(conv.node)
+                )
         kv_layers = insert_kv_quantizers(model, self.kvspec) if self.kvspec else 0
         finish(model.gm)
         summary = {
-            "layers_quantized": len(chosen),
+            "layers_quantized": len(every),
+            "convs_quantized": len(convs),
             "kv_cache": self.kvspec.text().replace(":token", ":head") if self.kvspec else "none",
             "kv_attention_layers": kv_layers,
             "weights": self.wspec.text(),
@@ -465,6 +504,107 @@ class Quantize(Pass):
             clip=self._clip,
             float_weight=w,  # a reference (no copy) for passes that re-solve the weights
         )
+
+    def _check_convs(self, convs: list[Linear]) -> None:
+        if not convs:
+            return
+        if self.wspec.granularity == "group":
+            raise PipelineError(
+                f"quantize: conv layers ({convs[0].name}, ...) take w=int<b>:channel or :tensor, "
+                f"not groups ({self.wspec.text()}); exclude them or change w"
+            )
+        if self.aspec is not None and self.aspec.mode == "token":
+            raise PipelineError(
+                f"quantize: conv layers ({convs[0].name}, ...) take static activations "
+                f"(a=int<b>:tensor) or none, not per-token ({self.aspec.text()})"
+            )
+
+    def _rewrite_conv(
+        self, gm: fx.GraphModule, conv: Linear, act_qparams, out_qparams
+    ) -> QuantizedLayer:
+        """``aten.conv*`` → [quantize_static →] ``qgraph::qconv`` [→ quantize_static]: codes in
+        the conv weight's layout with one scale per output channel. With a static input the
+        bias is rounded to the integer grid ``s_x · s_w[o]`` that an int32 accumulator uses,
+        so the exported file (bias as int32 codes) computes the same values."""
+        node = conv.node
+        w = get_tensor(gm, conv.weight)
+        flat = w.reshape(w.shape[0], -1).float()
+        clip = "mse" if self._search == "output" else self._search  # no per-column importance
+        scale, zero = choose_grid(flat, self.wspec, clip)
+        codes = qk.quantize_weight(flat, scale, zero, self.wspec.bits).reshape(w.shape)
+        out_ch = w.shape[0]
+        scale_o = scale.expand(out_ch, 1).reshape(out_ch).float().contiguous()
+        zero_o = zero.expand(out_ch, 1).reshape(out_ch).to(torch.int8).contiguous()
+        g = gm.graph
+        x = node.args[0]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with g.inserting_before(node):
+            if act_qparams is not None:
+                s, z = act_qparams
+                if _is_static_quantizer(x, self.aspec.bits):
+                    # the output of an earlier conv, already quantized: quantizing it again
+                    # (Q→DQ→Q→DQ) would only add error; its scale is the input scale
+                    s = get_tensor(gm, x.args[1].target)
+                else:
+                    x = self._static_quantizer(gm, node, x, conv.name + ".act", s, z)
+                if bias is not None:  # the int32 bias grid of an integer convolution
+                    b = get_tensor(gm, bias.target).float()
+                    step = s.float().reshape(()) * scale_o
+                    rounded = torch.round(b / step) * step
+                    bias = get_attr_node(gm, node, new_attr(gm, conv.name + ".bias_q", rounded))
+            attrs = [
+                get_attr_node(gm, node, new_attr(gm, conv.name + suffix, t.contiguous()))
+                for suffix, t in zip(
+                    (".codes", ".scale", ".zero"),
+                    (codes.to(torch.int8), scale_o, zero_o),
+                    strict=True,
+                )
+            ]
+            stride, padding, dilation, groups = conv.conv
+            q = g.call_function(
+                torch.ops.qgraph.qconv.default,
+                (x, *attrs, bias, stride, padding, dilation, groups, self.wspec.bits),
+            )
+        q.meta["val"] = node.meta.get("val")
+        out = q
+        if out_qparams is not None:  # inserted after q, since q sits right before node
+            out = self._static_quantizer(gm, node, q, conv.name + ".out", *out_qparams)
+            out.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        return QuantizedLayer(
+            name=conv.name,
+            role=conv.role,
+            in_features=conv.in_features,
+            out_features=conv.out_features,
+            weight=self.wspec,
+            act=self.aspec,
+            codes_attr=attrs[0].target,
+            group=conv.in_features,
+            n_scales=out_ch if self.wspec.granularity == "channel" else 1,
+            act_range=self._range,
+            clip=clip,
+            kind="conv",
+            out_range=self._range if out_qparams is not None else None,
+            float_weight=w,
+        )
+
+    def _static_quantizer(self, gm: fx.GraphModule, before: fx.Node, x, prefix: str, s, z):
+        """A ``quantize_static`` node on ``x``, with new scale/zero attributes, before ``before``."""
+        s_node = get_attr_node(gm, before, new_attr(gm, prefix + "_scale", s.float().reshape(())))
+        z_node = get_attr_node(gm, before, new_attr(gm, prefix + "_zero", z.float().reshape(())))
+        with gm.graph.inserting_before(before):
+            return gm.graph.call_function(
+                torch.ops.qgraph.quantize_static.default, (x, s_node, z_node, self.aspec.bits)
+            )
+
+
+def _is_static_quantizer(node, bits: int) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.target is torch.ops.qgraph.quantize_static.default
+        and node.args[3] == bits
+    )
 
 
 def _resolved_next(chosen: list[Linear]) -> str | None:

@@ -107,7 +107,7 @@ class SplitSparse(Pass):
         self.selector = LayerSelector.from_pass(self)
 
     def check(self, model: Model) -> None:
-        chosen = self.selector.select(list(model.quantized))
+        chosen = self.selector.select(model.quantized.linear())
         if not chosen:
             raise PipelineError(
                 f"split-sparse: no quantized layer matches {self.selector.describe()} "
@@ -161,7 +161,7 @@ class SplitSparse(Pass):
     def _layers(self, model: Model) -> list[_Layer]:
         return [
             _Layer(b, b.record.float_weight.detach().float())
-            for b in self.selector.select(list(model.quantized))
+            for b in self.selector.select(model.quantized.linear())
         ]
 
     def _outliers(self, layers: list[_Layer], budget: float) -> float:

@@ -47,7 +47,7 @@ def check_solvable(p: Pass, model: Model) -> None:
 
 
 def _chosen(p: Pass, model: Model) -> list[BoundLayer]:
-    return LayerSelector.from_pass(p).select(list(model.quantized))
+    return LayerSelector.from_pass(p).select(model.quantized.linear())
 
 
 def solve_in_graph_order(

@@ -1,7 +1,15 @@
 """qgraph: a compiler-style graph rewriting toolkit for quantizing neural networks."""
 
 from . import ops, sparse_ops  # noqa: F401  (registers torch.ops.qgraph.*)
-from .api import calibration_windows, eval_windows, from_hf, from_module, load, run_pipeline
+from .api import (
+    calibration_windows,
+    eval_windows,
+    from_hf,
+    from_module,
+    from_onnx,
+    load,
+    run_pipeline,
+)
 from .errors import (
     DataError,
     ExportError,
@@ -34,6 +42,7 @@ __all__ = [
     "eval_windows",
     "from_hf",
     "from_module",
+    "from_onnx",
     "generate",
     "load",
     "parse_pipeline",

@@ -22,6 +22,8 @@ def load(spec: str | os.PathLike | None = None, tokenizer=None) -> Model:
         from .saving import load_saved
 
         return load_saved(spec, tokenizer)
+    if spec is not None and str(spec).endswith(".onnx"):
+        return from_onnx(spec)
     lm = load_causal_lm(spec)
     gm = trace_causal_lm(lm.model)
     example = (torch.zeros((2, 16), dtype=torch.long),)
@@ -54,6 +56,43 @@ def from_module(
         name=name or type(module).__name__,
         dynamic_shapes=dynamic_shapes,
         input_names=names,
+    )
+
+
+def from_onnx(
+    path: str | os.PathLike, example_inputs: tuple[torch.Tensor, ...] | None = None
+) -> Model:
+    """An ONNX model as a qgraph Model: the same passes run on it and ``export`` writes ONNX.
+
+    Dims the file leaves dynamic stay dynamic where torch.export can keep them. Inputs with
+    dynamic dims other than a leading batch dim need ``example_inputs`` (one tensor per input,
+    shaped as one call of the model) to fix their sizes for tracing.
+    """
+    from .onnx_import import OnnxModule, dynamic_dims, input_specs, read_onnx
+    from .onnx_import import example_inputs as make_examples
+
+    proto = read_onnx(path)
+    name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    specs = input_specs(proto)
+    examples = make_examples(specs, example_inputs, name)
+    dynamic = dynamic_dims(specs)
+    # a dynamic dim of size 1 would be specialized to 1 by torch.export: trace with 2
+    examples = tuple(
+        e.repeat(2, *([1] * (e.dim() - 1))) if 0 in dyn and e.shape[0] == 1 else e
+        for e, dyn in zip(examples, dynamic, strict=True)
+    )
+    module = OnnxModule(proto, name)
+    outputs = tuple(v.name for v in proto.graph.output)
+    del proto
+    gm = trace(module, examples, (dynamic,))  # forward(*args): one entry for args
+    return Model(
+        gm,
+        examples,
+        name=name,
+        source=os.fspath(path),
+        dynamic_shapes=dynamic,
+        input_names=tuple(s.name for s in specs),
+        output_names=outputs,
     )
 
 

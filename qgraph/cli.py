@@ -102,6 +102,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not meta.get("float_weights"):
             have.discard("float-weights")
     check_order(parse_pipeline(args.pipeline), have)  # fail before the slow loading
+    onnx_model = bool(args.model) and str(args.model).endswith(".onnx")
+    if (args.calib_inputs or args.eval_inputs) and not onnx_model:
+        raise QGraphError("--calib-inputs/--eval-inputs take an ONNX model (--model FILE.onnx)")
     outputs: dict[Path, str] = {}
     for option, out in (
         ("--export", args.export),
@@ -113,6 +116,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if key in outputs:
                 raise QGraphError(f"{outputs[key]} and {option} both write {out}")
             outputs[key] = option
+    if onnx_model:
+        from .tensor_workflow import format_outputs, run_tensor_model
+
+        report = run_tensor_model(
+            args.model,
+            args.pipeline,
+            calib_inputs=args.calib_inputs,
+            eval_inputs=args.eval_inputs,
+            calib_samples=args.calib_samples,
+            export=args.export,
+            verify_each=args.verify_each,
+        )
+        print(format_outputs(report))
+        if args.report:
+            write_json(args.report, report)
+        return 0
     job = Job(
         args.model,
         args.calib_text,
@@ -242,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--model",
         default=None,
-        help="built-in name (smollm2-135m), .gguf file, HF directory, or a .pt2 saved by --save "
-        "(the pipeline continues from it)",
+        help="built-in name (smollm2-135m), .gguf file, HF directory, a .pt2 saved by --save "
+        "(the pipeline continues from it), or an .onnx file (with --calib-inputs/--eval-inputs)",
     )
     run.add_argument(
         "--pipeline",
@@ -263,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-text",
         default=None,
         help="UTF-8 text file for evaluation (default: stdlib docstrings)",
+    )
+    run.add_argument(
+        "--calib-inputs",
+        default=None,
+        help="ONNX models: .npz with one array per model input, named after it, samples stacked "
+        "on a new first axis (sample i = arr[i], shaped as one call of the model)",
+    )
+    run.add_argument(
+        "--calib-samples",
+        type=_int_range(1),
+        default=None,
+        help="ONNX models: use only the first N samples of --calib-inputs",
+    )
+    run.add_argument(
+        "--eval-inputs",
+        default=None,
+        help="ONNX models: .npz like --calib-inputs; the report gives each output's error "
+        "against the original model on them (default: the calibration inputs)",
     )
     run.add_argument(
         "--eval-windows", type=_int_range(1), default=8, help="number of evaluation windows (>= 1)"

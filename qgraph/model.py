@@ -58,6 +58,7 @@ class Model:
         tokenizer: Any = None,
         dynamic_shapes: Any = None,
         input_names: tuple[str, ...] = ("input_ids",),
+        output_names: tuple[str, ...] = ("logits",),
     ):
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
@@ -66,6 +67,7 @@ class Model:
         self.tokenizer = tokenizer
         self.dynamic_shapes = dynamic_shapes
         self.input_names = input_names
+        self.output_names = output_names
         self.properties: set[str] = set()
         self.log: list[PassRecord] = []
         self.calibration: torch.Tensor | None = None

@@ -92,6 +92,48 @@ def dequantize_kn(
     return rows * scale.repeat_interleave(group_size, 0)[: codes.shape[0]]
 
 
+@torch.library.custom_op(f"{LIB}::qconv", mutates_args=())
+def qconv(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    bits: int,
+) -> torch.Tensor:
+    """Convolution (1-3 spatial dims) with ``W = (codes - zero[o]) * scale[o]``: int codes in
+    the conv weight's own layout ``[out, in / groups, *kernel]``, one scale per output channel,
+    so the ONNX lowering is ``DequantizeLinear(axis=0) → Conv``."""
+    weight = dequantize_conv_weight(codes, scale, zero).to(x.dtype)
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d}.get(
+        codes.dim(), torch.nn.functional.conv3d
+    )
+    return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+@qconv.register_fake
+def _qconv_fake(x, codes, scale, zero, bias, stride, padding, dilation, groups, bits):
+    spatial = codes.dim() - 2
+    sizes = [
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (codes.shape[2 + i] - 1) - 1) // stride[i]
+        + 1
+        for i in range(spatial)
+    ]
+    return x.new_empty((x.shape[0], codes.shape[0], *sizes))
+
+
+def dequantize_conv_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """``(codes - zero[o]) * scale[o]`` with per-output-channel ``scale``/``zero`` ``[out]``."""
+    view = (-1,) + (1,) * (codes.dim() - 1)
+    return (codes.to(scale.dtype) - zero.to(scale.dtype).view(view)) * scale.view(view)
+
+
 @torch.library.custom_op(f"{LIB}::quantize_per_token", mutates_args=())
 def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Dynamic per-token (last-dim row) fake quantization of activations."""

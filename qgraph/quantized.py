@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 QLINEAR = torch.ops.qgraph.qlinear.default
+QCONV = torch.ops.qgraph.qconv.default
 SPARSE = torch.ops.qgraph.sparse_matmul.default
 
 
@@ -55,6 +56,8 @@ class QuantizedLayer:
     clip: str = "none"  # weight range search quantize used (none | output | mse)
     solver: str = "rtn"  # who chose the codes last: rtn | gptq | learned-rounding | split
     sparse: SparseBranch | None = None
+    kind: str = "linear"  # linear (qgraph::qlinear) | conv (qgraph::qconv)
+    out_range: str | None = None  # range method of a static quantizer on the output (convs)
     float_weight: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def storage_bits(self) -> int:
@@ -84,7 +87,7 @@ class BoundLayer:
     """A record with the nodes that carry it in the current graph."""
 
     record: QuantizedLayer
-    node: fx.Node  # the qgraph::qlinear node
+    node: fx.Node  # the qgraph::qlinear (or qgraph::qconv) node
     sparse_node: fx.Node | None = None  # its qgraph::sparse_matmul side branch
 
     @property
@@ -120,7 +123,7 @@ class QuantizedLayers:
         for node in model.gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target is QLINEAR and node.args[1].target in by_codes:
+            if node.target in (QLINEAR, QCONV) and node.args[1].target in by_codes:
                 bound = BoundLayer(by_codes[node.args[1].target], node)
                 self.layers.append(bound)
                 self.by_name[bound.name] = bound
@@ -133,13 +136,17 @@ class QuantizedLayers:
     def __iter__(self):
         return iter(self.layers)
 
+    def linear(self) -> list[BoundLayer]:
+        """The quantized linear layers (what the weight solvers re-solve; convs keep RTN)."""
+        return [b for b in self.layers if b.record.kind == "linear"]
+
     def __len__(self) -> int:
         return len(self.layers)
 
     def groups(self) -> list[list[BoundLayer]]:
-        """Layers grouped by their shared input (q/k/v, gate/up), in graph order."""
+        """Linear layers grouped by their shared input (q/k/v, gate/up), in graph order."""
         by_input: dict[fx.Node, list[BoundLayer]] = {}
-        for layer in self.layers:
+        for layer in self.linear():
             by_input.setdefault(layer.node.args[0], []).append(layer)
         return list(by_input.values())
 

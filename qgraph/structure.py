@@ -10,6 +10,7 @@ with the node that makes it unsafe.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from . import ops  # noqa: F401  (torch.ops.qgraph.hadamard is matched below)
 aten = torch.ops.aten
 
 LINEAR = aten.linear.default
+CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 EMBEDDING = aten.embedding.default
 SDPA = aten.scaled_dot_product_attention.default
 LAYER_NORM = aten.layer_norm.default
@@ -119,6 +121,16 @@ def gqa_source(arg: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return node, chain
 
 
+def _expand(value, dims: int, default: int) -> list[int]:
+    """A conv argument (int, list or None) as one int per spatial dim."""
+    if value is None:
+        return [default] * dims
+    if isinstance(value, int):
+        return [value] * dims
+    values = [int(v) for v in value]
+    return values * dims if len(values) == 1 else values
+
+
 def weight_name(target: str) -> str:
     """A readable layer name from a parameter path (``m.model.layers.0.q_proj.weight`` → ``model.layers.0.q_proj``)."""
     name = re.sub(r"\.(weight|bias)$", "", target)
@@ -134,6 +146,8 @@ class Linear:
     out_features: int
     role: str = "other"
     layer: int | None = None
+    kind: str = "linear"  # linear | conv
+    conv: tuple | None = None  # (stride, padding, dilation, groups) of a convolution
 
     @property
     def name(self) -> str:
@@ -196,12 +210,14 @@ class StructureView:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.linears: list[Linear] = []
+        self.convs: list[Linear] = []  # convolutions with constant weights (kind "conv")
         self.norms: list[Norm] = []
         self.embeddings: list[Embedding] = []
         self.attention: list[Attention] = []
         self.issues: list[str] = []
         self._linear_by_node: dict[fx.Node, Linear] = {}
         self._find_linears()
+        self._find_convs()
         self._find_embeddings()
         self._find_norms()
         self._find_attention()
@@ -227,6 +243,37 @@ class StructureView:
             lin.layer = int(m.group(1)) if m else None
             self.linears.append(lin)
             self._linear_by_node[node] = lin
+
+    def _find_convs(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function" or node.target not in CONVS:
+                continue
+            w = node.args[1]
+            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                continue
+            if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+                continue
+            dims = _val(w).dim() - 2
+            extra = list(node.args[3:]) + [None] * (4 - len(node.args[3:]))
+            stride, padding, dilation, groups = (
+                _expand(extra[0], dims, 1),
+                _expand(extra[1], dims, 0),
+                _expand(extra[2], dims, 1),
+                int(extra[3]) if extra[3] is not None else 1,
+            )
+            shape = _val(w).shape
+            conv = Linear(
+                node,
+                w.target,
+                b.target if b is not None else None,
+                int(math.prod(shape[1:])),
+                int(shape[0]),
+                role="conv",
+                kind="conv",
+                conv=(stride, padding, dilation, groups),
+            )
+            self.convs.append(conv)
 
     def _find_embeddings(self) -> None:
         for node in self.gm.graph.nodes:
@@ -471,6 +518,7 @@ class StructureView:
         att = self.attention[0] if self.attention else None
         return {
             "linears": len(self.linears),
+            "convs": len(self.convs),
             "roles": roles,
             "norms": {k: sum(n.kind == k for n in self.norms) for k in ("rms", "layer")},
             "embeddings": [
