@@ -422,7 +422,7 @@ def test_layer_selection(model, options: str, expected: set[str]) -> None:
 
 
 def test_selection_matching_nothing(model) -> None:
-    with pytest.raises(qgraph.PipelineError, match="no unquantized linear layer"):
+    with pytest.raises(qgraph.PipelineError, match="no unquantized linear or conv layer"):
         qgraph.run_pipeline(model, "quantize{layers=nothing_is_called_this}")
 
 
