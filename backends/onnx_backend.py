@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,50 @@ def export_model(
     ``integer_activations`` runs per-token quantized layers as ``MatMulInteger``
     (:mod:`qgraph.backends.onnx_integer`): measured 1.2–1.6× faster prefill but 0.8–0.9× the
     decode speed of the default float path (fake quantization into ``MatMulNBits``)."""
-    return export_onnx(
-        model.gm,
-        model.example_inputs,
-        path,
-        dynamic_shapes=model.dynamic_shapes,
-        input_names=list(model.input_names),
-        output_names=list(model.output_names),
-        metadata=export_metadata(model, pipeline),
-        external_data=external_data,
-        integer_activations=integer_activations,
-    )
+    attempts = [model.dynamic_shapes, *_narrower_dims(model.dynamic_shapes)]
+    for i, dynamic in enumerate(attempts):
+        try:
+            return export_onnx(
+                model.gm,
+                model.example_inputs,
+                path,
+                dynamic_shapes=dynamic,
+                input_names=list(model.input_names),
+                output_names=list(model.output_names),
+                metadata=export_metadata(model, pipeline),
+                external_data=external_data,
+                integer_activations=integer_activations,
+            )
+        except ExportError as exc:
+            if i + 1 == len(attempts) or "torch.onnx.export failed" not in str(exc):
+                raise
+            warnings.warn(
+                f"{model.name}: export with dynamic dims {_dims_text(dynamic)} failed "
+                f"({str(exc).splitlines()[0][:120]}); retrying with {_dims_text(attempts[i + 1])}",
+                stacklevel=2,
+            )
+    raise AssertionError("unreachable")
+
+
+def _narrower_dims(dynamic) -> list:
+    """For a model imported from ONNX (one ``{dim: Dim.AUTO}`` per input): the batch dims only,
+    then none. torch.export can trace some dynamic sizes it cannot export (the width of an SVTR
+    text recognizer, pooled by 3 after a stride of 16), and a file with fixed sizes beats none."""
+    if not (isinstance(dynamic, tuple) and all(isinstance(d, dict) for d in dynamic)):
+        return []
+    out = []
+    batch = tuple({0: d[0]} if 0 in d else {} for d in dynamic)
+    if batch != dynamic:
+        out.append(batch)
+    if any(batch):
+        out.append(tuple({} for _ in dynamic))
+    return out
+
+
+def _dims_text(dynamic) -> str:
+    if not (isinstance(dynamic, tuple) and all(isinstance(d, dict) for d in dynamic)):
+        return str(dynamic)
+    return "; ".join(f"input {i}: dims {sorted(d) or 'none'}" for i, d in enumerate(dynamic))
 
 
 def ort_forward(path: str | os.PathLike, threads: int = 2, exact_matmul: bool = True):

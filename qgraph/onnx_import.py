@@ -311,14 +311,24 @@ def _known_or_tensor(fn_np: Callable, fn_t: Callable, *ins):
         return Known(np.asarray(fn_np(*(x.value for x in ins))))
     tensors = [x for x in ins if isinstance(x, torch.Tensor)]
     like = next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
-    return fn_t(*(_tensor(x, like) for x in ins))
+    args = [_tensor(x, like) for x in ins]
+    if args and not isinstance(args[0], torch.Tensor) and like is not None:
+        # a number may only follow a tensor in aten ops (mul.Tensor(2.0, x) does not export)
+        args[0] = torch.scalar_tensor(args[0], dtype=like.dtype)
+    return fn_t(*args)
 
 
 # -- op implementations: (module, node, inputs, attrs) -> output(s) ------------------------
 
 
-def _binary(np_fn, t_fn):
-    return lambda m, n, ins, a: _known_or_tensor(np_fn, t_fn, ins[0], ins[1])
+def _binary(np_fn, t_fn, commutative: bool = False):
+    def run(m, n, ins, a):
+        first, second = ins
+        if commutative and isinstance(first, Known) and isinstance(second, torch.Tensor):
+            first, second = second, first  # x * 2.0 rather than a constant tensor 2.0 * x
+        return _known_or_tensor(np_fn, t_fn, first, second)
+
+    return run
 
 
 def _unary(t_fn):
@@ -852,9 +862,9 @@ def _pow(m, n, ins, a):
 
 
 OPS: dict[str, Callable[[OnnxModule, onnx.NodeProto, Sequence[Any], dict], Any]] = {
-    "Add": _binary(np.add, torch.add),
+    "Add": _binary(np.add, torch.add, commutative=True),
     "Sub": _binary(np.subtract, torch.sub),
-    "Mul": _binary(np.multiply, torch.mul),
+    "Mul": _binary(np.multiply, torch.mul, commutative=True),
     "Div": _binary(_div, _div_t),
     "Equal": _binary(np.equal, torch.eq),
     "Less": _binary(np.less, torch.lt),
