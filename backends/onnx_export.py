@@ -191,16 +191,65 @@ def _drop_identity_casts(model: ir.Model) -> int:
     return removed
 
 
+def _per_axis_weights_under_qdq(model: ir.Model) -> int:
+    """Give per-axis scales to the blocked per-channel weights of ``MatMul``s whose activation is
+    QDQ-quantized.
+
+    ``qlinear`` stores per-channel scales as identical row blocks (``block_size``) so that ONNX
+    Runtime fuses weight-only layers into ``MatMulNBits``. Behind a static activation quantizer
+    ONNX Runtime instead fuses ``DQ → MatMul ← DQ`` into ``MatMulIntegerToFloat``, which
+    accepts only 1-D per-column scales (a blocked one fails at run time on 3-D inputs). The
+    same weight, with one ``[N]`` scale row and ``axis=1``, is the same function."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "MatMul" or len(node.inputs) != 2:
+            continue
+        act, weight = (v.producer() if v is not None else None for v in node.inputs)
+        if act is None or act.op_type != "DequantizeLinear":
+            continue
+        if weight is None or weight.op_type != "DequantizeLinear":
+            continue
+        if "block_size" not in weight.attributes or len(weight.inputs) < 2:
+            continue
+        parts = [
+            ir.convenience.get_const_tensor(v) if v is not None else None
+            for v in weight.inputs[1:3]
+        ]
+        if any(p is None for p in parts[: len(weight.inputs) - 1]):
+            continue
+        arrays = [p.numpy() for p in parts if p is not None]
+        if any(a.ndim != 2 or not (a == a[:1]).all() for a in arrays):
+            continue  # a real group grid: leave it blocked
+        for index, array in enumerate(arrays, start=1):
+            name = f"{weight.inputs[index].name}_per_axis"
+            while name in model.graph.initializers:
+                name += "_"
+            row = array[0].copy()
+            value = ir.Value(name=name, shape=ir.Shape(row.shape), type=ir.TensorType(
+                ir.DataType.from_numpy(row.dtype) if row.dtype != ml_dtypes.int4 else weight.inputs[index].dtype
+            ))  # fmt: skip
+            value.const_value = ir.Tensor(row, dtype=weight.inputs[index].dtype, name=name)
+            model.graph.register_initializer(value)
+            weight.replace_input_with(index, value)
+        weight.attributes.pop("block_size")
+        weight.attributes["axis"] = ir.AttrInt64("axis", 1)
+        count += 1
+    return count
+
+
 def postprocess(model: ir.Model) -> ir.Model:
     """Make the exported ``onnx_ir`` model final, in place (and return it).
 
     * Folds ``Cast(to=INT4/UINT4)`` of constants into packed 4-bit initializers, so the file
       stores 4-bit weights and ONNX Runtime sees ``DequantizeLinear(int4 const)`` → ``MatMul``,
       which it fuses into ``MatMulNBits``.
+    * Gives per-axis scales to per-channel weights behind QDQ activations
+      (:func:`_per_axis_weights_under_qdq`).
     * Adds the model-local function of every ``qgraph::Hadamard…`` node (idempotent).
     * Removes nodes and initializers that no longer feed an output.
     """
     _fold_int4_casts(model)
+    _per_axis_weights_under_qdq(model)
     add_hadamard_functions(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.RemoveUnusedFunctionsPass()(model)

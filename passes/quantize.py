@@ -74,6 +74,9 @@ SAMPLE_CAP = 1 << 20
 #: Most values handed to ``mse_range`` (100 fake-quantizations each; slow on large inputs).
 MSE_SAMPLE_CAP = 100_000
 RANGES = ("minmax", "percentile", "mse", "klj")
+#: range=klj on an asymmetric spec treats an input whose min is at least -ONE_SIDED·max as
+#: one-sided (post-ReLU/HardSwish): unsigned KL-J on its positive side.
+ONE_SIDED = 0.25
 PER_TOKEN = torch.ops.qgraph.quantize_per_token.default
 
 
@@ -219,6 +222,12 @@ def static_qparams(
         lo, hi = rk.percentile_range(st.sample(), percentile, symmetric)
     elif method == "mse":
         lo, hi = rk.mse_range(st.sample(MSE_SAMPLE_CAP), bits, symmetric)
+    elif method == "klj" and not symmetric and not pow2 and st.lo >= -ONE_SIDED * st.hi:
+        # (nearly) one-sided, e.g. after ReLU/HardSwish: the unsigned search (2^b levels) on
+        # the positive side, the small negative side kept whole
+        sample = st.sample()
+        t = rk.klj_threshold(sample[sample > 0], bits, signed=False)
+        lo, hi = min(st.lo, 0.0), t
     elif method == "klj":
         t = rk.klj_threshold(st.sample(), bits, signed=True, power_of_two=pow2)
         lo, hi = -t, t
