@@ -203,6 +203,18 @@ class OnnxModule(torch.nn.Module):
         for name in self._matmul_weights(arrays):  # stored as F.linear's [out, in] weight
             wt = torch.from_numpy(np.ascontiguousarray(arrays[name].T))
             self._constants[("T", name)] = self._buffer(name, wt, used_names)
+        # MatMul(x, Transpose(W)) with a constant W (a tied embedding) is F.linear(x, W) on W
+        # itself, so the structure view sees the tie
+        self._transposed: dict[str, str] = {}
+        for node, attrs in zip(self.nodes, self.node_attrs, strict=True):
+            source = node.input[0] if node.input else ""
+            if (
+                node.op_type == "Transpose"
+                and source in arrays
+                and arrays[source].ndim == 2
+                and list(attrs.get("perm", [1, 0])) == [1, 0]
+            ):
+                self._transposed[node.output[0]] = source
         readers: dict[str, set[str]] = {}
         for node in self.nodes:
             for name in node.input:
@@ -280,7 +292,11 @@ class OnnxModule(torch.nn.Module):
         return value
 
     def linear_weight(self, name: str) -> torch.Tensor | None:
-        """The pre-transposed ``[out, in]`` copy of a constant MatMul weight, if there is one."""
+        """The ``[out, in]`` weight of a MatMul by a constant: a pre-transposed copy, or the
+        constant itself when the graph transposes it first; None otherwise."""
+        if name in self._transposed:
+            attr = self._constants.get(self._transposed[name])
+            return getattr(self, attr) if isinstance(attr, str) else None
         attr = self._constants.get(("T", name))
         return getattr(self, attr) if attr else None
 
@@ -335,11 +351,12 @@ def _unary(t_fn):
     return lambda m, n, ins, a: t_fn(_tensor(ins[0]))
 
 
-def _ints(value) -> list[int]:
+def _ints(value) -> list:
+    """Integers of a shape-like value; symbolic sizes stay symbolic (``int()`` would fix them)."""
     if value is None:
         return []
     if isinstance(value, Known):
-        return [int(v) for v in value.tolist()]
+        return [v if isinstance(v, torch.SymInt) else int(v) for v in value.tolist()]
     if isinstance(value, torch.Tensor):
         return [int(v) for v in value.reshape(-1).tolist()]
     return [int(v) for v in value]
@@ -671,7 +688,8 @@ def _scalar(value):
     if value is None:
         return None
     if isinstance(value, Known):
-        return value.value.reshape(-1)[0].item()
+        first = value.value.reshape(-1)[0]
+        return first.item() if isinstance(first, np.generic) else first  # a SymInt stays one
     return float(value.reshape(-1)[0]) if value.numel() == 1 else value
 
 
@@ -799,7 +817,8 @@ def _dropout(m, n, ins, a):
 
 def _range(m, n, ins, a):
     start, limit, delta = (_scalar(v) for v in ins)
-    if all(isinstance(v, Known) for v in ins):
+    symbolic = any(isinstance(v, torch.SymInt) for v in (start, limit, delta))
+    if all(isinstance(v, Known) for v in ins) and not symbolic:
         return Known(np.arange(start, limit, delta))
     return torch.arange(start, limit, delta)
 
@@ -861,6 +880,37 @@ def _pow(m, n, ins, a):
     return torch.pow(base, e)
 
 
+def _gather_nd(m, n, ins, a):
+    data, idx = _tensor(ins[0]), _tensor(ins[1]).long()
+    if a.get("batch_dims", 0):
+        raise TraceError(f"GatherND {n.name!r}: batch_dims > 0 is not supported")
+    depth = idx.shape[-1]
+    return data[tuple(idx[..., i] for i in range(depth))]
+
+
+def _cumsum(m, n, ins, a):
+    x, axis = _tensor(ins[0]), int(_scalar(ins[1]))
+    if a.get("exclusive", 0) or a.get("reverse", 0):
+        raise TraceError(f"CumSum {n.name!r}: exclusive/reverse are not supported")
+    return torch.cumsum(x, dim=axis)
+
+
+def _embedding_or_gather(m, n, ins, a):
+    """Gather rows of a constant 2-D table by integer ids: an embedding lookup, traced as
+    ``aten.embedding`` so that the structure view sees the model's embeddings."""
+    data, idx = ins
+    if (
+        a.get("axis", 0) == 0
+        and isinstance(data, torch.Tensor)
+        and data.dim() == 2
+        and data.is_floating_point()
+        and isinstance(idx, torch.Tensor)
+        and not idx.is_floating_point()
+    ):
+        return F.embedding(idx, data)
+    return _gather(m, n, ins, a)
+
+
 OPS: dict[str, Callable[[OnnxModule, onnx.NodeProto, Sequence[Any], dict], Any]] = {
     "Add": _binary(np.add, torch.add, commutative=True),
     "Sub": _binary(np.subtract, torch.sub),
@@ -903,7 +953,12 @@ OPS: dict[str, Callable[[OnnxModule, onnx.NodeProto, Sequence[Any], dict], Any]]
     "Identity": _identity,
     "Dropout": _dropout,
     "Shape": _shape,
-    "Gather": _gather,
+    "Gather": _embedding_or_gather,
+    "GatherND": _gather_nd,
+    "CumSum": _cumsum,
+    "IsNaN": _unary(torch.isnan),
+    "LessOrEqual": _binary(np.less_equal, torch.le),
+    "GreaterOrEqual": _binary(np.greater_equal, torch.ge),
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Concat": _concat,
@@ -947,7 +1002,8 @@ def example_inputs(
     specs: Sequence[InputSpec], given: Sequence[torch.Tensor] | None, where: str
 ) -> tuple[torch.Tensor, ...]:
     """Example inputs for tracing: ``given`` (checked against the declared shapes) or, where every
-    dim but a leading batch dim is fixed, seeded normal values with batch 1."""
+    dim but a leading batch dim is fixed, seeded normal values with batch 1; integer inputs
+    (token ids) take 16 for every other dynamic dim."""
     if given is not None:
         if len(given) != len(specs):
             raise TraceError(
@@ -968,6 +1024,8 @@ def example_inputs(
         dims = list(spec.shape)
         if dims and not isinstance(dims[0], int):
             dims[0] = 1
+        if not spec.dtype.is_floating_point:  # token ids: any length traces the same graph
+            dims = [d if isinstance(d, int) else 16 for d in dims]
         if any(not isinstance(d, int) for d in dims):
             raise TraceError(
                 f"{where}: input {spec.name!r} has dynamic dims {list(spec.shape)}; give example "

@@ -290,7 +290,13 @@ class StructureView:
                 continue
             norm = None
             if node.target is aten.rsqrt.default:
-                norm = self._match_rms(node)
+                norm = self._match_rms(node, node.args[0])
+            elif (
+                node.target is aten.reciprocal.default
+                and _is(node.args[0], aten.sqrt.default)
+                and len(users(node.args[0])) == 1
+            ):  # 1 / sqrt(·), as ONNX files spell rsqrt
+                norm = self._match_rms(node, node.args[0].args[0], node.args[0])
             elif node.target is LAYER_NORM:
                 w, b = (list(node.args) + [None, None, None])[2:4]
                 eps = node.args[4] if len(node.args) > 4 else 1e-5
@@ -305,8 +311,8 @@ class StructureView:
                 self._collect_readers(norm)
                 self.norms.append(norm)
 
-    def _match_rms(self, rsqrt: fx.Node) -> Norm | None:
-        add = rsqrt.args[0]
+    def _match_rms(self, rsqrt: fx.Node, add: fx.Node, sqrt: fx.Node | None = None) -> Norm | None:
+        """``x * rsqrt(mean(x², -1) + eps)`` (``rsqrt`` may be ``reciprocal(sqrt(·))``)."""
         if not _is(add, aten.add.Tensor) or not isinstance(add.args[1], (int, float)):
             return None
         mean = add.args[0]
@@ -322,7 +328,7 @@ class StructureView:
         normed = next((u for u in users(rsqrt) if _is(u, aten.mul.Tensor) and x in u.args), None)
         if normed is None or len(users(rsqrt)) != 1:
             return None
-        nodes = [sq, mean, add, rsqrt, normed]
+        nodes = [sq, mean, add, *([sqrt] if sqrt is not None else []), rsqrt, normed]
         out = normed
         while len(users(out)) == 1 and _is(users(out)[0], *_CASTS):
             out = users(out)[0]

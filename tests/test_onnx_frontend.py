@@ -310,3 +310,43 @@ def test_cli_runs_an_onnx_model_with_npz_inputs(cnn_onnx, tmp_path):
     assert 20 < torch_err["sqnr_db"] < 100 and abs(ort_err["sqnr_db"] - torch_err["sqnr_db"]) < 2
     assert _integer_convs(report["export"]["ort_optimized_ops"]) == 3
     assert "scores" in proc.stdout and "SQNR" in proc.stdout
+
+
+# -- a language model given as ONNX ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    """A tiny Llama traced from torch, and the same network read back from qgraph's own float
+    ONNX export (dynamic batch and sequence)."""
+    from helpers import tiny_llama
+
+    hf = tiny_llama()
+    path = tmp_path_factory.mktemp("llm") / "llama.onnx"
+    export_model(qgraph.from_hf(hf), path)
+    return hf, path
+
+
+def test_llm_from_onnx_is_the_same_network(llama_pair):
+    hf, path = llama_pair
+    via_onnx = qgraph.load(path)
+    ids = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(via_onnx(ids), qgraph.from_hf(hf)(ids), rtol=1e-5, atol=1e-5)
+    summary = via_onnx.structure.summary()
+    # RMSNorm spelled Pow/ReduceMean/Sqrt/Reciprocal, the tied lm_head as MatMul(Transpose(E))
+    assert summary["norms"]["rms"] == 5 and summary["residual_norms"] == 5
+    assert summary["embeddings"][0]["tied"] and not summary["issues"]
+
+
+def test_llm_from_onnx_rotates_and_quantizes_like_the_torch_route(llama_pair):
+    hf, path = llama_pair
+    pipeline = "fuse-norms,rotate{seed=0,r2=false},quantize{w=int4:channel}"
+    via_torch, via_onnx = qgraph.from_hf(hf), qgraph.load(path)
+    for m in (via_torch, via_onnx):
+        qgraph.run_pipeline(m, pipeline, verify_each=True)  # rotate checked exact on each
+    a, b = list(via_torch.quantized), list(via_onnx.quantized)
+    assert len(a) == len(b) == 14
+    for la, lb in zip(a, b, strict=True):
+        assert torch.equal(la.stored(via_torch.gm)[0], lb.stored(via_onnx.gm)[0]), la.name
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(via_onnx(ids), via_torch(ids), rtol=1e-4, atol=1e-4)
