@@ -44,8 +44,11 @@ RANGES = (
 )
 
 
-def pipeline(range_opts: str) -> str:
-    return f"fuse-norms,quantize{{w=int8:channel,a=int8:tensor,{range_opts},exclude=none}}"
+def pipeline(range_opts: str, images: int) -> str:
+    return (
+        f"fuse-norms,quantize{{w=int8:channel,a=int8:tensor,{range_opts},exclude=none,"
+        f"calib-batches={images}}}"
+    )
 
 
 def session(path, threads: int = 2) -> ort.InferenceSession:
@@ -110,10 +113,10 @@ def qgraph_row(task: Task, range_opts: str, n_calib: int, export_to: Path | None
     t = time.perf_counter()
     model = qgraph.from_onnx(task.path, (torch.from_numpy(task.calib_x[:1].copy()),))
     model.set_calibration(torch.from_numpy(task.calib_x[:n_calib].copy()))
-    qgraph.run_pipeline(model, pipeline(range_opts))
+    qgraph.run_pipeline(model, pipeline(range_opts, n_calib))
     rewrite = time.perf_counter() - t
     out = in_chunks(lambda x: model(torch.from_numpy(x.copy())).numpy(), task.eval_x)
-    row = {"pipeline": pipeline(range_opts), "calib_images": n_calib, "rewrite_s": rewrite}
+    row = {"pipeline": pipeline(range_opts, n_calib), "calib_images": n_calib, "rewrite_s": rewrite}
     row.update(task.score(out))
     if export_to is not None:
         path = export_model(model, export_to)

@@ -304,6 +304,8 @@ def test_cli_runs_an_onnx_model_with_npz_inputs(cnn_onnx, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(report_path.read_text())
     assert report["calibration_samples"] == 6 and report["eval_samples"] == 3
+    quantize = next(p for p in report["passes"] if p["name"] == "quantize")
+    assert quantize["options"]["calib-batches"] == 6  # every calibration sample is used
     assert report["import_error"]["scores"]["sqnr_db"] > 100  # the import is exact
     torch_err = report["output_error"]["scores"]
     ort_err = report["export"]["output_error"]["scores"]
