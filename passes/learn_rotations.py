@@ -172,7 +172,10 @@ class LearnRotations(Pass):
         start = time.perf_counter()
         gm, sv = model.gm, model.structure
         hidden = int(sv.residual.hidden)
-        attention = [a for a in sv.attention if self.opt("r2") and r2_possible(a)]
+        # a fused q/k/v projection's V rows are rotated by `rotate`, not learned here
+        attention = [
+            a for a in sv.attention if self.opt("r2") and r2_possible(a) and a.v_rows is None
+        ]
         plans = _plan(gm, sv, attention, self.selector)
         u = torch.eye(hidden, requires_grad=True)
         vs = [torch.eye(a.head_dim, requires_grad=True) for a in attention]

@@ -232,21 +232,19 @@ def rotate_heads(gm, att, rot: Rotation) -> None:
     behind an online rotation holds ``W_o Q_online``; its un-rotated weight is rotated instead."""
     hd = att.head_dim
     v = att.v
-    w = get_tensor(gm, v.weight)  # [kv*hd, d]
+    start, stop = att.v_rows or (0, v.out_features)  # a fused q/k/v projection: its V rows
+    full = get_tensor(gm, v.weight)  # [.., d]
+    w = full[start:stop]  # [kv*hd, d]
     per_head = w.reshape(-1, hd, w.shape[1])  # [kv, hd, d]
     rotated = rot.right(per_head.transpose(1, 2)).transpose(1, 2)  # Q_hᵀ W_h for every head
-    set_arg_tensor(
-        gm, v.node, 1, rotated.reshape(w.shape).contiguous().to(w.dtype), v.name + ".weight"
-    )
+    new_w = full.clone()
+    new_w[start:stop] = rotated.reshape(w.shape).to(w.dtype)
+    set_arg_tensor(gm, v.node, 1, new_w, v.name + ".weight")
     if v.bias:
-        b = get_tensor(gm, v.bias)
-        set_arg_tensor(
-            gm,
-            v.node,
-            2,
-            rot.right(b.reshape(-1, hd)).reshape(b.shape).to(b.dtype),
-            v.name + ".bias",
-        )
+        full_b = get_tensor(gm, v.bias)
+        new_b = full_b.clone()
+        new_b[start:stop] = rot.right(full_b[start:stop].reshape(-1, hd)).reshape(-1)
+        set_arg_tensor(gm, v.node, 2, new_b, v.name + ".bias")
     o = att.o
     stored = get_tensor(gm, o.weight)
     online = online_rotation.find(o.node, gm)

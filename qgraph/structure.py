@@ -66,6 +66,48 @@ _IGNORED = {aten._assert_tensor_metadata.default}
 _ONLINE = {torch.ops.qgraph.hadamard.default, aten.constant_pad_nd.default}
 
 
+def _split_readers(node: fx.Node) -> list[fx.Node]:
+    """The readers of ``node``, looking through a ``split`` to its ``getitem``s."""
+    out = []
+    for u in users(node):
+        if _is(u, aten.split.Tensor, aten.split_with_sizes.default):
+            out.extend(users(u))
+        else:
+            out.append(u)
+    return out
+
+
+def _last_dim_part(node: fx.Node) -> tuple[tuple[int, int], fx.Node] | None:
+    """``((start, stop), source)`` when ``node`` is a contiguous part of ``source``'s last dim:
+    ``getitem(split(source, sizes, -1), i)`` or ``slice(source, -1, start, stop)``."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        split = node.args[0]
+        if not _is(split, aten.split.Tensor, aten.split_with_sizes.default):
+            return None
+        source, sizes = split.args[0], split.args[1]
+        dim = split.args[2] if len(split.args) > 2 else 0
+        size = last_dim(source)
+        if size is None or dim not in (-1, _rank(source) - 1):
+            return None
+        if isinstance(sizes, int):
+            sizes = [min(sizes, size - k) for k in range(0, size, sizes)]
+        start = sum(sizes[: node.args[1]])
+        return (start, start + sizes[node.args[1]]), source
+    if _is(node, aten.slice.Tensor):
+        source = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else 0
+        size = last_dim(source)
+        if size is None or dim not in (-1, _rank(source) - 1):
+            return None
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        stop = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+        step = node.args[4] if len(node.args) > 4 else 1
+        if not (isinstance(start, int) and isinstance(stop, int)) or step != 1:
+            return None
+        return (max(start, 0), min(stop, size)), source
+    return None
+
+
 def _val(node: fx.Node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -191,6 +233,7 @@ class Attention:
     head_dim: int
     v_path_ok: bool
     reason: str = ""
+    v_rows: tuple[int, int] | None = None  # rows of a fused q/k/v projection that make V
 
 
 @dataclass
@@ -358,9 +401,10 @@ class StructureView:
                 continue
             q_val, k_val, v_val = (_val(a) for a in node.args[:3])
             num_heads, head_dim = int(q_val.shape[1]), int(v_val.shape[-1])
-            v_lin, v_ok, reason = self._trace_back_linear(node.args[2], head_dim)
+            v_lin, v_ok, reason, v_rows = self._trace_back_linear(node.args[2], head_dim)
             o_lin, o_ok, o_reason = self._trace_forward_linear(node, head_dim)
-            num_kv = v_lin.out_features // head_dim if v_lin else int(k_val.shape[1])
+            v_size = (v_rows[1] - v_rows[0]) if v_rows else (v_lin.out_features if v_lin else 0)
+            num_kv = v_size // head_dim if v_lin else int(k_val.shape[1])
             att = Attention(
                 node,
                 None,
@@ -372,8 +416,9 @@ class StructureView:
                 head_dim,
                 v_ok and o_ok,
                 reason or o_reason,
+                v_rows,
             )
-            if v_lin is not None:
+            if v_lin is not None and v_rows is None:
                 for lin in self.linears:
                     if lin is v_lin or lin.node.args[0] is not v_lin.node.args[0]:
                         continue
@@ -383,20 +428,36 @@ class StructureView:
                         att.k = lin
             self.attention.append(att)
 
-    def _trace_back_linear(self, node: fx.Node, head_dim: int) -> tuple[Linear | None, bool, str]:
+    def _trace_back_linear(
+        self, node: fx.Node, head_dim: int
+    ) -> tuple[Linear | None, bool, str, tuple[int, int] | None]:
+        """The linear layer that computes V, whether R2 can rotate it, why not, and the rows of
+        its output that are V when it is a fused q/k/v projection (split or sliced on the last
+        dim: GPT-2's ``c_attn``, Phi-3's ``qkv_proj``)."""
         cur = node
+        rows: tuple[int, int] | None = None
         while isinstance(cur, fx.Node) and cur not in self._linear_by_node:
+            part = _last_dim_part(cur)
+            if part is not None:
+                if rows is not None:
+                    return None, False, f"value path is sliced twice (at {cur.name})", None
+                rows, cur = part
+                continue
             if not _is(cur, *_HEAD_OPS):
-                return None, False, f"value path passes through {cur.name} ({_target(cur)})"
+                return None, False, f"value path passes through {cur.name} ({_target(cur)})", None
             if last_dim(cur) not in (head_dim, None) and cur.target not in _SHAPE_OPS:
-                return None, False, f"value path changes the head dim at {cur.name}"
+                return None, False, f"value path changes the head dim at {cur.name}", None
             cur = cur.args[0]
         lin = self._linear_by_node.get(cur)
         if lin is None:
-            return None, False, "no v projection found"
-        if len(users(lin.node)) != 1:
-            return lin, False, f"{lin.name} output has other readers"
-        return lin, True, ""
+            return None, False, "no v projection found", None
+        if rows is None and len(users(lin.node)) != 1:
+            return lin, False, f"{lin.name} output has other readers", None
+        if rows is not None and ((rows[1] - rows[0]) % head_dim or rows[0] % head_dim):
+            return lin, False, f"{lin.name}: the value rows are not whole heads", None
+        if rows is not None and not all(_last_dim_part(u) for u in _split_readers(lin.node)):
+            return lin, False, f"{lin.name} output has readers besides its q/k/v parts", None
+        return lin, True, "", rows
 
     def _trace_forward_linear(
         self, node: fx.Node, head_dim: int
@@ -489,7 +550,7 @@ class StructureView:
             for role, lin in (
                 ("attn_q", att.q),
                 ("attn_k", att.k),
-                ("attn_v", att.v),
+                ("attn_v" if att.v_rows is None else "attn_qkv", att.v),
                 ("attn_o", att.o),
             ):
                 if lin is not None:

@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 from .errors import TraceError
-from .graph_edits import finish
+from .graph_edits import finish, get_tensor, set_tensor
 
 
 class CausalLMLogits(torch.nn.Module):
@@ -50,8 +50,47 @@ def trace(
             m.training = training
     gm = program.module()
     drop_guards(gm)
+    addmm_to_linear(gm)
     finish(gm)  # drop constants nothing reads (e.g. the tied copy of an embedding)
     return gm
+
+
+def addmm_to_linear(gm: fx.GraphModule) -> int:
+    """Rewrite ``view(addmm(b, view(x, [-1, in]), W), [..., out])`` with a constant ``W [in, out]``
+    (GPT-2's ``Conv1D``) into ``linear(x, Wᵀ, b)``, so the structure view sees a linear layer.
+    The weight attribute is rebound to its transposed copy (the user's tensor is untouched);
+    linear on a 2-D view is the same addmm. Returns how many were rewritten."""
+    rewritten = 0
+    aten = torch.ops.aten
+    views = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs:
+            continue
+        bias, flat, weight = node.args[:3]
+        if not all(isinstance(a, fx.Node) for a in (bias, flat, weight)):
+            continue
+        if bias.op != "get_attr" or weight.op != "get_attr" or len(weight.users) != 1:
+            continue
+        if flat.target not in views or len(node.users) != 1:
+            continue
+        out = next(iter(node.users))
+        if out.target not in views:
+            continue
+        x = flat.args[0]
+        w = get_tensor(gm, weight.target)
+        if w.dim() != 2 or x.meta["val"].shape[-1] != w.shape[0]:
+            continue
+        set_tensor(gm, weight.target, w.T.contiguous())
+        weight.meta["val"] = get_tensor(gm, weight.target)
+        with gm.graph.inserting_before(out):
+            lin = gm.graph.call_function(aten.linear.default, (x, weight, bias))
+        lin.meta["val"] = out.meta.get("val")
+        out.replace_all_uses_with(lin)
+        rewritten += 1
+    if rewritten:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return rewritten
 
 
 def drop_guards(gm: fx.GraphModule) -> None:
