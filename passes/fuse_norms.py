@@ -28,7 +28,7 @@ def _linear_bias(gm: fx.GraphModule, lin: Linear) -> torch.Tensor | None:
 
 def fold_affine(gm: fx.GraphModule, norm: Norm) -> None:
     """Fold γ (and β) of ``norm`` into its readers and drop them from the norm."""
-    gamma = get_tensor(gm, norm.gamma).double() if norm.gamma else None
+    gamma = get_tensor(gm, norm.gamma).double() + norm.gamma_offset if norm.gamma else None
     beta = get_tensor(gm, norm.beta).double() if norm.beta else None
     for lin in norm.readers:
         w = get_tensor(gm, lin.weight)
@@ -45,8 +45,8 @@ def fold_affine(gm: fx.GraphModule, norm: Norm) -> None:
         set_arg_tensor(gm, lin.node, 1, new_w.to(w.dtype), lin.name + ".weight")
     if norm.kind == "rms" and norm.gamma_node is not None:
         node = norm.gamma_node
-        other = node.args[1] if node.args[0].op == "get_attr" else node.args[0]
-        bypass(node, other)
+        normed = norm.nodes[norm.nodes.index(node) - 1]  # x̂ (or its cast) before the scale
+        bypass(node, node.args[0] if node.args[0] is normed else node.args[1])
     elif norm.output.target in (aten.layer_norm.default, aten.rms_norm.default):
         args = list(norm.output.args)
         args[2] = None

@@ -32,6 +32,7 @@ RMS_NORM = aten.rms_norm.default
 # Ops that pass a tensor through without mixing its last (feature) dimension.
 _CASTS = {
     aten.to.dtype,
+    aten.type_as.default,  # type_as(x, ref): x is the data, ref only gives the dtype
     aten.to.dtype_layout,
     aten.alias.default,
     aten.clone.default,
@@ -126,6 +127,9 @@ def is_feature_transparent(node: fx.Node) -> bool:
         return False
     if node.target in _CASTS:
         return True
+    if node.target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor) and len(node.args) == 2:
+        # times a constant scalar (Gemma's embedding scale √d): commutes with every rotation
+        return _is_constant_scalar(node.args[1])  # the data path stays args[0]
     if node.target in _SHAPE_OPS:
         src = node.args[0]
         if not isinstance(src, fx.Node) or last_dim(src) is None:
@@ -138,6 +142,31 @@ def is_feature_transparent(node: fx.Node) -> bool:
             return dim % rank != rank - 1
         return True
     return False
+
+
+def _scale_vector(value) -> tuple[str, float] | None:
+    """``(γ target, offset)`` when ``value`` is a constant vector γ, or ``γ + c`` (possibly cast):
+    the scale an RMSNorm multiplies by."""
+    offset = 0.0
+    if _is(value, aten.add.Tensor) and isinstance(value.args[1], (int, float)):
+        offset, value = float(value.args[1]), value.args[0]
+    while isinstance(value, fx.Node) and value.op == "call_function" and value.target in _CASTS:
+        value = value.args[0]
+    if isinstance(value, fx.Node) and value.op == "get_attr" and _val(value).dim() == 1:
+        return value.target, offset
+    return None
+
+
+def _is_constant_scalar(value) -> bool:
+    """A Python number, or a 0-d constant tensor (possibly cast)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    while isinstance(value, fx.Node) and value.op == "call_function" and value.target in _CASTS:
+        value = value.args[0]
+    if not isinstance(value, fx.Node) or value.op != "get_attr":
+        return False
+    val = _val(value)
+    return isinstance(val, torch.Tensor) and val.dim() == 0
 
 
 def users(node: fx.Node) -> list[fx.Node]:
@@ -208,6 +237,7 @@ class Norm:
     nodes: list[fx.Node] = field(default_factory=list)
     readers: list[Linear] = field(default_factory=list)
     other_readers: list[fx.Node] = field(default_factory=list)
+    gamma_offset: float = 0.0  # the scale is γ + offset (Gemma's ``x̂ · (1 + γ)``)
 
     @property
     def name(self) -> str:
@@ -378,14 +408,21 @@ class StructureView:
             nodes.append(out)
         gamma_node = None
         gamma = None
+        offset = 0.0
         if len(users(out)) == 1 and _is(users(out)[0], aten.mul.Tensor):
             cand = users(out)[0]
             other = cand.args[0] if cand.args[1] is out else cand.args[1]
-            if isinstance(other, fx.Node) and other.op == "get_attr" and _val(other).dim() == 1:
-                gamma_node, gamma = cand, other.target
+            found = _scale_vector(other)
+            if found is not None:
+                (gamma, offset), gamma_node = found, cand
                 nodes.append(cand)
                 out = cand
-        return Norm("rms", x, out, gamma, None, float(add.args[1]), gamma_node, nodes)
+                while len(users(out)) == 1 and _is(users(out)[0], *_CASTS):
+                    out = users(out)[0]
+                    nodes.append(out)
+        norm = Norm("rms", x, out, gamma, None, float(add.args[1]), gamma_node, nodes)
+        norm.gamma_offset = offset
+        return norm
 
     def _collect_readers(self, norm: Norm) -> None:
         for reader, via in _forward_through(norm.output, is_feature_transparent):
@@ -506,6 +543,8 @@ class StructureView:
             for u in users(val):
                 if u in values:
                     continue
+                if _is(u, aten.type_as.default) and u.args[0] is not val:
+                    continue  # reads only the dtype of the stream
                 if is_feature_transparent(u):
                     values.add(u)
                     frontier.append(u)
@@ -521,11 +560,19 @@ class StructureView:
                         values.add(u)
                         frontier.append(u)
                     else:
-                        blame = "a norm" if src in norm_nodes else f"{_target(src)}"
-                        issues.append(
-                            f"residual add {u.name} adds {src.name} ({blame}), not a linear layer's "
-                            "output: a rotation of the stream would not be undone there"
-                        )
+                        if src in norm_nodes:
+                            issues.append(
+                                f"residual add {u.name} adds the output of norm "
+                                f"{norm_nodes[src].name}, a norm after the layer (a sandwich "
+                                "norm, as in Gemma 2/3): its scale acts on the layer's output "
+                                "features, so a rotation of the stream cannot be undone there"
+                            )
+                        else:
+                            issues.append(
+                                f"residual add {u.name} adds {src.name} ({_target(src)}), not a "
+                                "linear layer's output: a rotation of the stream would not be "
+                                "undone there"
+                            )
                         values.add(u)
                         frontier.append(u)
                 elif u in norm_nodes and norm_nodes[u].input is val:
