@@ -54,16 +54,18 @@ _INT4_TYPES: dict[ir.DataType, tuple[Any, int, int]] = {
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's log lines (e.g. 'torchvision is not installed') and its
     deprecation warnings for the duration of one export; user warnings still pass."""
-    logger = logging.getLogger("torch.onnx")
-    old_level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    old_levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        logger.setLevel(old_level)
+        for logger, level in zip(loggers, old_levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,25 @@ def _linear_bias(gm: fx.GraphModule, lin: Linear) -> torch.Tensor | None:
     return get_tensor(gm, lin.bias) if lin.bias else None
 
 
+def _adds_to_a_layer_output(sv, node: fx.Node) -> bool:
+    """Whether ``node`` is an add with a linear layer's output: a residual add fed by a norm's
+    output, which makes the norm post-LN."""
+    if node.target is not aten.add.Tensor:
+        return False
+    linears = {lin.node for lin in sv.linears}
+    for arg in node.args:
+        while isinstance(arg, fx.Node) and arg not in linears and arg.op == "call_function":
+            if not arg.args or not isinstance(arg.args[0], fx.Node):
+                break
+            if arg.target not in (aten.view.default, aten.reshape.default, aten.to.dtype,
+                                  aten.dropout.default, aten.clone.default):  # fmt: skip
+                break
+            arg = arg.args[0]
+        if arg in linears:
+            return True
+    return False
+
+
 def fold_affine(gm: fx.GraphModule, norm: Norm) -> None:
     """Fold γ (and β) of ``norm`` into its readers and drop them from the norm."""
     gamma = get_tensor(gm, norm.gamma).double() + norm.gamma_offset if norm.gamma else None
@@ -162,7 +181,16 @@ class FuseNorms(Pass):
         for norm in sv.norms:
             if norm.other_readers:
                 names = ", ".join(n.name for n in norm.other_readers[:3])
-                skipped.append(f"{norm.name}: its output feeds {names}, not only linear layers")
+                post_ln = any(_adds_to_a_layer_output(sv, u) for u in norm.other_readers)
+                why = (
+                    " (post-LN: the norm's output is the residual stream itself, as in BERT; "
+                    "such models take quantization without rotation)"
+                    if post_ln
+                    else ""
+                )
+                skipped.append(
+                    f"{norm.name}: its output feeds {names}, not only linear layers{why}"
+                )
                 continue
             if norm.gamma or norm.beta:
                 fold_affine(gm, norm)

@@ -215,6 +215,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"    {op:<40} {n}")
     if info.get("structure"):
         print("  structure:", json.dumps(info["structure"]))
+    if info.get("import"):
+        print(f"  passes: {info['import']}")
+    for name, cap in (info.get("passes") or {}).items():
+        for item in cap["can"]:
+            print(f"  {name}: can {item}")
+        for item in cap["cannot"]:
+            print(f"  {name}: cannot {item}")
     return 0
 
 

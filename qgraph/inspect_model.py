@@ -81,7 +81,18 @@ def inspect_model(spec: str) -> dict[str, Any]:
     if str(spec).endswith(".onnx"):
         if not Path(spec).is_file():
             raise ModelFileError(f"ONNX file {spec} does not exist")
-        return inspect_onnx(spec)
+        info = inspect_onnx(spec)
+        if not any(k.startswith("qgraph::") for k in info["ops"]):  # a file qgraph can read
+            from .api import from_onnx
+            from .errors import QGraphError
+
+            try:
+                model = from_onnx(spec)
+                info["structure"] = model.structure.summary()
+                info["passes"] = capabilities(model)
+            except QGraphError as exc:
+                info["import"] = f"not importable: {str(exc).splitlines()[0]}"
+        return info
     from .api import load
 
     model = load(spec)
@@ -100,4 +111,76 @@ def inspect_model(spec: str) -> dict[str, Any]:
         "volume_mb": acc["volume_mb"],
         "bits_per_param": acc["volume_bits"] / max(1, acc["params"]),
         "structure": model.structure.summary(),
+        "passes": capabilities(model),
     }
+
+
+def capabilities(model) -> dict[str, dict[str, Any]]:
+    """What each main pass can and cannot do to ``model``, from its structure (nothing runs):
+    ``{pass: {"can": [...], "cannot": [...]}}``, each item one sentence naming the layers."""
+    from .kernels.hadamard import hadamard_factorization
+
+    sv = model.structure
+    res = sv.residual
+    out: dict[str, dict[str, Any]] = {}
+    foldable = [n for n in sv.norms if (n.gamma or n.beta) and not n.other_readers]
+    blocked = [n for n in sv.norms if (n.gamma or n.beta) and n.other_readers]
+    stream_ln = [n for n in res.norms if n.kind == "layer"]
+    fuse: dict[str, list[str]] = {"can": [], "cannot": []}
+    if foldable:
+        fuse["can"].append(f"fold the scale of {len(foldable)} norm(s) into the layers they feed")
+    if sv.convs:
+        fuse["can"].append("fold BatchNorm that follows a convolution into it")
+    fuse["cannot"] += [
+        f"fold {n.name}: its output feeds {n.other_readers[0].name}, not only linear layers"
+        for n in blocked[:5]
+    ]
+    if stream_ln:
+        if res.issues or any(n.other_readers for n in stream_ln):
+            fuse["cannot"].append(
+                f"turn the stream's {len(stream_ln)} LayerNorm(s) into RMSNorm (needed by rotate)"
+            )
+        else:
+            fuse["can"].append(f"turn the stream's {len(stream_ln)} LayerNorm(s) into RMSNorm")
+    out["fuse-norms"] = fuse
+    rot: dict[str, list[str]] = {"can": [], "cannot": []}
+    r1_problems = list(res.issues)
+    if not res.embeddings:
+        r1_problems.append("no embedding feeds a residual stream")
+    r1_problems += [
+        f"norm {n.name} output feeds {n.other_readers[0].name}, not a linear layer"
+        for n in res.norms
+        if n.other_readers
+    ]
+    if r1_problems:
+        rot["cannot"] += [f"R1: {p}" for p in r1_problems[:5]]
+    else:
+        rot["can"].append(f"R1 on the residual stream (hidden {res.hidden})")
+    ok = [a for a in sv.attention if a.v_path_ok and a.v is not None and a.o is not None]
+    if ok:
+        fused = " (V rows of a fused q/k/v projection)" if ok[0].v_rows else ""
+        rot["can"].append(f"R2 on {len(ok)} attention layer(s){fused}")
+    rot["cannot"] += [f"R2 at {a.node.name}: {a.reason}" for a in sv.attention if a not in ok][:5]
+    if not sv.attention and sv.linears:
+        rot["cannot"].append(
+            "R2/R3: no scaled_dot_product_attention in the graph (attention written as "
+            "MatMul/Softmax, e.g. from an ONNX file, is not matched)"
+        )
+    if sv.attention:
+        hd = sv.attention[0].head_dim
+        known = hadamard_factorization(hd) is not None
+        (rot["can"] if known else rot["cannot"]).append(f"online R3 (head size {hd})")
+    out["rotate"] = rot
+    linears = [lin for lin in sv.linears if lin.role != "lm_head"]
+    quant = {"can": [f"quantize {len(linears)} linear layer(s) (+ lm_head on request)"]}
+    if sv.convs:
+        quant["can"].append(
+            f"quantize {len(sv.convs)} convolution(s): :channel/:tensor weights, static or no "
+            "activation quantization"
+        )
+    out["quantize"] = {**quant, "cannot": []}
+    out["gptq"] = {
+        "can": [f"re-solve {len(linears)} linear layer(s)"],
+        "cannot": ["re-solve convolutions (they keep round-to-nearest codes)"] if sv.convs else [],
+    }
+    return out

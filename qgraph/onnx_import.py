@@ -911,6 +911,50 @@ def _embedding_or_gather(m, n, ins, a):
     return _gather(m, n, ins, a)
 
 
+def _lstm(m, n, ins, a):
+    """ONNX LSTM (gates i, o, f, c) as one ``torch.lstm`` (gates i, f, g, o), kept in float."""
+    x, w, r = ins[0], ins[1], ins[2]
+    b = ins[3] if len(ins) > 3 else None
+    seq_lens = ins[4] if len(ins) > 4 else None
+    h0 = ins[5] if len(ins) > 5 else None
+    c0 = ins[6] if len(ins) > 6 else None
+    if len(ins) > 7 and ins[7] is not None:
+        raise TraceError(f"LSTM {n.name!r}: peepholes are not supported")
+    acts = [s.decode() if isinstance(s, bytes) else s for s in a.get("activations", [])]
+    if acts and [s.lower() for s in acts] != ["sigmoid", "tanh", "tanh"] * (len(acts) // 3):
+        raise TraceError(f"LSTM {n.name!r}: activations {acts} are not supported")
+    if a.get("clip") is not None or a.get("input_forget", 0):
+        raise TraceError(f"LSTM {n.name!r}: clip/input_forget are not supported")
+    batch_first = bool(a.get("layout", 0))
+    steps = x.shape[1] if batch_first else x.shape[0]
+    if seq_lens is not None:
+        lens = seq_lens.tolist() if isinstance(seq_lens, Known) else None
+        if lens is None or any(v != steps for v in lens):
+            raise TraceError(f"LSTM {n.name!r}: per-sample sequence_lens are not supported")
+    directions, hidden = w.shape[0], r.shape[-1]
+    batch = x.shape[0] if batch_first else x.shape[1]
+
+    def reorder(t):  # i, o, f, c → i, f, c, o along the gate axis
+        i, o, f, c = torch.chunk(t, 4, dim=0)
+        return torch.cat([i, f, c, o], dim=0)
+
+    params = []
+    for d in range(directions):
+        params += [reorder(w[d]), reorder(r[d])]
+        if b is not None:
+            params += [reorder(b[d, : 4 * hidden]), reorder(b[d, 4 * hidden :])]
+    zeros = x.new_zeros((directions, batch, hidden))
+    hx = (h0 if h0 is not None else zeros, c0 if c0 is not None else zeros)
+    y, h, c = torch.lstm(x, hx, params, b is not None, 1, 0.0, False, directions == 2, batch_first)
+    if batch_first:  # Y [batch, seq, dirs, hidden]
+        y = y.reshape(batch, steps, directions, hidden)
+    else:  # Y [seq, dirs, batch, hidden]
+        y = y.reshape(steps, batch, directions, hidden).permute(0, 2, 1, 3)
+    if batch_first:
+        h, c = h.transpose(0, 1), c.transpose(0, 1)
+    return [y, h, c]
+
+
 OPS: dict[str, Callable[[OnnxModule, onnx.NodeProto, Sequence[Any], dict], Any]] = {
     "Add": _binary(np.add, torch.add, commutative=True),
     "Sub": _binary(np.subtract, torch.sub),
@@ -993,6 +1037,7 @@ OPS: dict[str, Callable[[OnnxModule, onnx.NodeProto, Sequence[Any], dict], Any]]
     "GlobalAveragePool": _global_pool("avg"),
     "GlobalMaxPool": _global_pool("max"),
     "Resize": _resize,
+    "LSTM": _lstm,
     "Upsample": _resize,
 }
 """ONNX op type (default domain) → torch implementation."""

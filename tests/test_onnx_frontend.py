@@ -352,3 +352,40 @@ def test_llm_from_onnx_rotates_and_quantizes_like_the_torch_route(llama_pair):
         assert torch.equal(la.stored(via_torch.gm)[0], lb.stored(via_onnx.gm)[0]), la.name
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(via_onnx(ids), via_torch(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_lstm_is_read_and_kept_in_float(tmp_path):
+    """A bidirectional ONNX LSTM (gates i, o, f, c) runs as one torch LSTM, equal to ONNX
+    Runtime; it is not a linear layer, so quantize leaves it in float."""
+    gen = np.random.default_rng(0)
+    hidden, size, dirs = 8, 5, 2
+    weights = {
+        "W": gen.standard_normal((dirs, 4 * hidden, size)).astype(np.float32) * 0.3,
+        "R": gen.standard_normal((dirs, 4 * hidden, hidden)).astype(np.float32) * 0.3,
+        "B": gen.standard_normal((dirs, 8 * hidden)).astype(np.float32) * 0.1,
+        "F": gen.standard_normal((2 * hidden, 4)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node(
+            "LSTM",
+            ["x", "W", "R", "B"],
+            ["y", "yh", "yc"],
+            hidden_size=hidden,
+            direction="bidirectional",
+        ),  # fmt: skip
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["yt", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "F"], ["out"]),
+    ]
+    inits = [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()]
+    inits.append(onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), "shape"))
+    proto = _graph_model(nodes, [_vi("x", [7, "batch", size])], [_vi("out", None)], inits, 14)
+    path = tmp_path / "lstm.onnx"
+    onnx.save(proto, str(path))
+    x = gen.standard_normal((7, 3, size)).astype(np.float32)
+    model = qgraph.from_onnx(path, (torch.from_numpy(x),))
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(model(torch.from_numpy(x)).numpy(), ref, atol=1e-5, rtol=0)
+    model.set_calibration(torch.from_numpy(x))
+    qgraph.run_pipeline(model, "quantize{w=int8:channel,exclude=none}")
+    assert list(model.quant) == ["F"]  # the head; the LSTM stays float
