@@ -135,3 +135,29 @@ def char_accuracy(pred: str, truth: str) -> float:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (p != t)))
         prev = cur
     return max(0.0, 1 - prev[-1] / max(len(truth), 1))
+
+
+DET_SHAPE = (3, 320, 320)
+
+
+def text_page(seed: int, shape: tuple[int, int, int] = DET_SHAPE) -> np.ndarray:
+    """A page for the detector: 3-6 rendered lines pasted at random places on a light
+    background, normalized as RapidOCR's detector expects (mean 0.5, std 0.5). ``[3, H, W]``."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    _, height, width = shape
+    page = Image.new("RGB", (width, height), tuple(rng.randint(215, 255) for _ in range(3)))
+    for k, text in enumerate(text_lines(rng.randint(3, 6), seed * 31 + 7)):
+        line = Image.fromarray(render_line(text, rng))
+        scale = min(1.0, (width - 10) / line.width) * rng.uniform(0.5, 0.9)
+        line = line.resize((max(1, int(line.width * scale)), max(1, int(line.height * scale))))
+        x = rng.randint(0, max(0, width - line.width))
+        y = min(height - line.height, k * height // 6 + rng.randint(0, 12))
+        page.paste(line, (x, max(0, y)))
+    chw = np.asarray(page).astype(np.float32).transpose(2, 0, 1) / 255.0
+    return (chw - 0.5) / 0.5
+
+
+def page_batch(count: int, seed: int) -> np.ndarray:
+    return np.stack([text_page(seed * 1000 + i) for i in range(count)])

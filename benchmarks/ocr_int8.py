@@ -5,7 +5,9 @@ with each activation range method, power-of-two scales on and off, against ONNX 
 Task metrics on text lines rendered with the machine's DejaVu fonts (``ocr_data.py``):
 * rec (text recognizer, opset 12): readings identical to the float model's, exact-match and
   character accuracy against the rendered text;
-* cls (0°/180° classifier, opset 11): agreement with float and accuracy, half the lines flipped.
+* cls (0°/180° classifier, opset 11): agreement with float and accuracy, half the lines flipped;
+* det (DBNet text detector, opset 12): IoU of the text mask (map > 0.3) with float's, on pages
+  of rendered lines ("identical to float" is that IoU for det).
 
 Usage: ``python benchmarks/ocr_int8.py [--models rec,cls] [--eval 200] [--quick]``; results go to
 ``benchmarks/results/ocr_int8.json`` and a table to stdout.
@@ -35,6 +37,7 @@ from qgraph.tensor_data import output_error  # noqa: E402
 from qgraph.workflow import write_json  # noqa: E402
 
 BATCH = 16  # one calibration batch, as in the paper's single-batch setting
+DET_THRESHOLD = 0.3  # RapidOCR's binarization threshold of the detector's text map
 RANGES = (
     ("minmax", "range=minmax"),
     ("percentile 99.99", "range=percentile"),
@@ -69,33 +72,47 @@ class Task:
         self.kind = kind
         self.path = ocr_data.model_path(kind)
         shape = ocr_data.REC_SHAPE if kind == "rec" else ocr_data.CLS_SHAPE
-        self.eval_x, self.lines = ocr_data.text_batch(n_eval, 1, "eval", shape)
-        self.calib_x, _ = ocr_data.text_batch(n_calib, 2, "calib", shape)
+        if kind == "det":  # pages of rendered lines; the task metric is the text-mask IoU
+            self.eval_x, self.calib_x = (
+                ocr_data.page_batch(n_eval, 1),
+                ocr_data.page_batch(n_calib, 2),
+            )
+        else:
+            self.eval_x, self.lines = ocr_data.text_batch(n_eval, 1, "eval", shape)
+            self.calib_x, _ = ocr_data.text_batch(n_calib, 2, "calib", shape)
         if kind == "cls":  # half the lines upside down: label 1 (180°)
             self.labels = np.arange(n_eval) % 2
             self.eval_x[self.labels == 1] = self.eval_x[self.labels == 1, :, ::-1, ::-1]
             flip = np.arange(n_calib) % 2 == 1
             self.calib_x[flip] = self.calib_x[flip, :, ::-1, ::-1]
-        else:
+        elif kind == "rec":
             self.alphabet = ocr_data.characters(self.path)
         self.float_out = in_chunks(lambda x: session(self.path).run(None, {"x": x})[0], self.eval_x)
         self.float_read = self.readings(self.float_out)
 
     def readings(self, out: np.ndarray) -> list:
+        if self.kind == "det":
+            return list(out > DET_THRESHOLD)
         if self.kind == "cls":
             return list(out.argmax(-1))
         return [s.strip() for s in ocr_data.ctc_decode(out, self.alphabet)]
 
     def score(self, out: np.ndarray) -> dict:
         read = self.readings(out)
-        same = float(np.mean([a == b for a, b in zip(read, self.float_read, strict=True)]))
+        if self.kind == "det":  # text pixels found by both / by either (float's threshold)
+            mask, ref = np.stack(read), np.stack(self.float_read)
+            same = float((mask & ref).sum() / max((mask | ref).sum(), 1))
+        else:
+            same = float(np.mean([a == b for a, b in zip(read, self.float_read, strict=True)]))
         row = {
             "identical_to_float": same,
             "sqnr_db": output_error(torch.from_numpy(self.float_out), torch.from_numpy(out))[
                 "sqnr_db"
             ],
         }
-        if self.kind == "cls":
+        if self.kind == "det":
+            row["accuracy"] = same  # no ground truth boxes: agreement with float is the metric
+        elif self.kind == "cls":
             row["accuracy"] = float(np.mean(np.array(read) == self.labels))
         else:
             row["accuracy"] = float(

@@ -347,3 +347,28 @@ def test_valid_range_options_parse() -> None:
         "quantize{a=int8:tensor,range=percentile,percentile=99.9}",
     ):
         assert qgraph.parse_pipeline(text)[0].name == "quantize"
+
+
+def test_klj_on_a_one_sided_input_searches_unsigned() -> None:
+    """A post-ReLU input (min ≥ -ONE_SIDED·max) on an :asym spec: KL-J over the positive values
+    with 2^b levels (the paper's unsigned case), the small negative side kept whole, instead of
+    a symmetric (-t, t) that would waste half the codes."""
+
+    class ReluLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.fc(torch.relu(x) - 0.05)
+
+    torch.manual_seed(0)
+    model = qgraph.from_module(ReluLinear(), (torch.randn(1, 64, 32),))
+    x = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(2)).abs() ** 2
+    model.set_calibration(x)
+    qgraph.run_pipeline(model, "quantize{w=int8:channel,a=int8:tensor,range=klj,exclude=}")
+    v = (torch.relu(x) - 0.05).reshape(-1)
+    t = klj_threshold(v[v > 0], 8, signed=False)
+    assert t < float(v.max())  # the search clips the long tail
+    (name,) = qlinears(model)
+    assert act_qparams(model, name) == np_qparams(float(v.min()), t, 8, symmetric=False)
