@@ -167,8 +167,10 @@ def export_decoder(
 
 
 def has_attention(model: Model) -> bool:
-    """Whether ``model`` is a decoder that :func:`export_decoder` can give a cache."""
-    return bool(model.structure.attention)
+    """Whether ``model`` is a decoder that :func:`export_decoder` can give a cache (its attention
+    is ``scaled_dot_product_attention``, where the cache is spliced in)."""
+    attention = model.structure.attention
+    return bool(attention) and not any(a.decomposed for a in attention)
 
 
 def _example_inputs(layout: CacheLayout) -> tuple[torch.Tensor, ...]:

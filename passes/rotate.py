@@ -178,6 +178,13 @@ def _rotate_qk(gm, attention, seed: int) -> int:
     if not attention:
         return 0
     head_dim = attention[0].head_dim
+    decomposed = [a.node.name for a in attention if a.decomposed]
+    if decomposed:
+        raise StructureError(
+            f"rotate: R3 rotates the queries and keys of scaled_dot_product_attention; the "
+            f"attention at {decomposed[0]} is written out as MatMul/Softmax (as read from an ONNX "
+            "file): leave r3 out of online="
+        )
     if hadamard_factorization(head_dim) is None:
         raise StructureError(
             f"rotate: R3 needs a Hadamard matrix of the head size {head_dim}, and none is known; "

@@ -166,7 +166,9 @@ def capabilities(model) -> dict[str, dict[str, Any]]:
             "R2/R3: no scaled_dot_product_attention in the graph (attention written as "
             "MatMul/Softmax, e.g. from an ONNX file, is not matched)"
         )
-    if sv.attention:
+    if sv.attention and any(a.decomposed for a in sv.attention):
+        rot["cannot"].append("online R3: attention is written out as MatMul/Softmax")
+    elif sv.attention:
         hd = sv.attention[0].head_dim
         known = hadamard_factorization(hd) is not None
         (rot["can"] if known else rot["cannot"]).append(f"online R3 (head size {hd})")

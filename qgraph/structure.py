@@ -67,6 +67,24 @@ _IGNORED = {aten._assert_tensor_metadata.default}
 _ONLINE = {torch.ops.qgraph.hadamard.default, aten.constant_pad_nd.default}
 
 
+def _decomposed_attention(node: fx.Node) -> fx.Node | None:
+    """For ``matmul(softmax(matmul(q, kᵀ)·c + mask), v)`` written out (an ONNX file's attention),
+    given the outer matmul: the inner score matmul; None for anything else."""
+    if not _is(node, aten.matmul.default) or _rank(node) != 4:
+        return None
+    probs = node.args[0]
+    while isinstance(probs, fx.Node) and _is(probs, aten.where.ScalarSelf, *_CASTS):
+        probs = probs.args[2] if _is(probs, aten.where.ScalarSelf) else probs.args[0]
+    if not _is(probs, aten.softmax.int, aten._softmax.default):
+        return None
+    scores = probs.args[0]
+    while isinstance(scores, fx.Node) and _is(
+        scores, aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, *_CASTS
+    ):
+        scores = scores.args[0]
+    return scores if _is(scores, aten.matmul.default) and _rank(scores) == 4 else None
+
+
 def _split_readers(node: fx.Node) -> list[fx.Node]:
     """The readers of ``node``, looking through a ``split`` to its ``getitem``s."""
     out = []
@@ -264,6 +282,7 @@ class Attention:
     v_path_ok: bool
     reason: str = ""
     v_rows: tuple[int, int] | None = None  # rows of a fused q/k/v projection that make V
+    decomposed: bool = False  # MatMul/Softmax/MatMul (e.g. from an ONNX file), not SDPA
 
 
 @dataclass
@@ -434,11 +453,17 @@ class StructureView:
 
     def _find_attention(self) -> None:
         for node in self.gm.graph.nodes:
-            if not _is(node, SDPA):
+            decomposed = _decomposed_attention(node)
+            if not _is(node, SDPA) and decomposed is None:
                 continue
-            q_val, k_val, v_val = (_val(a) for a in node.args[:3])
+            if decomposed is not None:  # probs @ v: q and k are the score matmul's inputs
+                q_node, k_node = decomposed.args[:2]
+                q_val, k_val, v_val = _val(q_node), _val(node.args[1]), _val(node.args[1])
+            else:
+                q_val, k_val, v_val = (_val(a) for a in node.args[:3])
             num_heads, head_dim = int(q_val.shape[1]), int(v_val.shape[-1])
-            v_lin, v_ok, reason, v_rows = self._trace_back_linear(node.args[2], head_dim)
+            v_arg = node.args[1] if decomposed is not None else node.args[2]
+            v_lin, v_ok, reason, v_rows = self._trace_back_linear(v_arg, head_dim)
             o_lin, o_ok, o_reason = self._trace_forward_linear(node, head_dim)
             v_size = (v_rows[1] - v_rows[0]) if v_rows else (v_lin.out_features if v_lin else 0)
             num_kv = v_size // head_dim if v_lin else int(k_val.shape[1])
@@ -454,14 +479,16 @@ class StructureView:
                 v_ok and o_ok,
                 reason or o_reason,
                 v_rows,
+                decomposed is not None,
             )
             if v_lin is not None and v_rows is None:
+                q_arg, k_arg = (decomposed if decomposed is not None else node).args[:2]
                 for lin in self.linears:
                     if lin is v_lin or lin.node.args[0] is not v_lin.node.args[0]:
                         continue
-                    if _reaches(lin.node, node.args[0]):
+                    if _reaches(lin.node, q_arg):
                         att.q = lin
-                    elif _reaches(lin.node, node.args[1]):
+                    elif _reaches(lin.node, k_arg):
                         att.k = lin
             self.attention.append(att)
 

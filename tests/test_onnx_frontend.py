@@ -335,14 +335,17 @@ def test_llm_from_onnx_is_the_same_network(llama_pair):
     ids = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(via_onnx(ids), qgraph.from_hf(hf)(ids), rtol=1e-5, atol=1e-5)
     summary = via_onnx.structure.summary()
-    # RMSNorm spelled Pow/ReduceMean/Sqrt/Reciprocal, the tied lm_head as MatMul(Transpose(E))
+    # RMSNorm spelled Pow/ReduceMean/Sqrt/Reciprocal, the tied lm_head as MatMul(Transpose(E)),
+    # attention written out as MatMul/Softmax/MatMul
     assert summary["norms"]["rms"] == 5 and summary["residual_norms"] == 5
     assert summary["embeddings"][0]["tied"] and not summary["issues"]
+    assert summary["roles"] == qgraph.from_hf(hf).structure.summary()["roles"]
+    assert summary["attention"] == {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}
 
 
 def test_llm_from_onnx_rotates_and_quantizes_like_the_torch_route(llama_pair):
     hf, path = llama_pair
-    pipeline = "fuse-norms,rotate{seed=0,r2=false},quantize{w=int4:channel}"
+    pipeline = "fuse-norms,rotate{seed=0,online=r2+r4},quantize{w=int4:channel}"
     via_torch, via_onnx = qgraph.from_hf(hf), qgraph.load(path)
     for m in (via_torch, via_onnx):
         qgraph.run_pipeline(m, pipeline, verify_each=True)  # rotate checked exact on each
@@ -352,6 +355,8 @@ def test_llm_from_onnx_rotates_and_quantizes_like_the_torch_route(llama_pair):
         assert torch.equal(la.stored(via_torch.gm)[0], lb.stored(via_onnx.gm)[0]), la.name
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(via_onnx(ids), via_torch(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(qgraph.QGraphError, match="written out as MatMul/Softmax"):
+        qgraph.run_pipeline(qgraph.load(path), "fuse-norms,rotate{seed=0,online=r3}")
 
 
 def test_lstm_is_read_and_kept_in_float(tmp_path):
