@@ -52,6 +52,16 @@ class Known:
 
     value: np.ndarray
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, np.ndarray):  # a lone element (numpy scalar or SymInt)
+            value = self.value
+            array = np.empty((), dtype=object if isinstance(value, torch.SymInt) else None)
+            if array.dtype == object:
+                array[()] = value
+            else:
+                array = np.asarray(value)
+            object.__setattr__(self, "value", array)
+
     def tolist(self) -> list:
         return self.value.reshape(-1).tolist()
 
