@@ -54,6 +54,7 @@ def export_model(
                 metadata=export_metadata(model, pipeline),
                 external_data=external_data,
                 integer_activations=integer_activations,
+                node_metadata=provenance(model),
             )
         except ExportError as exc:
             if i + 1 == len(attempts) or "torch.onnx.export failed" not in str(exc):
@@ -64,6 +65,32 @@ def export_model(
                 stacklevel=2,
             )
     raise AssertionError("unreachable")
+
+
+def provenance(model: Model) -> dict[str, dict[str, str]]:
+    """``{constant: {"qgraph.passes": "rotate,quantize", "qgraph.layer": name}}`` for the
+    constants read by every node a pass made or changed (``node.meta["qgraph"]``, see
+    ``pass_manager.tag_provenance``), keyed as the exporter names them (``.`` → ``_``): the ONNX
+    nodes made from those nodes carry it (:func:`~qgraph.backends.onnx_export.annotate_nodes`),
+    so Netron and Model Explorer show where they came from. A constant read by nodes of several
+    layers (shared rotation signs) names no layer."""
+    out: dict[str, dict[str, str]] = {}
+    for node in model.gm.graph.nodes:
+        info = node.meta.get("qgraph")
+        if not info:
+            continue
+        props = {"qgraph.passes": ",".join(info["passes"])}
+        if info.get("layer"):
+            props["qgraph.layer"] = info["layer"]
+        for arg in node.args:
+            if getattr(arg, "op", None) != "get_attr":
+                continue
+            key = arg.target.replace(".", "_")
+            if key in out and out[key].get("qgraph.layer") != props.get("qgraph.layer"):
+                out[key].pop("qgraph.layer", None)
+            else:
+                out.setdefault(key, props)
+    return out
 
 
 def _narrower_dims(dynamic) -> list:

@@ -25,7 +25,7 @@ from qgraph.errors import ExportError
 from qgraph.kv_cache import CacheLayout, cached_decoder
 from qgraph.model import Model
 
-from .onnx_backend import export_metadata
+from .onnx_backend import export_metadata, provenance
 from .onnx_export import export_onnx
 
 MODEL_FILE = "model.onnx"
@@ -155,6 +155,7 @@ def export_decoder(
             external_data=external_data,
             dim_names={**in_dims, **out_dims},
             integer_activations=integer_activations,
+            node_metadata=provenance(model),
         )
         config = genai_config(model, layout, vocab, context, filename)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

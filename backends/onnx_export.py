@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -279,6 +280,7 @@ def export_onnx(
     external_data: bool | None = None,
     dim_names: Mapping[str, Mapping[int, str]] | None = None,
     integer_activations: bool = False,
+    node_metadata: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Path:
     """Export ``module(*example_inputs)`` to ``path`` and return the path.
 
@@ -290,6 +292,8 @@ def export_onnx(
     the exporter's own symbols for them are renamed throughout the graph.
     ``integer_activations`` lowers per-token quantized layers of a GraphModule to
     ``MatMulInteger`` (:mod:`qgraph.backends.onnx_integer`); the module itself is not changed.
+    ``node_metadata`` maps a constant of ``module`` (its attribute path, ``_`` for ``.``) to
+    ``metadata_props`` for every ONNX node made from an FX node reading it (:func:`annotate_nodes`).
     """
     target = Path(path)
     if not target.parent.is_dir():
@@ -341,6 +345,8 @@ def export_onnx(
 
     if dim_names:
         rename_dims(model, dim_names)
+    if node_metadata:
+        annotate_nodes(model, node_metadata)
     if metadata:
         for key, value in metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
@@ -356,6 +362,29 @@ def export_onnx(
     )
     _save_atomically(model, target, use_external)
     return target
+
+
+def annotate_nodes(model: ir.Model, metadata: Mapping[str, Mapping[str, str]]) -> int:
+    """Copy ``metadata[constant name]`` into the ``metadata_props`` of every ONNX node the
+    exporter made from an FX node reading that constant. The exporter re-traces the module, so
+    FX node names change, but each ONNX node records its FX node in ``pkg.torch.onnx.fx_node``,
+    whose arguments name the constants it reads (lifted as ``b_``/``p_``/``c_`` + the attribute
+    path with ``_`` for ``.``). Nodes inside functions included. Returns how many."""
+    count = 0
+    graphs = [model.graph, *(f.graph for f in model.functions.values())]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            fx_node = node.metadata_props.get("pkg.torch.onnx.fx_node", "")
+            for name in _CONSTANT_ARG.findall(fx_node):
+                props = metadata.get(name)
+                if props:
+                    node.metadata_props.update(props)
+                    count += 1
+                    break
+    return count
+
+
+_CONSTANT_ARG = re.compile(r"%[bpc]_(\w+)")
 
 
 def rename_dims(model: ir.Model, names: Mapping[str, Mapping[int, str]]) -> None:

@@ -215,6 +215,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"    {op:<40} {n}")
     if info.get("structure"):
         print("  structure:", json.dumps(info["structure"]))
+    for passes, entry in (info.get("by_pass") or {}).items():
+        ops = ", ".join(f"{op} {n}" for op, n in list(entry["ops"].items())[:4])
+        print(f"  made by {passes}: {entry['nodes']} nodes in {entry['layers']} layers ({ops})")
     if info.get("import"):
         print(f"  passes: {info['import']}")
     for name, cap in (info.get("passes") or {}).items():

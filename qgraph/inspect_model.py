@@ -65,7 +65,33 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         "metadata": {
             k: (v if len(v) < 200 else v[:200] + "…") for k, v in model.metadata_props.items()
         },
+        "by_pass": _nodes_by_pass(model),
     }
+
+
+def _nodes_by_pass(model) -> dict[str, dict[str, Any]]:
+    """Nodes qgraph's passes made or changed, from their ``qgraph.passes``/``qgraph.layer``
+    metadata: ``{passes: {"nodes": n, "ops": {op: n}, "layers": n}}``."""
+    import onnx_ir as ir
+
+    out: dict[str, dict[str, Any]] = {}
+    layers: dict[str, set] = {}
+    graphs = [model.graph, *(f.graph for f in model.functions.values())]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            passes = node.metadata_props.get("qgraph.passes")
+            if not passes:
+                continue
+            entry = out.setdefault(passes, {"nodes": 0, "ops": Counter()})
+            entry["nodes"] += 1
+            entry["ops"][node.op_type] += 1
+            layer = node.metadata_props.get("qgraph.layer")
+            if layer:
+                layers.setdefault(passes, set()).add(layer)
+    for passes, entry in out.items():
+        entry["ops"] = dict(entry["ops"].most_common())
+        entry["layers"] = len(layers.get(passes, ()))
+    return out
 
 
 def _file_mb(path: Path) -> float:

@@ -370,6 +370,7 @@ class PassManager:
             probe = model.probe_inputs()
             ref = model(*probe)
         before = _op_histogram(model)
+        signatures = _signatures(model.gm)
         start = time.perf_counter()
         token = _MANAGER.set(self)
         try:
@@ -394,6 +395,9 @@ class PassManager:
                 )
         after = _op_histogram(model)
         diff = {k: after[k] - before[k] for k in set(before) | set(after) if after[k] != before[k]}
+        summary_nodes = tag_provenance(model, p.name, signatures)
+        if summary_nodes:
+            summary = {**summary, "nodes_made_or_changed": summary_nodes}
         summary = {**summary, "op_diff": diff}
         record = PassRecord(p.name, dict(p.opts), seconds, mem.peak / 2**20, err, summary, parent)
         model.log.append(record)
@@ -415,6 +419,62 @@ class PassManager:
                     f"pass '{p.name}' declares that it preserves the analysis '{name}' but "
                     "changed it; remove it from the pass's preserves"
                 )
+
+
+def _signatures(gm) -> dict[Any, tuple]:
+    """What each call node computes from: its target and its inputs (attribute names for
+    constants), to tell after a pass which nodes it made or changed."""
+    from .graph_edits import get_tensor
+
+    def key(a):
+        if hasattr(a, "op"):  # a constant by name and tensor (a rebound weight is a change);
+            if a.op == "get_attr":  # a computed input only by position, so a node whose input
+                return a.target, id(get_tensor(gm, a.target))  # was replaced is not "changed"
+            return "·"
+        if isinstance(a, (list, tuple)):
+            return tuple(key(x) for x in a)
+        return a
+
+    return {
+        node: (node.target, *(key(a) for a in node.args))
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+    }
+
+
+def tag_provenance(model: Model, pass_name: str, before: dict[Any, tuple]) -> int:
+    """Record in ``node.meta["qgraph"]`` (pass list, layer) every call node the pass made or
+    changed; the ONNX export copies it into the file's node metadata. Returns how many."""
+    from .structure import weight_name
+
+    after = _signatures(model.gm)
+    changed = [n for n, sig in after.items() if before.get(n) != sig]
+    if not changed:
+        return 0
+    layers = {r.codes_attr: r.name for r in model.quant.values()}
+    sv = model.structure
+    by_node = {lin.node: lin.name for lin in sv.linears + sv.convs}
+    for node in changed:
+        info = node.meta.setdefault("qgraph", {"passes": [], "layer": None})
+        info["passes"].append(pass_name)
+        if info["layer"] is None:
+            info["layer"] = _layer_of(node, layers, by_node, weight_name)
+    return len(changed)
+
+
+def _layer_of(node, layers: dict[str, str], by_node: dict, weight_name) -> str | None:
+    """The layer a node belongs to: its own (a linear layer, or a quantized one by its codes),
+    else that of its first reader (an online rotation or quantizer in front of a layer)."""
+    for candidate in (node, *list(node.users)[:1]):
+        if candidate in by_node:
+            return by_node[candidate]
+        for a in candidate.args:
+            if hasattr(a, "op") and a.op == "get_attr":
+                if a.target in layers:
+                    return layers[a.target]
+                if not a.target.startswith("qg_"):
+                    return weight_name(a.target)
+    return None
 
 
 _MANAGER: contextvars.ContextVar[PassManager | None] = contextvars.ContextVar(
