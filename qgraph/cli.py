@@ -105,6 +105,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     onnx_model = bool(args.model) and str(args.model).endswith(".onnx")
     if (args.calib_inputs or args.eval_inputs) and not onnx_model:
         raise QGraphError("--calib-inputs/--eval-inputs take an ONNX model (--model FILE.onnx)")
+    if onnx_model and not (args.calib_inputs or args.eval_inputs):
+        from .workflow import is_language_model_file
+
+        # token ids in and a tokenizer beside it: a language model, evaluated on text
+        onnx_model = not is_language_model_file(args.model)
     outputs: dict[Path, str] = {}
     for option, out in (
         ("--export", args.export),

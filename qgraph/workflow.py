@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .api import from_hf
+from .api import from_hf, from_onnx
 from .data import load_text, sample_windows, token_windows
 from .errors import DataError
 from .evaluate import perplexity
@@ -32,6 +32,31 @@ RECIPES = {
     "w4a4": "fuse-norms,rotate{seed=0,online=r2+r4},expand{budget=5},"
     "quantize{w=int4:channel,a=int4:token},gptq",
 }
+
+
+def onnx_tokenizer(path: Path):
+    """The tokenizer saved beside a language model's ONNX file (``tokenizer.json`` and its
+    config, as ``qgraph run --export`` and ONNX Runtime GenAI's builder write them)."""
+    folder = path.parent
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        raise DataError(
+            f"{path}: no tokenizer beside it (tokenizer.json), so no text can be tokenized for "
+            "it; for a model that does not take token ids use --calib-inputs/--eval-inputs"
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def is_language_model_file(path: str | os.PathLike) -> bool:
+    """An ONNX file with a tokenizer beside it and one integer input (token ids)."""
+    from .onnx_import import input_specs, read_onnx
+
+    folder = Path(path).parent
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    specs = input_specs(read_onnx(path))
+    return len(specs) == 1 and not specs[0].dtype.is_floating_point
 
 
 def log(msg: str) -> None:
@@ -56,8 +81,14 @@ class Job:
         t = time.perf_counter()
         self.lm: LoadedLM | None = None
         self.saved: Path | None = None
+        self.onnx: Path | None = None
         self._loaded: Model | None = None
-        if model_spec is not None and str(model_spec).endswith(".pt2"):
+        if model_spec is not None and str(model_spec).endswith(".onnx"):
+            # a language model given as ONNX, with its tokenizer files beside it
+            self.onnx = Path(model_spec)
+            self.tokenizer = onnx_tokenizer(self.onnx)
+            self.name, self.source = self.onnx.stem, str(self.onnx)
+        elif model_spec is not None and str(model_spec).endswith(".pt2"):
             # a model saved by `qgraph run --save`: pipelines continue from it as saved
             self.saved = Path(model_spec)
             self._loaded = load_saved(self.saved)
@@ -91,7 +122,10 @@ class Job:
         return "float32" if self.saved is None else "as saved"
 
     def fresh_model(self) -> Model:
-        if self.saved is not None:
+        if self.onnx is not None:
+            model = from_onnx(self.onnx)
+            model.tokenizer = self.tokenizer
+        elif self.saved is not None:
             model, self._loaded = self._loaded or load_saved(self.saved), None
         else:
             model = from_hf(self.lm.model, self.lm.tokenizer, self.lm.name)

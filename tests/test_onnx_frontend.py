@@ -394,3 +394,48 @@ def test_lstm_is_read_and_kept_in_float(tmp_path):
     model.set_calibration(torch.from_numpy(x))
     qgraph.run_pipeline(model, "quantize{w=int8:channel,exclude=none}")
     assert list(model.quant) == ["F"]  # the head; the LSTM stays float
+
+
+def _byte_tokenizer(folder) -> None:
+    """A 256-symbol byte-level tokenizer saved as tokenizer.json (the tiny Llama's vocab)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(folder))
+
+
+def test_cli_runs_a_language_model_given_as_onnx_on_text(llama_pair, tmp_path):
+    """An ONNX LM with its tokenizer beside it runs the text job: perplexity before and after,
+    the float number equal to the torch model's on the same windows."""
+    from qgraph.data import load_text, token_windows
+    from qgraph.evaluate import perplexity
+
+    hf, path = llama_pair
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(path.read_bytes())
+    _byte_tokenizer(folder)
+    report_path = tmp_path / "r.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "qgraph.cli", "run", "--model", str(folder / "model.onnx"),
+            "--pipeline", "fuse-norms,rotate{seed=0},quantize{w=int8:channel}",
+            "--window", "64", "--eval-windows", "2", "--calib-windows", "2",
+            "--report", str(report_path), "--no-progress",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    windows = token_windows(tok, load_text(None, "eval"), 64, 2)
+    torch_ppl = perplexity(qgraph.from_hf(hf), windows)
+    assert report["ppl_float"] == pytest.approx(torch_ppl, rel=1e-4)
+    assert report["ppl"] == pytest.approx(report["ppl_float"], rel=0.02)  # int8 weights
