@@ -50,7 +50,7 @@ import torch
 from torch import fx
 
 from qgraph import ops  # noqa: F401  (registers torch.ops.qgraph)
-from qgraph.calibration import ResumableRun, input_second_moments
+from qgraph.calibration import ResumableRun, calibration_rows, input_second_moments
 from qgraph.errors import DataError, PipelineError
 from qgraph.formats import (
     CLIPS,
@@ -392,7 +392,7 @@ class Quantize(Pass):
             stats = observe_values(
                 model,
                 [lin.node.args[0] for lin in every] + outputs,
-                self.opt("calib-batches"),
+                calibration_rows(model, self, "calib-batches"),
                 sample_cap=0 if method == "minmax" else SAMPLE_CAP,
             )
             done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q/k/v share their stats
@@ -426,7 +426,7 @@ class Quantize(Pass):
             importance = input_second_moments(
                 model.gm,
                 [lin.node for lin in chosen],
-                model.calibration[: self.opt("calib-batches")],
+                model.calibration[: calibration_rows(model, self, "calib-batches")],
             )
         self._token_quant: dict[fx.Node, fx.Node] = {}
         for lin in chosen:

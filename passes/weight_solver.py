@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from qgraph.calibration import ResumableRun, input_hessian
+from qgraph.calibration import ResumableRun, calibration_rows, input_hessian
 from qgraph.errors import DataError, PipelineError
 from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
@@ -57,7 +57,7 @@ def solve_in_graph_order(
     layers that share an input); returns (groups, calibration tokens)."""
     if (solve is None) == (solve_group is None):
         raise ValueError("give exactly one of solve and solve_group")
-    batch = model.calibration[: p.opt("calib-windows")]
+    batch = model.calibration[: calibration_rows(model, p, "calib-windows")]
     gm = model.gm
     chosen = {id(b) for b in _chosen(p, model)}
     groups = [[b for b in g if id(b) in chosen] for g in model.quantized.groups()]

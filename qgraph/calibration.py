@@ -64,6 +64,16 @@ class ResumableRun(fx.Interpreter):
             self.env[node] = self.fetch_attr(node.target)
 
 
+def calibration_rows(model, p, option: str) -> int:
+    """How many calibration rows pass ``p`` uses: its ``option`` when given or when the data are
+    token windows (the option's default is a window count), else every row — samples given as
+    tensors (``--calib-inputs``, ``stack_samples``) are the user's chosen calibration set."""
+    data = model.calibration
+    if option in p.explicit or data is None or not data.is_floating_point():
+        return p.opt(option)
+    return int(data.shape[0])
+
+
 def input_hessian(x: torch.Tensor) -> torch.Tensor:
     """``XᵀX`` of activations ``x [..., in]`` flattened over all leading dims, returned in float64.
 

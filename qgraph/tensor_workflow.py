@@ -12,7 +12,7 @@ from typing import Any
 from . import __version__
 from .api import from_onnx
 from .errors import DataError
-from .pass_manager import PassManager, parse_pipeline
+from .pass_manager import PassManager
 from .tensor_data import output_error, read_inputs, run_samples, stack_samples
 from .workflow import log
 
@@ -65,13 +65,8 @@ def run_tensor_model(
     ort_original = run_samples(_ort_forward(model_path), evals)
     import_error = [output_error(o, r) for o, r in zip(ort_original, reference, strict=True)]
     float_acc = model.accounting()
-    passes = parse_pipeline(pipeline)
-    rows = int(model.calibration.shape[0]) if model.calibration is not None else 0
-    for p in passes:  # every calibration sample the user gave, unless a pass says otherwise
-        for option in ("calib-batches", "calib-windows"):
-            if option in p.opts and option not in p.explicit and rows:
-                p.opts[option] = rows
-    PassManager(passes, verify_each=verify_each, print_after=True).run(model)
+    # passes calibrate on every sample given (qgraph.calibration.calibration_rows)
+    PassManager(pipeline, verify_each=verify_each, print_after=True).run(model)
     outputs = run_samples(model, evals)
     acc = model.accounting()
     errors = [output_error(r, y) for r, y in zip(reference, outputs, strict=True)]

@@ -304,8 +304,7 @@ def test_cli_runs_an_onnx_model_with_npz_inputs(cnn_onnx, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(report_path.read_text())
     assert report["calibration_samples"] == 6 and report["eval_samples"] == 3
-    quantize = next(p for p in report["passes"] if p["name"] == "quantize")
-    assert quantize["options"]["calib-batches"] == 6  # every calibration sample is used
+
     assert report["import_error"]["scores"]["sqnr_db"] > 100  # the import is exact
     torch_err = report["output_error"]["scores"]
     ort_err = report["export"]["output_error"]["scores"]
@@ -439,3 +438,17 @@ def test_cli_runs_a_language_model_given_as_onnx_on_text(llama_pair, tmp_path):
     torch_ppl = perplexity(qgraph.from_hf(hf), windows)
     assert report["ppl_float"] == pytest.approx(torch_ppl, rel=1e-4)
     assert report["ppl"] == pytest.approx(report["ppl_float"], rel=0.02)  # int8 weights
+
+
+def test_every_tensor_sample_is_calibrated(cnn_onnx):
+    """Samples given as tensors are the user's calibration set: all of them are used (the
+    calib-batches default of 8 counts token windows), unless the pipeline says otherwise."""
+    x = _images(12, 1)
+    x[11] *= 5  # only the last sample reaches 5
+    for opts, hi in (("", float(x.max())), (",calib-batches=8", float(x[:8].max()))):
+        model = qgraph.load(cnn_onnx)
+        model.set_calibration(x)
+        qgraph.run_pipeline(model, f"quantize{{w=int8:channel,a=int8:tensor,exclude=none{opts}}}")
+        first = next(b.node for b in model.quantized).args[0]
+        scale = float(get_tensor(model.gm, first.args[1].target))
+        assert scale == pytest.approx(hi / 255, rel=1e-6)  # the image input: min 0
