@@ -452,3 +452,13 @@ def test_every_tensor_sample_is_calibrated(cnn_onnx):
         first = next(b.node for b in model.quantized).args[0]
         scale = float(get_tensor(model.gm, first.args[1].target))
         assert scale == pytest.approx(hi / 255, rel=1e-6)  # the image input: min 0
+
+
+def test_external_data_beside_the_model_is_read(cnn_onnx, tmp_path):
+    proto = onnx.load(str(cnn_onnx))
+    path = tmp_path / "ext.onnx"
+    onnx.save(proto, str(path), save_as_external_data=True, location="ext.data", size_threshold=256)
+    assert (tmp_path / "ext.data").stat().st_size > 1000
+    x = _images(2, 3)
+    ref = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(qgraph.load(path)(x).numpy(), ref, rtol=1e-5, atol=1e-5)
