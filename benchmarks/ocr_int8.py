@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--models", default="rec,cls")
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--batches", default="1,10", help="calibration sizes in batches of 16")
-    ap.add_argument("--quick", action="store_true", help="minmax and klj only")
+    ap.add_argument("--quick", action="store_true", help="minmax, mse and klj only")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ocr_int8.json"))
     ap.add_argument("--parts", default="qgraph,ort,latency", help="rows to run")
     ap.add_argument(
@@ -223,7 +223,7 @@ def main() -> None:
     if not ocr_data.fonts_available() or ocr_data.models_dir() is None:
         sys.exit("needs the DejaVu fonts and rapidocr-onnxruntime (make setup)")
     batches = [int(b) for b in args.batches.split(",")]
-    ranges = [r for r in RANGES if not args.quick or r[0] in ("minmax", "klj")]
+    ranges = [r for r in RANGES if not args.quick or r[0] in ("minmax", "mse", "klj")]
     results: dict = {"machine": header("OCR int8", " ".join(sys.argv)), "models": {}}
     folder = Path(tempfile.mkdtemp(prefix="qgraph-ocr-"))
     for kind in args.models.split(","):
