@@ -478,16 +478,7 @@ class Quantize(Pass):
             x = self._token_quant[x]
         with g.inserting_before(node):
             if self.aspec is not None and self.aspec.mode == "tensor":
-                s, z = act_qparams
-                s_node = get_attr_node(
-                    gm, node, new_attr(gm, lin.name + ".act_scale", s.float().reshape(()))
-                )
-                z_node = get_attr_node(
-                    gm, node, new_attr(gm, lin.name + ".act_zero", z.float().reshape(()))
-                )
-                x = g.call_function(
-                    torch.ops.qgraph.quantize_static.default, (x, s_node, z_node, self.aspec.bits)
-                )
+                x = self._static_quantizer(gm, node, x, lin.name + ".act", *act_qparams)
             attrs = [
                 get_attr_node(gm, node, new_attr(gm, lin.name + suffix, t))
                 for suffix, t in zip((".codes", ".scale", ".zero"), stored.tensors(), strict=True)

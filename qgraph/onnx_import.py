@@ -510,9 +510,9 @@ def _reshape(m, n, ins, a):
 
 def _flatten(m, n, ins, a):
     x = ins[0]
-    axis = a.get("axis", 1) % max(x.dim(), 1) if a.get("axis", 1) != x.dim() else x.dim()
-    lead = math.prod(x.shape[:axis]) if axis else 1
-    return x.reshape(lead, -1)
+    axis = a.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), -1)
 
 
 def _transpose(m, n, ins, a):
@@ -823,10 +823,6 @@ def _identity(m, n, ins, a):
     return ins[0]
 
 
-def _dropout(m, n, ins, a):
-    return ins[0]
-
-
 def _range(m, n, ins, a):
     start, limit, delta = (_scalar(v) for v in ins)
     symbolic = any(isinstance(v, torch.SymInt) for v in (start, limit, delta))
@@ -1007,7 +1003,7 @@ OPS: dict[str, Callable[[OnnxModule, onnx.NodeProto, Sequence[Any], dict], Any]]
     "Constant": _identity,  # evaluated in OnnxModule.__init__
     "ConstantOfShape": _constant_of_shape,
     "Identity": _identity,
-    "Dropout": _dropout,
+    "Dropout": _identity,  # inference
     "Shape": _shape,
     "Gather": _embedding_or_gather,
     "GatherND": _gather_nd,

@@ -67,6 +67,18 @@ _IGNORED = {aten._assert_tensor_metadata.default}
 _ONLINE = {torch.ops.qgraph.hadamard.default, aten.constant_pad_nd.default}
 
 
+def _constant_weight_and_bias(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
+    """(weight, bias) get_attr nodes of a linear/conv call whose weight and bias (if any) are
+    constants; (None, None) otherwise."""
+    w = node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None, None
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+        return None, None
+    return w, b
+
+
 def _decomposed_attention(node: fx.Node) -> fx.Node | None:
     """For ``matmul(softmax(matmul(q, kᵀ)·c + mask), v)`` written out (an ONNX file's attention),
     given the outer matmul: the inner score matmul; None for anything else."""
@@ -321,11 +333,8 @@ class StructureView:
         for node in self.gm.graph.nodes:
             if node.op != "call_function" or node.target is not LINEAR:
                 continue
-            w = node.args[1]
-            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-                continue
-            if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+            w, b = _constant_weight_and_bias(node)
+            if w is None:
                 continue
             shape = _val(w).shape
             lin = Linear(
@@ -340,11 +349,8 @@ class StructureView:
         for node in self.gm.graph.nodes:
             if node.op != "call_function" or node.target not in CONVS:
                 continue
-            w = node.args[1]
-            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-                continue
-            if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+            w, b = _constant_weight_and_bias(node)
+            if w is None:
                 continue
             dims = _val(w).dim() - 2
             extra = list(node.args[3:]) + [None] * (4 - len(node.args[3:]))

@@ -14,7 +14,7 @@ from .api import from_onnx
 from .errors import DataError
 from .pass_manager import PassManager
 from .tensor_data import output_error, read_inputs, run_samples, stack_samples
-from .workflow import log
+from .workflow import log, pass_log
 
 
 def _ort_forward(path: str | os.PathLike):
@@ -80,17 +80,7 @@ def run_tensor_model(
         "eval_samples": int(evals[0].shape[0]),
         "eval_on_calibration": eval_inputs is None,
         "import_error": dict(zip(model.output_names, import_error, strict=True)),
-        "passes": [
-            {
-                "name": r.name,
-                "options": r.options,
-                "seconds": r.seconds,
-                "peak_rss_mb": r.peak_rss_mb,
-                "verify_max_rel_err": r.verify_max_rel_err,
-                "summary": r.summary,
-            }
-            for r in model.log
-        ],
+        "passes": pass_log(model),
         "output_error": dict(zip(model.output_names, errors, strict=True)),
         "params_float": float_acc["params"],
         "params": acc["params"],

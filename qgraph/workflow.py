@@ -59,6 +59,12 @@ def is_language_model_file(path: str | os.PathLike) -> bool:
     return len(specs) == 1 and not specs[0].dtype.is_floating_point
 
 
+def pass_log(model: Model) -> list[dict[str, Any]]:
+    """The report's per-pass entries: name, options, time, peak memory, verification, summary."""
+    keep = ("name", "options", "seconds", "peak_rss_mb", "verify_max_rel_err", "summary")
+    return [{k: v for k, v in r.to_dict().items() if k in keep} for r in model.log]
+
+
 def log(msg: str) -> None:
     sys.stderr.write(f"[qgraph] {msg}\n")
     sys.stderr.flush()
@@ -176,17 +182,7 @@ class Job:
             "baseline": self.baseline,
             "eval": {"windows": int(self.eval.shape[0]), "window": int(self.eval.shape[1])},
             "calibration": {"windows": int(self.calib.shape[0]), "seed": self.calib_seed},
-            "passes": [
-                {
-                    "name": r.name,
-                    "options": r.options,
-                    "seconds": r.seconds,
-                    "peak_rss_mb": r.peak_rss_mb,
-                    "verify_max_rel_err": r.verify_max_rel_err,
-                    "summary": r.summary,
-                }
-                for r in model.log
-            ],
+            "passes": pass_log(model),
             "ppl_float": ppl_float,
             "ppl": ppl,
             "params_float": float_acc["params"],
