@@ -475,6 +475,8 @@ class Quantize(Pass):
                         torch.ops.qgraph.quantize_per_token.default,
                         (x, self.aspec.bits, self.aspec.symmetric),
                     )
+                # same shape as its input: passes that insert after it (split-sparse) need it
+                self._token_quant[x].meta["val"] = x.meta.get("val")
             x = self._token_quant[x]
         with g.inserting_before(node):
             if self.aspec is not None and self.aspec.mode == "tensor":
@@ -594,9 +596,11 @@ class Quantize(Pass):
         s_node = get_attr_node(gm, before, new_attr(gm, prefix + "_scale", s.float().reshape(())))
         z_node = get_attr_node(gm, before, new_attr(gm, prefix + "_zero", z.float().reshape(())))
         with gm.graph.inserting_before(before):
-            return gm.graph.call_function(
+            node = gm.graph.call_function(
                 torch.ops.qgraph.quantize_static.default, (x, s_node, z_node, self.aspec.bits)
             )
+        node.meta["val"] = x.meta.get("val")
+        return node
 
 
 def _is_static_quantizer(node, bits: int) -> bool:

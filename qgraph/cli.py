@@ -1,4 +1,4 @@
-"""Command line: ``qgraph run``, ``qgraph demo``, ``qgraph passes``, ``qgraph inspect``."""
+"""Command line: ``qgraph run``, ``demo``, ``passes``, ``inspect``, ``report``, ``generate``."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _check_output_dir(option: str, path: str | os.PathLike) -> Path:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .pass_manager import check_order, parse_pipeline
-    from .workflow import Job, float_row, format_table, write_json
+    from .workflow import Job, float_row, format_table
 
     have: set[str] = set()
     if args.model and str(args.model).endswith(".pt2"):
@@ -115,12 +115,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ("--export", args.export),
         ("--report", args.report),
         ("--save", args.save),
+        ("--html", args.html),
     ):
         if out:
             key = check_output_path(option, out).resolve()
             if key in outputs:
                 raise QGraphError(f"{outputs[key]} and {option} both write {out}")
             outputs[key] = option
+    trace = args.trace_layers
+    if trace is None and args.html:
+        trace = ""  # the page shows every layer
+    if trace:
+        _check_regex("--trace-layers", trace)
     if onnx_model:
         from .tensor_workflow import format_outputs, run_tensor_model
 
@@ -132,10 +138,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             calib_samples=args.calib_samples,
             export=args.export,
             verify_each=args.verify_each,
+            trace_layers=trace,
         )
         print(format_outputs(report))
-        if args.report:
-            write_json(args.report, report)
+        _write_reports(args, report)
         return 0
     job = Job(
         args.model,
@@ -155,11 +161,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         save_float_weights=args.save_float_weights,
         verify_each=args.verify_each,
         seed=args.seed,
+        trace_layers=trace,
     )
     print(format_table([float_row(report), {**report, "label": "rewritten"}]))
+    _write_reports(args, report)
+    return 0
+
+
+def _write_reports(args: argparse.Namespace, report: dict) -> None:
+    from .workflow import log, write_json
+
     if args.report:
         write_json(args.report, report)
-    return 0
+    if args.html:
+        from .html_report import write_html
+
+        write_html(report, args.html)
+        log(f"HTML report written to {args.html}")
+
+
+def _check_regex(option: str, pattern: str) -> None:
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise QGraphError(f"{option} {pattern!r} is not a regular expression: {exc}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -206,7 +233,17 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect_model import inspect_model
 
+    if args.html:
+        check_output_path("--html", args.html)
+    if args.diff:
+        return _inspect_diff(args)
+    if args.eval_text or args.eval_inputs:
+        raise QGraphError("--eval-text/--eval-inputs measure layers of B against A: add --diff B")
     info = inspect_model(args.path)
+    if args.html:
+        from .html_report import write_html
+
+        write_html(info, args.html)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -230,6 +267,36 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  {name}: can {item}")
         for item in cap["cannot"]:
             print(f"  {name}: cannot {item}")
+    return 0
+
+
+def _inspect_diff(args: argparse.Namespace) -> int:
+    from . import model_diff
+
+    d = model_diff.diff(model_diff.describe(args.path), model_diff.describe(args.diff))
+    if args.eval_text is not None or args.eval_inputs:
+        a = model_diff.load_for_eval(args.path)
+        b = model_diff.load_for_eval(args.diff)
+        batch = model_diff.eval_batch(a, args.eval_text, args.eval_inputs)
+        d["layer_error"] = model_diff.layer_output_error(a, b, batch)
+        d["eval"] = {"rows": int(batch.shape[0]), "shape": list(batch.shape[1:])}
+    if args.html:
+        from .html_report import write_html
+
+        write_html(d, args.html)
+    print(model_diff.dumps(d) if args.json else model_diff.format_diff(d))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .html_report import load_reports, write_html
+
+    check_output_path("-o", args.output)
+    docs = load_reports(args.reports)
+    for path, doc in zip(args.reports, docs, strict=True):
+        doc.setdefault("label", Path(path).stem)
+    write_html(docs[0] if len(docs) == 1 else docs, args.output)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -354,6 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--report", default=None, help="write a JSON report here")
     run.add_argument(
+        "--html",
+        default=None,
+        help="write a self-contained HTML report here: pass log, per-layer error table and "
+        "plots, each pass's error per layer and, with --export, the same layers in ONNX Runtime "
+        "(implies --trace-layers for every layer)",
+    )
+    run.add_argument(
+        "--trace-layers",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="REGEX",
+        help="measure each quantized layer (names matching REGEX; all without one) after every "
+        "pass and, with --export, in the exported file in ONNX Runtime; flags layers where they "
+        "diverge (JSON report: 'layers', 'onnx_trace', passes' 'layer_sqnr_db')",
+    )
+    run.add_argument(
         "--save", default=None, help="save the rewritten model (.pt2, reload with qgraph.load)"
     )
     run.add_argument(
@@ -391,9 +475,34 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser(
         "inspect", help="ops, parameters, bits per weight and volume of a model or ONNX file"
     )
-    insp.add_argument("path")
-    insp.add_argument("--json", action="store_true")
+    insp.add_argument("path", help="model name, .pt2, .onnx, HF folder, .gguf or a JSON report")
+    insp.add_argument("--json", action="store_true", help="print the report data as JSON")
+    insp.add_argument("--html", default=None, help="also write the report as an HTML page")
+    insp.add_argument(
+        "--diff",
+        default=None,
+        metavar="B",
+        help="compare PATH (A) with B: totals, operator counts and per-layer formats",
+    )
+    insp.add_argument(
+        "--eval-text",
+        nargs="?",
+        const="",
+        default=None,
+        help="with --diff: each layer's output in B against A on 2 windows of this text "
+        "(default text without a value)",
+    )
+    insp.add_argument(
+        "--eval-inputs", default=None, help="with --diff: the same on the samples of an .npz"
+    )
     insp.set_defaults(func=_cmd_inspect)
+
+    rep = sub.add_parser(
+        "report", help="write the HTML page of JSON reports (several runs: side by side)"
+    )
+    rep.add_argument("reports", nargs="+", help="JSON from run --report, inspect --json, demo")
+    rep.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    rep.set_defaults(func=_cmd_report)
 
     gen = sub.add_parser(
         "generate", help="continue a text prompt with a model, in torch or ONNX Runtime GenAI"

@@ -9,6 +9,9 @@ from typing import Any
 
 from .errors import ModelFileError
 
+#: The report data model's version (docs/REPORT.md); qgraph.workflow re-exports it.
+REPORT_SCHEMA = "qgraph.report/1"
+
 _BITS = {
     "FLOAT": 32,
     "FLOAT16": 16,
@@ -52,6 +55,8 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         if value.shape is not None and len(value.shape) >= 2:
             weights += n
     return {
+        "schema": REPORT_SCHEMA,
+        "report": "inspect",
         "kind": "onnx",
         "path": str(path),
         "file_mb": _file_mb(path),
@@ -66,7 +71,47 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
             k: (v if len(v) < 200 else v[:200] + "…") for k, v in model.metadata_props.items()
         },
         "by_pass": _nodes_by_pass(model),
+        "layers": _onnx_layers(model),
     }
+
+
+def _onnx_layers(model) -> list[dict[str, Any]]:
+    """Quantized layers of a qgraph file from its node metadata: the weight's stored type and
+    grouping, read off the ``DequantizeLinear`` (or ``MatMulNBits``) that carries the layer."""
+    import onnx_ir as ir
+
+    rows: dict[str, dict[str, Any]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        layer = node.metadata_props.get("qgraph.layer")
+        if not layer or layer in rows:
+            continue
+        if node.op_type == "DequantizeLinear" and node.inputs[0] is not None:
+            weight = node.inputs[0]
+            if weight.const_value is None and not weight.is_initializer():
+                continue  # an activation's dequantizer
+            dtype = weight.dtype.name.lower() if weight.dtype is not None else "?"
+            block = node.attributes.get("block_size")
+            axis = node.attributes.get("axis")
+            grain = f"group{block.as_int()}" if block is not None and block.as_int() else (
+                "channel" if axis is not None or len(node.inputs[1].shape or ()) else "tensor"
+            )  # fmt: skip
+            bits = _BITS.get(dtype.upper(), None)
+            rows[layer] = {
+                "index": len(rows),
+                "name": layer,
+                "weight": f"{dtype}:{grain}",
+                "bits": bits,
+            }
+        elif node.op_type == "MatMulNBits":
+            bits = node.attributes["bits"].as_int() if "bits" in node.attributes else 4
+            block = node.attributes["block_size"].as_int() if "block_size" in node.attributes else 0
+            rows[layer] = {
+                "index": len(rows),
+                "name": layer,
+                "weight": f"int{bits}:group{block}",
+                "bits": bits,
+            }
+    return list(rows.values())
 
 
 def _nodes_by_pass(model) -> dict[str, dict[str, Any]]:
@@ -128,7 +173,11 @@ def inspect_model(spec: str) -> dict[str, Any]:
         if n.op == "call_function"
     )
     acc = model.accounting()
+    from .layer_report import record_rows
+
     return {
+        "schema": REPORT_SCHEMA,
+        "report": "inspect",
         "kind": "fx",
         "model": model.name,
         "source": model.source,
@@ -138,6 +187,9 @@ def inspect_model(spec: str) -> dict[str, Any]:
         "bits_per_param": acc["volume_bits"] / max(1, acc["params"]),
         "structure": model.structure.summary(),
         "passes": capabilities(model),
+        "properties": sorted(model.properties),
+        "pass_log": [r.to_dict() for r in model.log],
+        "layers": record_rows(model),
     }
 
 

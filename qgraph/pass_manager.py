@@ -340,8 +340,12 @@ class PassManager:
         verify_tol: float = 1e-4,
         print_after: bool = False,
         stream=None,
+        trace=None,
     ):
+        """``trace``: a :class:`~qgraph.layer_trace.PassTrace` that records, after each pass, the
+        model's output error and each quantized layer's error into the pass's summary."""
         self.passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+        self.trace = trace
         self.verify_each = verify_each
         self.verify_tol = verify_tol
         self.print_after = print_after
@@ -349,6 +353,8 @@ class PassManager:
 
     def run(self, model: Model) -> Model:
         check_order(self.passes, model.properties)
+        if self.trace is not None:
+            self.trace.start(model)
         for i, p in enumerate(self.passes):
             token = _NEXT.set(self.passes[i + 1] if i + 1 < len(self.passes) else None)
             try:
@@ -399,6 +405,8 @@ class PassManager:
         if summary_nodes:
             summary = {**summary, "nodes_made_or_changed": summary_nodes}
         summary = {**summary, "op_diff": diff}
+        if self.trace is not None:
+            summary.update(self.trace.after_pass(model))
         record = PassRecord(p.name, dict(p.opts), seconds, mem.peak / 2**20, err, summary, parent)
         model.log.append(record)
         if self.print_after:
@@ -452,6 +460,7 @@ def tag_provenance(model: Model, pass_name: str, before: dict[Any, tuple]) -> in
     if not changed:
         return 0
     layers = {r.codes_attr: r.name for r in model.quant.values()}
+    layers.update({r.sparse.values_attr: r.name for r in model.quant.values() if r.sparse})
     sv = model.structure
     by_node = {lin.node: lin.name for lin in sv.linears + sv.convs}
     for node in changed:

@@ -12,9 +12,10 @@ from typing import Any
 from . import __version__
 from .api import from_onnx
 from .errors import DataError
+from .layer_trace import RunAnalysis
 from .pass_manager import PassManager
 from .tensor_data import output_error, read_inputs, run_samples, stack_samples
-from .workflow import log, pass_log
+from .workflow import REPORT_SCHEMA, log, log_flagged, pass_log
 
 
 def _ort_forward(path: str | os.PathLike):
@@ -32,8 +33,10 @@ def run_tensor_model(
     calib_samples: int | None = None,
     export: str | os.PathLike | None = None,
     verify_each: bool = False,
+    trace_layers: str | None = None,
 ) -> dict[str, Any]:
-    """Rewrite an ONNX model with ``pipeline`` and report the error of each output."""
+    """Rewrite an ONNX model with ``pipeline`` and report the error of each output
+    (``trace_layers``: as for :meth:`qgraph.workflow.Job.run`)."""
     from .onnx_import import input_specs, read_onnx
 
     t0 = time.perf_counter()
@@ -66,11 +69,15 @@ def run_tensor_model(
     import_error = [output_error(o, r) for o, r in zip(ort_original, reference, strict=True)]
     float_acc = model.accounting()
     # passes calibrate on every sample given (qgraph.calibration.calibration_rows)
-    PassManager(pipeline, verify_each=verify_each, print_after=True).run(model)
+    analysis = RunAnalysis(trace_layers) if trace_layers is not None else None
+    trace = analysis.start(model) if analysis else None
+    PassManager(pipeline, verify_each=verify_each, print_after=True, trace=trace).run(model)
     outputs = run_samples(model, evals)
     acc = model.accounting()
     errors = [output_error(r, y) for r, y in zip(reference, outputs, strict=True)]
     report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "report": "run",
         "qgraph_version": __version__,
         "model": model.name,
         "source": str(model_path),
@@ -87,6 +94,8 @@ def run_tensor_model(
         "volume_bits_float": float_acc["volume_bits"],
         "volume_bits": acc["volume_bits"],
     }
+    if analysis:
+        report.update(analysis.finish(model))
     for name, err in report["output_error"].items():
         log(f"output {name}: SQNR {err['sqnr_db']:.1f} dB, rel L2 {err['rel_l2']:.2e}")
     if export:
@@ -111,6 +120,9 @@ def run_tensor_model(
         }
         for name, err in report["export"]["output_error"].items():
             log(f"ONNX Runtime output {name}: SQNR {err['sqnr_db']:.1f} dB against the original")
+        if analysis:
+            report["onnx_trace"] = analysis.onnx(model, path)
+            log_flagged(report["onnx_trace"])
     report["seconds"] = time.perf_counter() - t0
     return report
 

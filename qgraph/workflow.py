@@ -19,6 +19,8 @@ from .api import from_hf, from_onnx
 from .data import load_text, sample_windows, token_windows
 from .errors import DataError
 from .evaluate import perplexity
+from .inspect_model import REPORT_SCHEMA
+from .layer_trace import RunAnalysis
 from .loaders import LoadedLM, load_causal_lm
 from .model import Model
 from .pass_manager import PassManager, parse_pipeline
@@ -63,6 +65,18 @@ def pass_log(model: Model) -> list[dict[str, Any]]:
     """The report's per-pass entries: name, options, time, peak memory, verification, summary."""
     keep = ("name", "options", "seconds", "peak_rss_mb", "verify_max_rel_err", "summary")
     return [{k: v for k, v in r.to_dict().items() if k in keep} for r in model.log]
+
+
+def log_flagged(trace: dict[str, Any]) -> None:
+    """One line on the layers whose error in ONNX Runtime departs from torch's."""
+    n = len(trace["layers"])
+    flagged = trace["flagged"]
+    if flagged:
+        more = f" (+{len(flagged) - 3} more)" if len(flagged) > 3 else ""
+        log(f"ONNX Runtime diverges from torch at {len(flagged)}/{n} layers: "
+            f"{', '.join(flagged[:3])}{more}")  # fmt: skip
+    else:
+        log(f"ONNX Runtime matches torch at all {n - len(trace['missing'])} traced layers")
 
 
 def log(msg: str) -> None:
@@ -154,7 +168,11 @@ class Job:
         save_float_weights: bool = False,
         verify_each: bool = False,
         seed: int | None = None,
+        trace_layers: str | None = None,
     ) -> dict[str, Any]:
+        """Rewrite a fresh model with ``pipeline``, evaluate it (and its export) and return the
+        report. ``trace_layers`` (a regex of layer names; "" for all) adds the per-layer table,
+        each pass's error and the same layers in the exported file (``docs/REPORT.md``)."""
         passes = parse_pipeline(pipeline)
         if seed is not None:
             torch.manual_seed(seed)
@@ -170,12 +188,16 @@ class Job:
         log(
             f"{what} perplexity {ppl_float:.4f} on {self.eval.shape[0]}×{self.eval.shape[1]} tokens"
         )
-        manager = PassManager(passes, verify_each=verify_each, print_after=True)
+        analysis = RunAnalysis(trace_layers) if trace_layers is not None else None
+        trace = analysis.start(model) if analysis else None
+        manager = PassManager(passes, verify_each=verify_each, print_after=True, trace=trace)
         manager.run(model)
         ppl = perplexity(model, self.eval, progress=self.progress, desc="rewritten ppl")
         acc = model.accounting()
         log(f"rewritten perplexity {ppl:.4f} ({100 * (ppl / ppl_float - 1):+.2f} %)")
         report: dict[str, Any] = {
+            "schema": REPORT_SCHEMA,
+            "report": "run",
             "qgraph_version": __version__,
             "model": model.name,
             "pipeline": pipeline,
@@ -191,6 +213,8 @@ class Job:
             "volume_bits": acc["volume_bits"],
             "properties": sorted(model.properties),
         }
+        if analysis:
+            report.update(analysis.finish(model))
         if save:
             from .saving import save as save_model
 
@@ -200,6 +224,9 @@ class Job:
             report["export"] = export_and_check(
                 model, export, pipeline, self.eval, self.progress, integer_activations
             )
+            if analysis:
+                report["onnx_trace"] = analysis.onnx(model, report["export"]["path"])
+                log_flagged(report["onnx_trace"])
         report["seconds"] = time.perf_counter() - t0
         return report
 
@@ -245,17 +272,23 @@ def export_and_check(
     }
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename)."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` atomically (temp file in the same directory, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON atomically (temp file in the same directory, then rename)."""
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -1,0 +1,136 @@
+"""Capture quantized layers' inputs and outputs inside an exported file, in ONNX Runtime.
+
+The exporter names each ONNX value after the FX node that made it and records that node in
+``pkg.torch.onnx.fx_node``; qgraph's provenance (``qgraph.layer``) says which layer a node
+belongs to. So for each ``qgraph::qlinear``/``qconv`` layer the file holds its output (the
+value named after the op's node, plus the sparse branch's when split) and, one activation
+quantizer up, its float input. This module makes those values graph outputs of an in-memory
+copy of the file and runs it: the layer as ONNX Runtime computes it, to put beside torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qgraph.errors import ExportError
+
+from .ort_runtime import session_options
+
+_FX = re.compile(r"^%(\w+) : .*?target=torch\.ops\.qgraph\.(\w+)\.default\]\(args = \(\[?%(\w+)")
+_LAYER_OPS = ("qlinear", "qconv")
+_QUANTIZERS = ("quantize_per_token", "quantize_static", "quantize_per_token_u8")
+_PROTO_LIMIT = 2**31 - 2**24  # an in-memory model must serialize under protobuf's 2 GB
+
+
+@dataclass
+class LayerValues:
+    """The value names of one layer in the file."""
+
+    name: str
+    inputs: str  # the float input (before the activation quantizer)
+    outputs: list[str]  # summed: the dense part, then the sparse branch when split
+
+
+def _fx_of(node: onnx.NodeProto) -> tuple[str, str, str] | None:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.fx_node":
+            m = _FX.match(prop.value)
+            return (m.group(1), m.group(2), m.group(3)) if m else None
+    return None
+
+
+def _layer_of(node: onnx.NodeProto) -> str | None:
+    return next((p.value for p in node.metadata_props if p.key == "qgraph.layer"), None)
+
+
+def find_layer_values(
+    proto: onnx.ModelProto, layers: list[str] | None = None
+) -> dict[str, LayerValues]:
+    """The capture points of each quantized layer in ``proto`` (those in ``layers`` when
+    given) found from the node metadata; layers whose values the file does not keep are left
+    out."""
+    produced = {out for node in proto.graph.node for out in node.output}
+    produced |= {i.name for i in proto.graph.input}
+    made_by: dict[str, tuple[str, str]] = {}  # fx value -> (qgraph op, its first argument)
+    owners: dict[str, str] = {}  # fx value of a layer op -> layer
+    sparse: dict[str, str] = {}  # layer -> its sparse branch's value
+    for node in proto.graph.node:
+        fx = _fx_of(node)
+        if fx is None:
+            continue
+        value, op, first = fx
+        made_by[value] = (op, first)
+        layer = _layer_of(node)
+        if layer and op in _LAYER_OPS:
+            owners[value] = layer
+        elif layer and op == "sparse_matmul":
+            sparse[layer] = value
+    wanted = set(layers) if layers is not None else None
+    out: dict[str, LayerValues] = {}
+    for value, layer in owners.items():
+        if (wanted is not None and layer not in wanted) or layer in out:
+            continue
+        x = made_by[value][1]
+        while x in made_by and made_by[x][0] in _QUANTIZERS:
+            x = made_by[x][1]
+        outputs = [value] + ([sparse[layer]] if layer in sparse else [])
+        if x in produced and all(v in produced for v in outputs):
+            out[layer] = LayerValues(layer, x, outputs)
+    return out
+
+
+def capture_layers(
+    path: str | os.PathLike,
+    rows: list[np.ndarray],
+    layers: list[str] | None = None,
+    threads: int = 2,
+) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Run ``path`` in ONNX Runtime (float activations inside ``MatMulNBits``, as
+    :func:`~qgraph.backends.onnx_backend.ort_forward` does) once per row of model input (a
+    decoder gets the row as its prompt with an empty cache) and return, per layer,
+    ``(inputs, outputs)``: the float input and the summed output of each run."""
+    import onnxruntime as ort
+
+    from .onnx_backend import _cache_dims, _decoder_feed
+
+    path = Path(path)
+    try:
+        proto = onnx.load(os.fspath(path))  # with external data from the file's folder
+    except Exception as exc:
+        raise ExportError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+    found = find_layer_values(proto, layers)
+    if not found:
+        return {}
+    graph_outputs = {o.name for o in proto.graph.output}
+    extra = sorted({v for lv in found.values() for v in [lv.inputs, *lv.outputs]} - graph_outputs)
+    types = {v.name: v.type.tensor_type.elem_type for v in proto.graph.value_info}
+    for name in extra:
+        elem = types.get(name) or onnx.TensorProto.FLOAT
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    data = proto.SerializeToString() if proto.ByteSize() < _PROTO_LIMIT else None
+    if data is None:
+        raise ExportError(
+            f"{path}: over 2 GB with its weights; capturing layers needs it in memory"
+        )
+    opts = session_options(threads=threads, matmulnbits_accuracy_level=0)
+    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    specs = session.get_inputs()
+    cache_dims = _cache_dims(path, specs) if len(specs) > 1 else None
+    result: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {k: ([], []) for k in found}
+    for row in rows:
+        if len(specs) == 1:
+            feed = {specs[0].name: row}
+        else:
+            feed = {s.name: _decoder_feed(s, row, cache_dims) for s in specs}
+        values = dict(zip(names, session.run(names, feed), strict=True))
+        for layer, lv in found.items():
+            result[layer][0].append(values[lv.inputs])
+            result[layer][1].append(sum(values[v] for v in lv.outputs[1:]) + values[lv.outputs[0]])
+    return result

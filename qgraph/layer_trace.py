@@ -1,0 +1,166 @@
+"""The error each pass adds, layer by layer, and the same layers in the exported file.
+
+:class:`PassTrace` is handed to the pass manager: before the first pass it keeps the model's
+output on a probe batch; after every pass it records the output's SQNR against that (exact
+passes show ~100+ dB, quantizing passes what they cost) and each quantized layer's local output
+error (:mod:`qgraph.layer_report`). :func:`compare_with_onnx` measures the same layers in ONNX
+Runtime on the same inputs and flags a layer whose error in the file departs from torch's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .kernels.error_stats import energies, sqnr_db
+from .layer_report import _reference, json_number, measure, quantized_probes
+
+if TYPE_CHECKING:
+    from .model import Model
+
+#: A layer is flagged when its error in ONNX Runtime is this many dB worse than in torch, or
+#: when ONNX Runtime's output departs from torch's by more than the layer's quantization error.
+FLAG_DB = 1.0
+
+
+def probe_batch(model: Model, rows: int = 2, tokens: int | None = None) -> torch.Tensor:
+    """The inputs the report measures on: the first ``rows`` calibration windows (first
+    ``tokens`` of each when given), or, for tensor models, the first 8 calibration samples."""
+    data = model.calibration
+    if data is None:
+        return model.probe_inputs()[0]
+    if data.is_floating_point():
+        return data[:8]
+    return data[:rows, :tokens] if tokens else data[:rows]
+
+
+class PassTrace:
+    """Records, after each pass, ``output_sqnr_db`` (the model's output against its output before
+    the pipeline) and ``layer_sqnr_db`` (each quantized layer's local output error, for layers
+    whose names match ``pattern``) into the pass's summary."""
+
+    def __init__(self, batch: torch.Tensor | None = None, pattern: str | None = None):
+        self.batch = batch
+        self.pattern = pattern
+        self.reference: list[Any] | None = None
+
+    def start(self, model: Model) -> None:
+        if self.batch is None:
+            self.batch = probe_batch(model)
+        _, self.reference = measure(model, self.batch, [])
+
+    def after_pass(self, model: Model) -> dict[str, Any]:
+        probes = quantized_probes(model, self.pattern)
+        measured, outputs = measure(model, self.batch, probes)
+        out: dict[str, Any] = {
+            "output_sqnr_db": json_number(_outputs_sqnr(self.reference, outputs))
+        }
+        if probes:
+            out["layer_sqnr_db"] = {p.name: json_number(measured[p.name].sqnr_db()) for p in probes}
+        return out
+
+
+def _outputs_sqnr(reference: list[Any], outputs: list[Any]) -> float:
+    signal = noise = 0.0
+    for ref, out in zip(reference, outputs, strict=True):
+        ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        s, n = energies(ref, out)
+        signal, noise = signal + s, noise + n
+    return sqnr_db(signal, noise)
+
+
+def compare_with_onnx(
+    model: Model,
+    path: str | os.PathLike,
+    batch: torch.Tensor | None = None,
+    pattern: str | None = None,
+) -> dict[str, Any]:
+    """Each quantized layer's local output error in torch and in the exported file in ONNX
+    Runtime, on the same inputs, with their agreement (SQNR of ONNX Runtime's output against
+    torch's) and a flag where they diverge. ``batch`` defaults to the first calibration window,
+    128 tokens of it (every layer's input and output of the whole batch is held at once)."""
+    from qgraph.backends.onnx_layer_capture import capture_layers
+
+    if batch is None:
+        batch = probe_batch(model, rows=1, tokens=128)
+    probes = quantized_probes(model, pattern)
+    measured, _ = measure(model, batch, probes, keep_outputs=True)
+    rows = [batch[i : i + 1].numpy() for i in range(batch.shape[0])]
+    captured = capture_layers(path, rows, [p.name for p in probes])
+    layers = []
+    for p in probes:
+        m = measured[p.name]
+        entry: dict[str, Any] = {"name": p.name, "torch_sqnr_db": json_number(m.sqnr_db())}
+        if p.name not in captured:
+            entry["in_file"] = False
+            layers.append(entry)
+            continue
+        xs, ys = captured[p.name]
+        signal = noise = agree_signal = agree_noise = 0.0
+        for x, y, y_torch in zip(xs, ys, m.outputs, strict=True):
+            y_ort = torch.from_numpy(np.ascontiguousarray(y)).float()
+            with torch.inference_mode():
+                ref = _reference(model, p, torch.from_numpy(np.ascontiguousarray(x)).float())
+            if ref is not None:
+                s, n = energies(ref, y_ort)
+                signal, noise = signal + s, noise + n
+            s, n = energies(y_torch, y_ort)
+            agree_signal, agree_noise = agree_signal + s, agree_noise + n
+        torch_db = m.sqnr_db()
+        ort_db = sqnr_db(signal, noise) if signal or noise else None
+        agreement = sqnr_db(agree_signal, agree_noise)
+        flagged = (
+            torch_db is not None
+            and ort_db is not None
+            and (ort_db < torch_db - FLAG_DB or agreement < torch_db)
+        )
+        entry.update(
+            in_file=True,
+            ort_sqnr_db=json_number(ort_db),
+            agreement_db=json_number(agreement),
+            flagged=bool(flagged),
+        )
+        layers.append(entry)
+    return {
+        "path": str(path),
+        "tokens": int(batch[0].numel()) * int(batch.shape[0]),
+        "flag_db": FLAG_DB,
+        "layers": layers,
+        "flagged": [e["name"] for e in layers if e.get("flagged")],
+        "missing": [e["name"] for e in layers if not e.get("in_file", True)],
+    }
+
+
+class RunAnalysis:
+    """What ``qgraph run --html`` / ``--trace-layers`` adds to a run: the activation ranges of the
+    model before the pipeline, the per-pass trace, the final per-layer table, and the same
+    layers in the exported file."""
+
+    def __init__(self, pattern: str | None = None):
+        self.pattern = pattern or None
+        self.batch: torch.Tensor | None = None
+        self.activations_before: dict[str, dict] = {}
+
+    def start(self, model: Model) -> PassTrace:
+        """Measure the model as loaded; returns the trace to hand to the pass manager."""
+        from .layer_report import activation_rows
+
+        self.batch = probe_batch(model)
+        self.activations_before = activation_rows(model, self.batch)
+        return PassTrace(self.batch, self.pattern)
+
+    def finish(self, model: Model) -> dict[str, Any]:
+        from .layer_report import layer_rows
+
+        return {
+            "probe": {"rows": int(self.batch.shape[0]), "shape": list(self.batch.shape[1:])},
+            "layers": layer_rows(model, self.batch, self.pattern),
+            "activations_before": self.activations_before,
+        }
+
+    def onnx(self, model: Model, path: str | os.PathLike) -> dict[str, Any]:
+        return compare_with_onnx(model, path, pattern=self.pattern)
