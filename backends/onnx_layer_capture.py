@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,16 +86,17 @@ def find_layer_values(
     return out
 
 
-def capture_layers(
+def iter_captures(
     path: str | os.PathLike,
-    rows: list[np.ndarray],
+    rows: Iterable[np.ndarray],
     layers: list[str] | None = None,
     threads: int = 2,
-) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+) -> Iterator[dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Run ``path`` in ONNX Runtime (float activations inside ``MatMulNBits``, as
     :func:`~qgraph.backends.onnx_backend.ort_forward` does) once per row of model input (a
-    decoder gets the row as its prompt with an empty cache) and return, per layer,
-    ``(inputs, outputs)``: the float input and the summed output of each run."""
+    decoder gets the row as its prompt with an empty cache) and yield, per run,
+    ``{layer: (float input, summed output)}`` — one run at a time, so that memory holds one
+    run's activations of every layer, not the whole batch's."""
     import onnxruntime as ort
 
     from .onnx_backend import _cache_dims, _decoder_feed
@@ -106,31 +108,36 @@ def capture_layers(
         raise ExportError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     found = find_layer_values(proto, layers)
     if not found:
-        return {}
+        return
     graph_outputs = {o.name for o in proto.graph.output}
     extra = sorted({v for lv in found.values() for v in [lv.inputs, *lv.outputs]} - graph_outputs)
     types = {v.name: v.type.tensor_type.elem_type for v in proto.graph.value_info}
     for name in extra:
         elem = types.get(name) or onnx.TensorProto.FLOAT
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    data = proto.SerializeToString() if proto.ByteSize() < _PROTO_LIMIT else None
-    if data is None:
+    if proto.ByteSize() >= _PROTO_LIMIT:
         raise ExportError(
             f"{path}: over 2 GB with its weights; capturing layers needs it in memory"
         )
     opts = session_options(threads=threads, matmulnbits_accuracy_level=0)
-    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    session = ort.InferenceSession(
+        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    del proto
+    wanted = [lv.inputs for lv in found.values()] + [v for lv in found.values() for v in lv.outputs]
+    wanted = list(dict.fromkeys(wanted))
     specs = session.get_inputs()
     cache_dims = _cache_dims(path, specs) if len(specs) > 1 else None
-    result: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {k: ([], []) for k in found}
     for row in rows:
         if len(specs) == 1:
             feed = {specs[0].name: row}
         else:
             feed = {s.name: _decoder_feed(s, row, cache_dims) for s in specs}
-        values = dict(zip(names, session.run(names, feed), strict=True))
-        for layer, lv in found.items():
-            result[layer][0].append(values[lv.inputs])
-            result[layer][1].append(sum(values[v] for v in lv.outputs[1:]) + values[lv.outputs[0]])
-    return result
+        values = dict(zip(wanted, session.run(wanted, feed), strict=True))
+        yield {
+            layer: (
+                values[lv.inputs],
+                sum(values[v] for v in lv.outputs[1:]) + values[lv.outputs[0]],
+            )
+            for layer, lv in found.items()
+        }

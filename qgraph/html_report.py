@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ def _svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
     text = buf.getvalue()
+    # drop the RDF metadata block: namespaces only, and noise in a page
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text, flags=re.S)
     return text[text.index("<svg") :]
 
 
@@ -128,7 +131,7 @@ def plot_activation_ranges(layers: Sequence[dict], before: dict[str, dict]) -> s
             ys = [(before.get(n) or {}).get(key) for n in names]
             pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y]
             if pts:
-                ax.plot(*zip(*pts, strict=True), ".", ms=4, color="#d92d20", label="before")
+                ax.plot(*zip(*pts, strict=True), "x", ms=4, color="#d92d20", label="before")
         ys = [after[n].get(key) for n in names]
         pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y]
         if pts:
@@ -390,8 +393,11 @@ def _trace_rows(passes: Sequence[dict], onnx: dict | None) -> tuple[list[dict], 
         extra = ["torch (probe)", "ONNX Runtime", "agreement", "flagged"]
         for e in onnx.get("layers", []):
             row = by_layer.setdefault(e["name"], {"layer": e["name"]})
+            agreement = e.get("agreement_db")
+            if agreement is None and e.get("in_file"):
+                agreement = "bit-identical"
             row.update({"torch (probe)": e.get("torch_sqnr_db"), "ONNX Runtime": e.get("ort_sqnr_db"),
-                        "agreement": e.get("agreement_db"), "flagged": e.get("flagged")})  # fmt: skip
+                        "agreement": agreement, "flagged": e.get("flagged")})  # fmt: skip
     if not by_layer:
         return None
     last = next((p["summary"]["layer_sqnr_db"] for p in reversed(passes)

@@ -146,6 +146,41 @@ def _reference(model: Model, probe: Probe, x: torch.Tensor) -> torch.Tensor | No
     return F.linear(x, w, bias)
 
 
+def apply_layer(model: Model, probe: Probe, x: torch.Tensor) -> torch.Tensor:
+    """The layer as the graph computes it (activation quantizer, quantized weights, sparse
+    branch) on an input of one's choosing: runs the nodes between the probe's float input and
+    its output(s), fetching constants, so another runtime's layer can be checked on the very
+    input it saw."""
+    from .graph_edits import get_tensor
+
+    ends = [probe.output_node] + ([probe.sparse_node] if probe.sparse_node is not None else [])
+    needed: set[fx.Node] = set()
+    stack = list(ends)
+    while stack:
+        node = stack.pop()
+        if node in needed or node is probe.input_node or node.op != "call_function":
+            continue
+        needed.add(node)
+        stack += [a for a in node.all_input_nodes if a.op == "call_function"]
+    env: dict[fx.Node, Any] = {probe.input_node: x}
+
+    def value(a):
+        if isinstance(a, fx.Node):
+            return get_tensor(model.gm, a.target) if a.op == "get_attr" else env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(value(v) for v in a)
+        if isinstance(a, dict):
+            return {k: value(v) for k, v in a.items()}
+        return a
+
+    with torch.inference_mode():
+        for node in model.gm.graph.nodes:
+            if node in needed:
+                env[node] = node.target(*value(node.args), **value(node.kwargs))
+    out = env[probe.output_node]
+    return out + env[probe.sparse_node] if probe.sparse_node is not None else out
+
+
 def measure(
     model: Model,
     batch: torch.Tensor,
@@ -287,5 +322,5 @@ def activation_rows(model: Model, batch: torch.Tensor) -> dict[str, dict[str, fl
 
 def json_number(value: float | None) -> float | None:
     """A float for JSON, which has no infinities: an exact match (+inf dB) is written as null
-    (the report's documentation says so); rounded to 4 decimals."""
-    return None if value is None or not math.isfinite(value) else round(value, 4)
+    (the report's documentation says so); 6 significant digits."""
+    return None if value is None or not math.isfinite(value) else float(f"{value:.6g}")

@@ -546,11 +546,14 @@ def format_record(r: PassRecord, width: int = 110) -> str:
     """A few lines for people: time, memory, verification, op diff and the scalar notes of the
     summary. Tables and per-layer details (dicts, lists) stay in the log and the JSON report."""
     verify = f", verify {r.verify_max_rel_err:.2e}" if r.verify_max_rel_err is not None else ""
+    if "output_sqnr_db" in r.summary:  # the trace's figure for the whole model (PassTrace)
+        db = r.summary["output_sqnr_db"]
+        verify += ", output SQNR " + ("exact" if db is None else f"{db:.1f} dB")
     nested = f" (in {r.parent})" if r.parent else ""
     diff = ", ".join(f"{k}{v:+d}" for k, v in sorted(r.summary.get("op_diff", {}).items()))
     notes, hidden = [], 0
     for key, value in r.summary.items():
-        if key == "op_diff":
+        if key in ("op_diff", "output_sqnr_db"):
             continue
         if isinstance(value, (dict, list, tuple, set)):
             hidden += 1

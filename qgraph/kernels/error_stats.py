@@ -51,7 +51,7 @@ def channel_absmax(x: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
 def outlier_ratio(absmax: torch.Tensor) -> float:
     """Largest per-channel range over the median one (1 for a flat activation; the massive
     outlier channels of LLM activations give 10–100+). 0 when every channel is zero."""
-    median = float(absmax.median())
+    median = float(absmax.double().quantile(0.5))  # the mean of the middle two, as numpy
     top = float(absmax.max())
     if median > 0:
         return top / median
