@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test browser lint format bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,8 +28,15 @@ demo: $(STAMP)
 
 # Two workers, one file each at a time: tracing and export are single-threaded Python, so a
 # second worker keeps the second core busy (conftest gives each worker one torch thread).
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+test: $(STAMP) browser
+	QGRAPH_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# Debian's chromium, the real client of the HTML report in the tests (Playwright drives it;
+# it never downloads a browser of its own)
+browser:
+	@command -v chromium >/dev/null || { \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check qgraph passes backends tests benchmarks examples

@@ -10,6 +10,7 @@ Runtime on the same inputs and flags a layer whose error in the file departs fro
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,13 +50,23 @@ class PassTrace:
         self.batch = batch
         self.pattern = pattern
         self.reference: list[Any] | None = None
+        self.seconds = 0.0  # spent measuring, reported so its cost is known
 
     def start(self, model: Model) -> None:
+        t = time.perf_counter()
         if self.batch is None:
             self.batch = probe_batch(model)
         _, self.reference = measure(model, self.batch, [])
+        self.seconds += time.perf_counter() - t
 
     def after_pass(self, model: Model) -> dict[str, Any]:
+        t = time.perf_counter()
+        try:
+            return self._measure(model)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def _measure(self, model: Model) -> dict[str, Any]:
         probes = quantized_probes(model, self.pattern)
         measured, outputs = measure(model, self.batch, probes)
         out: dict[str, Any] = {
@@ -155,23 +166,37 @@ class RunAnalysis:
         self.pattern = pattern or None
         self.batch: torch.Tensor | None = None
         self.activations_before: dict[str, dict] = {}
+        self.trace: PassTrace | None = None
+        self.seconds = 0.0
 
     def start(self, model: Model) -> PassTrace:
         """Measure the model as loaded; returns the trace to hand to the pass manager."""
         from .layer_report import activation_rows
 
+        t = time.perf_counter()
         self.batch = probe_batch(model)
         self.activations_before = activation_rows(model, self.batch)
-        return PassTrace(self.batch, self.pattern)
+        self.trace = PassTrace(self.batch, self.pattern)
+        self.seconds += time.perf_counter() - t
+        return self.trace
 
     def finish(self, model: Model) -> dict[str, Any]:
+        """The report's ``probe``, ``layers``, ``activations_before`` and ``analysis_seconds``
+        (the time spent measuring so far, the trace's included)."""
         from .layer_report import layer_rows
 
+        t = time.perf_counter()
+        layers = layer_rows(model, self.batch, self.pattern)
+        self.seconds += time.perf_counter() - t
         return {
             "probe": {"rows": int(self.batch.shape[0]), "shape": list(self.batch.shape[1:])},
-            "layers": layer_rows(model, self.batch, self.pattern),
+            "layers": layers,
             "activations_before": self.activations_before,
+            "analysis_seconds": self.seconds + (self.trace.seconds if self.trace else 0.0),
         }
 
     def onnx(self, model: Model, path: str | os.PathLike) -> dict[str, Any]:
-        return compare_with_onnx(model, path, self.batch, self.pattern)
+        t = time.perf_counter()
+        result = compare_with_onnx(model, path, self.batch, self.pattern)
+        result["seconds"] = time.perf_counter() - t
+        return result
