@@ -55,10 +55,14 @@ def find_layer_values(
 ) -> dict[str, LayerValues]:
     """The capture points of each quantized layer in ``proto`` (those in ``layers`` when
     given) found from the node metadata; layers whose values the file does not keep are left
-    out."""
-    produced = {out for node in proto.graph.node for out in node.output}
-    produced |= {i.name for i in proto.graph.input}
+    out. A value the exporter renamed to a graph input or output (``image``, ``logits``) is
+    found through the ONNX nodes made from the FX node that reads or writes it."""
+    graph_inputs = {i.name for i in proto.graph.input}
+    graph_outputs = {o.name for o in proto.graph.output}
+    produced = {out for node in proto.graph.node for out in node.output} | graph_inputs
     made_by: dict[str, tuple[str, str]] = {}  # fx value -> (qgraph op, its first argument)
+    onnx_in: dict[str, set[str]] = {}  # fx value -> inputs of the ONNX nodes made from it
+    onnx_out: dict[str, set[str]] = {}  # ... and their outputs
     owners: dict[str, str] = {}  # fx value of a layer op -> layer
     sparse: dict[str, str] = {}  # layer -> its sparse branch's value
     for node in proto.graph.node:
@@ -67,21 +71,31 @@ def find_layer_values(
             continue
         value, op, first = fx
         made_by[value] = (op, first)
+        onnx_in.setdefault(value, set()).update(node.input)
+        onnx_out.setdefault(value, set()).update(node.output)
         layer = _layer_of(node)
         if layer and op in _LAYER_OPS:
             owners[value] = layer
         elif layer and op == "sparse_matmul":
             sparse[layer] = value
+
+    def only(names: set[str]) -> str | None:
+        return next(iter(names)) if len(names) == 1 else None
+
     wanted = set(layers) if layers is not None else None
     out: dict[str, LayerValues] = {}
     for value, layer in owners.items():
         if (wanted is not None and layer not in wanted) or layer in out:
             continue
-        x = made_by[value][1]
+        reader, x = value, made_by[value][1]
         while x in made_by and made_by[x][0] in _QUANTIZERS:
-            x = made_by[x][1]
-        outputs = [value] + ([sparse[layer]] if layer in sparse else [])
-        if x in produced and all(v in produced for v in outputs):
+            reader, x = x, made_by[x][1]
+        if x not in produced:  # the model's input, under its ONNX name
+            x = only(onnx_in.get(reader, set()) & graph_inputs)
+        outputs = []
+        for v in [value] + ([sparse[layer]] if layer in sparse else []):
+            outputs.append(v if v in produced else only(onnx_out.get(v, set()) & graph_outputs))
+        if x is not None and all(v is not None for v in outputs):
             out[layer] = LayerValues(layer, x, outputs)
     return out
 

@@ -204,7 +204,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     table = format_table([float_row(rows[0]), *rows])
     print(table)
     write_json(out / "demo-report.json", {"rows": rows, "table": table})
-    log(f"report written to {out / 'demo-report.json'}")
+    from .html_report import write_html
+
+    write_html(rows, out / "demo-report.html")  # the recipes side by side, with their pass logs
+    log(f"report written to {out / 'demo-report.json'} and {out / 'demo-report.html'}")
     return 0
 
 

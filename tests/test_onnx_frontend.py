@@ -298,12 +298,19 @@ def test_cli_runs_an_onnx_model_with_npz_inputs(cnn_onnx, tmp_path):
             sys.executable, "-m", "qgraph.cli", "run", "--model", str(cnn_onnx),
             "--pipeline", PIPELINE, "--calib-inputs", str(calib), "--eval-inputs", str(evals),
             "--export", str(out), "--report", str(report_path), "--no-progress",
+            "--html", str(tmp_path / "r.html"),
         ],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(report_path.read_text())
     assert report["calibration_samples"] == 6 and report["eval_samples"] == 3
+    # --html: the per-layer table and the same layers in ONNX Runtime, convolutions included
+    kinds = [r["kind"] for r in report["layers"]]
+    assert kinds.count("conv") == 3 and all(20 < r["sqnr_db"] < 80 for r in report["layers"])
+    trace = report["onnx_trace"]
+    assert trace["flagged"] == [] and trace["missing"] == []
+    assert "Error per pass, torch and ONNX Runtime" in (tmp_path / "r.html").read_text()
 
     assert report["import_error"]["scores"]["sqnr_db"] > 100  # the import is exact
     torch_err = report["output_error"]["scores"]
