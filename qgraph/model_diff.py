@@ -59,7 +59,10 @@ def _totals(doc: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _layer_formats(doc: dict[str, Any]) -> dict[str, str]:
+def _layer_formats(doc: dict[str, Any]) -> dict[str, tuple[str, int | None, bool]]:
+    """``{layer: (format text, weight bits, from records)}``. A file's layers are read off its
+    stored tensors, where per-channel scales may be replicated into blocks for ONNX Runtime's
+    kernels, so a file and a record are compared on their bits only."""
     out = {}
     for row in doc.get("layers") or []:
         text = row.get("weight") or "float"
@@ -69,8 +72,16 @@ def _layer_formats(doc: dict[str, Any]) -> dict[str, str]:
             text += f", in {row['expansion']}"
         if row.get("sparse_share"):
             text += f", sparse {100 * row['sparse_share']:.2f} %"
-        out[row["name"]] = text
+        out[row["name"]] = (text, row.get("bits"), "solver" in row)
     return out
+
+
+def _same_format(a: tuple | None, b: tuple | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if a[2] and b[2]:  # both from records: the whole format
+        return a[0] == b[0]
+    return a[1] == b[1]
 
 
 def diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -101,9 +112,9 @@ def diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     ops.sort(key=lambda r: -abs(r["B − A"]))
     la, lb = _layer_formats(a), _layer_formats(b)
     layers = [
-        {"layer": name, "A": la.get(name), "B": lb.get(name)}
+        {"layer": name, "A": (la.get(name) or (None,))[0], "B": (lb.get(name) or (None,))[0]}
         for name in dict.fromkeys([*la, *lb])
-        if la.get(name) != lb.get(name)
+        if not _same_format(la.get(name), lb.get(name))
     ]
     return {
         "schema": REPORT_SCHEMA,

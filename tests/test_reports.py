@@ -212,6 +212,16 @@ def test_diff_of_two_reports():
     assert totals["bits_per_param"]["A"] == 32 and totals["bits_per_param"]["B"] == 8
     assert totals["ppl"]["B − A"] == pytest.approx(1.0)
     assert d["layers"] == [{"layer": "x", "A": None, "B": "int8:channel:sym:full"}]
+    # a file's layer (stored layout, scales replicated in blocks) against a record: bits only
+    rec = {
+        "layers": [
+            {"name": "q", "weight": "int4:channel:sym:full", "bits": 4, "solver": "gptq"},
+            {"name": "k", "weight": "int8:channel:sym:full", "bits": 8, "solver": "rtn"},
+        ]
+    }
+    file = {"layers": [{"name": "q", "weight": "int4:group64", "bits": 4},
+                       {"name": "k", "weight": "int4:group64", "bits": 4}]}  # fmt: skip
+    assert [r["layer"] for r in diff(rec, file)["layers"]] == ["k"]
 
 
 # ---------------------------------------------------------------------------- HTML
