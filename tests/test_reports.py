@@ -117,9 +117,15 @@ def split_model():
     return model
 
 
-def test_onnx_layers_match_torch_and_a_tampered_scale_is_flagged(split_model, tmp_path):
+def test_onnx_layers_match_torch_and_a_tampered_scale_is_flagged(split_model, tmp_path, capsys):
     model = split_model
     path = export_model(model, tmp_path / "m.onnx", "test")
+    # the file alone says which layers it holds and in what format (from its node metadata)
+    assert main(["inspect", str(path), "--json", "--html", str(tmp_path / "i.html")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["report"] == "inspect" and {r["name"] for r in info["layers"]} == set(model.quant)
+    assert all(r["bits"] == 4 for r in info["layers"])
+    assert "Nodes by the passes that made them" in (tmp_path / "i.html").read_text()
     result = compare_with_onnx(model, path)
     layers = {e["name"]: e for e in result["layers"]}
     assert set(layers) == set(model.quant)
