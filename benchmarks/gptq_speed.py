@@ -53,14 +53,14 @@ def main() -> None:
     print(
         header("GPTQ wall time, default recipe (SmolLM2-135M, 16 × 512 tokens)", " ".join(sys.argv))
     )
-    print("| tree | quantize s | gptq s | quantize + gptq s | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| tree | quantize s | gptq s | quantize + gptq s | peak RSS MB | ppl (1 window) |")
+    print("|---|---|---|---|---|---|")
     for name, rs in runs.items():
         for r in rs:
             total = r["quantize_s"] + r["gptq_s"]
             print(
                 f"| {name} | {r['quantize_s']:.1f} | {r['gptq_s']:.1f} | {total:.1f} | "
-                f"{r['peak_rss_mb']:.0f} |"
+                f"{r['peak_rss_mb']:.0f} | {r['ppl_1_window']:.4f} |"
             )
 
 

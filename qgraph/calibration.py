@@ -74,16 +74,28 @@ def calibration_rows(model, p, option: str) -> int:
     return int(data.shape[0])
 
 
-def input_hessian(x: torch.Tensor) -> torch.Tensor:
+def input_hessian(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     """``XᵀX`` of activations ``x [..., in]`` flattened over all leading dims, returned in float64.
 
     The product runs in the activations' own precision (float32 for float32 models: twice the
     speed of float64 and relative error ~1e-6, far below GPTQ's 1 % damping); half precision is
-    widened to float32 first."""
+    widened to float32 first. Wide inputs are computed by column blocks, the upper blocks only,
+    and mirrored: ``XᵀX`` is symmetric, so ~3/8 of the work at 1536 columns is skipped."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
-    return (flat.T @ flat).double()
+    n = flat.shape[1]
+    if n <= block:
+        return (flat.T @ flat).double()
+    out = torch.empty(n, n, dtype=torch.float64)
+    starts = range(0, n, block)
+    cols = [flat[:, i : i + block].contiguous() for i in starts]
+    for a, i in enumerate(starts):
+        right = flat[:, i:]  # this block against itself and every block after it
+        part = (cols[a].T @ right).double()
+        out[i : i + block, i:] = part
+        out[i + block :, i : i + block] = part[:, block:].T
+    return out
 
 
 def input_second_moments(
