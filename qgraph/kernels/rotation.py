@@ -11,9 +11,9 @@ from . import hadamard
 
 @dataclass
 class Rotation:
-    """An orthogonal ``Q`` (n×n); ``right(x) = x @ Q`` over the last dim, in float64.
+    """An orthogonal ``Q`` (n×n); ``right(x) = x @ Q`` over the last dim.
 
-    A randomized Hadamard ``Q = diag(s) H / √n`` is applied with the O(n log n) transform;
+    A randomized Hadamard ``Q = diag(s) H / √n`` is applied as small Kronecker-factor GEMMs;
     any other ``Q`` (the random-orthogonal fallback) with a dense float64 matmul.
     """
 
@@ -37,10 +37,15 @@ class Rotation:
         return cls(n, desc, matrix=q)
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        x64 = x.double()
-        if self.signs is not None:
-            return hadamard.fast_hadamard_transform(x64, True, self.signs)
-        return x64 @ self.matrix
+        """``x @ Q`` (no autograd: weights are rotated once, never differentiated here). A
+        Hadamard rotation runs in ``x``'s precision when that is float32 — the Kronecker GEMMs
+        are accurate to ~2 ulp of the result (tests/test_kernels_hadamard.py), the rotated
+        model matches the float one to ~1e-6 — else in float64; a dense ``Q`` in float64."""
+        with torch.no_grad():
+            if self.signs is not None:
+                work = x.detach() if x.dtype in (torch.float32, torch.float64) else x.double()
+                return hadamard.kronecker_hadamard_transform(work, self.signs)
+            return x.detach().double() @ self.matrix
 
 
 def rotate_input(weight: torch.Tensor, rot: Rotation) -> torch.Tensor:
