@@ -37,14 +37,14 @@ class Rotation:
         return cls(n, desc, matrix=q)
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ Q`` (no autograd: weights are rotated once, never differentiated here). A
-        Hadamard rotation runs in ``x``'s precision when that is float32 — the Kronecker GEMMs
-        are accurate to ~2 ulp of the result (tests/test_kernels_hadamard.py), the rotated
-        model matches the float one to ~1e-6 — else in float64; a dense ``Q`` in float64."""
+        """``x @ Q`` in float64 (no autograd: weights are rotated once, never differentiated
+        here), so the rotated float32 weight is the exact product rounded once. A Hadamard
+        ``Q`` runs as the Kronecker-factor GEMMs (2× the butterflies' speed in float64). In
+        float32 they would be another 2× faster but ~2 ulp off, and that moved which tokens hit
+        rounding ties in the W8A8 ONNX-vs-torch test, so float64 is kept."""
         with torch.no_grad():
             if self.signs is not None:
-                work = x.detach() if x.dtype in (torch.float32, torch.float64) else x.double()
-                return hadamard.kronecker_hadamard_transform(work, self.signs)
+                return hadamard.kronecker_hadamard_transform(x.detach().double(), self.signs)
             return x.detach().double() @ self.matrix
 
 
