@@ -499,19 +499,3 @@ def test_orthogonal_matrix_kinds():
 
     with pytest.raises(ValueError):
         had.orthogonal_matrix(8, 0, kind="householder")
-
-
-@pytest.mark.parametrize("n", [1, 2, 12, 20, 64, 96, 576, 688, 1536, 4096])
-def test_kronecker_transform_equals_the_butterflies(n):
-    """The GEMM form used to rotate weights computes the butterflies' transform: to float64
-    rounding in float64, and to a few ulp in float32 (what rotating a float32 model adds)."""
-    gen = torch.Generator().manual_seed(n)
-    x = torch.randn(4, 3, n, generator=gen, dtype=torch.float64)
-    signs = had.random_signs(n, 7)
-    ref = had.fast_hadamard_transform(x, True, signs)
-    got = had.kronecker_hadamard_transform(x, signs)
-    assert torch.allclose(got, ref, rtol=0, atol=1e-13)
-    got32 = had.kronecker_hadamard_transform(x.float(), signs)
-    assert got32.dtype == torch.float32
-    assert float((got32.double() - ref).abs().max() / ref.abs().max()) < 2e-6
-    assert had.kronecker_hadamard_transform(x, None).shape == x.shape

@@ -458,8 +458,7 @@ def gptq_quantize(
             q = (torch.round(col / s) + z).clamp_(qmin, qmax)
             codes_t[j] = q
             e = (col - (q - z) * s) / u[j, j]
-            if i + 1 < i2 - i1:  # rank-1 update of the block's later columns, in place
-                w1[i + 1 :].addr_(u[j, j + 1 : i2], e, alpha=-1)
+            w1[i:] -= u[j, j:i2].unsqueeze(1) * e
             err1[i] = e
         if i2 < inp:
             weight_t[i2:] -= u[i1:i2, i2:].T @ err1

@@ -13,7 +13,7 @@ from . import hadamard
 class Rotation:
     """An orthogonal ``Q`` (n×n); ``right(x) = x @ Q`` over the last dim.
 
-    A randomized Hadamard ``Q = diag(s) H / √n`` is applied as small Kronecker-factor GEMMs;
+    A randomized Hadamard ``Q = diag(s) H / √n`` is applied with the O(n log n) transform;
     any other ``Q`` (the random-orthogonal fallback) with a dense float64 matmul.
     """
 
@@ -37,15 +37,14 @@ class Rotation:
         return cls(n, desc, matrix=q)
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ Q`` in float64 (no autograd: weights are rotated once, never differentiated
-        here), so the rotated float32 weight is the exact product rounded once. A Hadamard
-        ``Q`` runs as the Kronecker-factor GEMMs (2× the butterflies' speed in float64). In
-        float32 they would be another 2× faster but ~2 ulp off, and that moved which tokens hit
-        rounding ties in the W8A8 ONNX-vs-torch test, so float64 is kept."""
+        """``x @ Q`` in float64, without autograd: weights are rotated once and never
+        differentiated here (model weights arrive as parameters that require grad, which sent
+        the transform down its slower differentiable path and recorded a graph)."""
         with torch.no_grad():
+            x64 = x.detach().double()
             if self.signs is not None:
-                return hadamard.kronecker_hadamard_transform(x.detach().double(), self.signs)
-            return x.detach().double() @ self.matrix
+                return hadamard.fast_hadamard_transform(x64, True, self.signs)
+            return x64 @ self.matrix
 
 
 def rotate_input(weight: torch.Tensor, rot: Rotation) -> torch.Tensor:
