@@ -105,6 +105,27 @@ def first_layers(lm) -> qgraph.Model:
     return qgraph.from_hf(cut, lm.tokenizer, "smollm2-135m-first-4-layers")
 
 
+#: ONNX Runtime GenAI runs ``MatMulNBits`` at ORT's default accuracy level 4 (activations
+#: quantized to int8 inside the kernel, for speed), so its logits differ from torch's by that
+#: noise: ~0.1 on SmolLM2's logits. A greedy step where torch's two best tokens are closer than
+#: this may go either way; a wrong model misses by whole logits.
+GREEDY_NOISE = 0.25
+
+
+def assert_same_greedy_tokens(model, got: list[int], expected: list[int], prompt: int) -> None:
+    """GenAI's greedy tokens are torch's: identical, or — from the first step where they part —
+    a token within ``GREEDY_NOISE`` of torch's best on GenAI's own sequence, at every step."""
+    if got == expected:
+        return
+    assert len(got) == len(expected) and got[:prompt] == expected[:prompt]
+    logits = model(torch.tensor([got]))[0]
+    for i in range(prompt, len(got)):
+        gap = float(logits[i - 1].max() - logits[i - 1, got[i]])
+        assert gap <= GREEDY_NOISE, f"step {i - prompt}: GenAI's token is {gap:.3f} below torch's"
+    first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+    assert first - prompt >= 6, f"GenAI and torch part at step {first - prompt} of 12"
+
+
 def test_w4a16_decoder_runs_in_onnx_runtime_genai(first_layers, windows, tmp_path, capsys):
     """The exported decoder folder: ONNX Runtime's perplexity matches torch's, and ONNX Runtime
     GenAI, given the folder alone, tokenizes a text prompt and generates torch's greedy tokens."""
@@ -134,12 +155,13 @@ def test_w4a16_decoder_runs_in_onnx_runtime_genai(first_layers, windows, tmp_pat
     generator.append_tokens(tokenizer.encode(prompt))
     while not generator.is_done():
         generator.generate_next_token()
-    assert [int(t) for t in generator.get_sequence(0)] == expected
+    got = [int(t) for t in generator.get_sequence(0)]
+    assert_same_greedy_tokens(model, got, expected, ids.shape[1])
     # the same through the command line, as one JSON object
     argv = ["generate", "--model", str(folder), "--backend", "ort", "--prompt", prompt]
     assert main([*argv, "--max-new-tokens", "12", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["tokens"] == expected[ids.shape[1] :] and out["tokens_per_s"] > 0
+    assert out["tokens"] == got[ids.shape[1] :] and out["tokens_per_s"] > 0  # GenAI through the CLI
     assert out["text"] == model.tokenizer.decode(out["tokens"])
 
 
