@@ -8,6 +8,7 @@ against the same layer in A on the same inputs (:func:`layer_output_error`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -152,6 +153,11 @@ def layer_output_error(model_a, model_b, batch: torch.Tensor) -> list[dict[str, 
     whose output a rotation moved to another basis in one model and not the other are named
     but not compared."""
     pa, pb = _probes(model_a), _probes(model_b)
+    heads_a = [n for n, p in pa.items() if p.role == "lm_head"]
+    heads_b = [n for n, p in pb.items() if p.role == "lm_head"]
+    if len(heads_a) == len(heads_b) == 1 and heads_a != heads_b:
+        # a tied head is named after the embedding it reads; untied (rotate) it is its own
+        pb[heads_a[0]] = dataclasses.replace(pb.pop(heads_b[0]), name=heads_a[0])
     common = [n for n in pa if n in pb]
     if not common:
         raise DataError("the two models have no layer name in common to compare")

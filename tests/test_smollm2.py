@@ -256,3 +256,28 @@ def test_layer_report_and_onnx_trace_on_smollm2(first_layers, windows, tmp_path)
     assert result["flagged"] == [] and result["missing"] == []
     for e in result["layers"]:
         assert abs(e["ort_sqnr_db"] - e["torch_sqnr_db"]) < 0.5, e
+
+
+def test_inspect_diff_measures_layers_of_two_saved_models(first_layers, windows, tmp_path, capsys):
+    """`qgraph inspect A --diff B --eval-text` on real weights: the float model against its
+    rotated W8 rewrite, saved with their tokenizer; basis-free layers are compared, rotated
+    outputs are named."""
+    a = fresh(first_layers)
+    b = fresh(first_layers)
+    b.set_calibration(windows[:2, :128])
+    qgraph.run_pipeline(b, "fuse-norms,rotate{seed=0},quantize{w=int8:channel}")
+    qgraph.save(a, tmp_path / "a.pt2")
+    qgraph.save(b, tmp_path / "b.pt2")
+    argv = ["inspect", str(tmp_path / "a.pt2"), "--diff", str(tmp_path / "b.pt2"), "--json"]
+    assert main([*argv, "--eval-text"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["eval"] == {"rows": 2, "shape": [256]}
+    rows = {r["layer"]: r for r in d["layer_error"]}
+    # every projection and the head (tied to the embedding in A, its own layer in B)
+    assert len(rows) == 4 * 7 + 1
+    for name, r in rows.items():
+        if name.endswith(("o_proj", "down_proj", "v_proj")):  # R1 and R2 (on by default)
+            assert "rotated basis" in r["note"]
+        else:  # W8 per channel: tens of dB; q/k/gate/up outputs do not depend on R1
+            assert 25 < r["output_sqnr_db"] < 70, (name, r)
+    assert len(d["layers"]) == 4 * 7  # float → int8 for every projection
