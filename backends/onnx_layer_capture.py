@@ -20,12 +20,12 @@ import numpy as np
 import onnx
 
 from qgraph.errors import ExportError
+from qgraph.layer_report import ACT_QUANTIZERS
 
 from .ort_runtime import session_options
 
 _FX = re.compile(r"^%(\w+) : .*?target=torch\.ops\.qgraph\.(\w+)\.default\]\(args = \(\[?%(\w+)")
 _LAYER_OPS = ("qlinear", "qconv")
-_QUANTIZERS = ("quantize_per_token", "quantize_static", "quantize_per_token_u8")
 _PROTO_LIMIT = 2**31 - 2**24  # an in-memory model must serialize under protobuf's 2 GB
 
 
@@ -88,7 +88,7 @@ def find_layer_values(
         if (wanted is not None and layer not in wanted) or layer in out:
             continue
         reader, x = value, made_by[value][1]
-        while x in made_by and made_by[x][0] in _QUANTIZERS:
+        while x in made_by and made_by[x][0] in ACT_QUANTIZERS:
             reader, x = x, made_by[x][1]
         if x not in produced:  # the model's input, under its ONNX name
             x = only(onnx_in.get(reader, set()) & graph_inputs)

@@ -30,6 +30,17 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def interleaved_tree_runs(trees_arg: str, repeats: int, one_run) -> dict[str, list[dict]]:
+    """``{tree: [one_run(tree root, repeat index), ...]}`` for ``trees_arg`` ``"new=.,old=/tmp/old"``,
+    the trees interleaved within each repeat so that they share the machine's state."""
+    trees = dict(item.split("=", 1) for item in trees_arg.split(","))
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for i in range(repeats):
+        for name, tree in trees.items():
+            runs[name].append(one_run(Path(tree).resolve(), i))
+    return runs
+
+
 def header(title: str, command: str) -> str:
     today = datetime.date.today().isoformat()
     return f"## {title}\n\n`{command}` — {machine()} — {today}\n"

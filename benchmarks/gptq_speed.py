@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import header
+from common import header, interleaved_tree_runs
 
 PIPELINE = "quantize{w=int4:channel},gptq"
 
@@ -43,13 +43,10 @@ def main() -> None:
     ap.add_argument("--trees", default="new=.")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    trees = dict(item.split("=", 1) for item in args.trees.split(","))
-    runs: dict[str, list[dict]] = {name: [] for name in trees}
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
-            for name, tree in trees.items():
-                report = Path(tmp) / f"{name}_{i}.json"
-                runs[name].append(one_run(Path(tree).resolve(), report))
+        runs = interleaved_tree_runs(
+            args.trees, args.repeats, lambda tree, i: one_run(tree, Path(tmp) / f"{i}.json")
+        )
     print(
         header("GPTQ wall time, default recipe (SmolLM2-135M, 16 × 512 tokens)", " ".join(sys.argv))
     )

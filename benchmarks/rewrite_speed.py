@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import header
+from common import header, interleaved_tree_runs
 
 PIPELINE = "fuse-norms,rotate{seed=0}"
 
@@ -48,11 +48,7 @@ def main() -> None:
     ap.add_argument("--trees", default="new=.")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    trees = dict(item.split("=", 1) for item in args.trees.split(","))
-    runs: dict[str, list[dict]] = {name: [] for name in trees}
-    for _ in range(args.repeats):
-        for name, tree in trees.items():
-            runs[name].append(one_run(Path(tree).resolve()))
+    runs = interleaved_tree_runs(args.trees, args.repeats, lambda tree, _: one_run(tree))
     print(header(f"Exact rewrites `{PIPELINE}` (SmolLM2-135M)", " ".join(sys.argv)))
     print("| tree | weight copy s | fuse-norms s | rotate s | both s | both / copy | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")

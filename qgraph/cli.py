@@ -287,7 +287,7 @@ def _inspect_diff(args: argparse.Namespace) -> int:
         from .html_report import write_html
 
         write_html(d, args.html)
-    print(model_diff.dumps(d) if args.json else model_diff.format_diff(d))
+    print(json.dumps(d, indent=2, default=str) if args.json else model_diff.format_diff(d))
     return 0
 
 

@@ -104,9 +104,9 @@ def plot_layer_error(layers: Sequence[dict], onnx: dict | None) -> str | None:
         if ort:
             ax.scatter(*zip(*ort, strict=True), s=28, facecolors="none", edgecolors="black",
                        label="ONNX Runtime", lw=0.8)  # fmt: skip
-        flagged = [(index[n], 0) for n in onnx.get("flagged", []) if n in index]
-        for x, _ in flagged:
-            ax.axvline(x, color="#d92d20", lw=1, alpha=0.6)
+        for name in onnx.get("flagged", []):
+            if name in index:
+                ax.axvline(index[name], color="#d92d20", lw=1, alpha=0.6)
     ax.set_xlabel("layer (graph order)")
     ax.set_ylabel("output SQNR (dB)")
     ax.legend(fontsize=7, ncol=min(8, len(roles) + 1), loc="lower left", bbox_to_anchor=(0, 1.0),

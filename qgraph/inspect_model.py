@@ -85,32 +85,27 @@ def _onnx_layers(model) -> list[dict[str, Any]]:
         layer = node.metadata_props.get("qgraph.layer")
         if not layer or layer in rows:
             continue
+        attrs = node.attributes
         if node.op_type == "DequantizeLinear" and node.inputs[0] is not None:
             weight = node.inputs[0]
             if weight.const_value is None and not weight.is_initializer():
                 continue  # an activation's dequantizer
             dtype = weight.dtype.name.lower() if weight.dtype is not None else "?"
-            block = node.attributes.get("block_size")
-            axis = node.attributes.get("axis")
-            grain = f"group{block.as_int()}" if block is not None and block.as_int() else (
-                "channel" if axis is not None or len(node.inputs[1].shape or ()) else "tensor"
-            )  # fmt: skip
-            bits = _BITS.get(dtype.upper(), None)
-            rows[layer] = {
-                "index": len(rows),
-                "name": layer,
-                "weight": f"{dtype}:{grain}",
-                "bits": bits,
-            }
+            block = attrs["block_size"].as_int() if "block_size" in attrs else 0
+            if block:
+                grain = f"group{block}"
+            elif "axis" in attrs or len(node.inputs[1].shape or ()):
+                grain = "channel"
+            else:
+                grain = "tensor"
+            text, bits = f"{dtype}:{grain}", _BITS.get(dtype.upper())
         elif node.op_type == "MatMulNBits":
-            bits = node.attributes["bits"].as_int() if "bits" in node.attributes else 4
-            block = node.attributes["block_size"].as_int() if "block_size" in node.attributes else 0
-            rows[layer] = {
-                "index": len(rows),
-                "name": layer,
-                "weight": f"int{bits}:group{block}",
-                "bits": bits,
-            }
+            bits = attrs["bits"].as_int() if "bits" in attrs else 4
+            block = attrs["block_size"].as_int() if "block_size" in attrs else 0
+            text = f"int{bits}:group{block}"
+        else:
+            continue
+        rows[layer] = {"index": len(rows), "name": layer, "weight": text, "bits": bits}
     return list(rows.values())
 
 

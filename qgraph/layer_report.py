@@ -5,7 +5,7 @@ The output error of a layer is *local*: the layer's actual output (quantized inp
 weights, sparse branch) against the float layer (its float weight, in the model's current basis)
 applied to the same float input. It is what this layer's quantization adds given what reaches
 it, so it can be compared pass by pass and against the same layer in ONNX Runtime
-(:mod:`qgraph.onnx_trace`), and it needs no float twin of the whole model — rotations change the
+(:mod:`qgraph.layer_trace`), and it needs no float twin of the whole model — rotations change the
 basis of half the layers' outputs, which makes a whole-model comparison meaningless per layer.
 """
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 #: Activation quantizers in front of a layer: the layer's float input is their first argument.
-_ACT_QUANTIZERS = ("quantize_per_token", "quantize_static", "quantize_per_token_u8")
+ACT_QUANTIZERS = ("quantize_per_token", "quantize_static", "quantize_per_token_u8")
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _float_input(node: fx.Node) -> fx.Node:
     while (
         isinstance(x, fx.Node)
         and x.op == "call_function"
-        and any(q in str(x.target) for q in _ACT_QUANTIZERS)
+        and any(q in str(x.target) for q in ACT_QUANTIZERS)
     ):
         x = x.args[0]
     return x
@@ -292,12 +292,17 @@ def _record_columns(model: Model, index: int, p: Probe, widths: dict[str, str]) 
 
 
 def layer_rows(
-    model: Model, batch: torch.Tensor, pattern: str | None = None
+    model: Model,
+    batch: torch.Tensor,
+    pattern: str | None = None,
+    measured: dict[str, LayerMeasure] | None = None,
 ) -> list[dict[str, Any]]:
     """The report's per-layer table: one row per quantized layer (or, for a model with none,
-    per linear layer and convolution with its activation statistics only)."""
+    per linear layer and convolution with its activation statistics only). ``measured``: the
+    measures of the model as it is now on ``batch`` when already taken (the pass trace's last)."""
     probes = quantized_probes(model, pattern) or float_probes(model, pattern)
-    measured, _ = measure(model, batch, probes)
+    if measured is None or any(p.name not in measured for p in probes):
+        measured, _ = measure(model, batch, probes)
     widths = _expansion_widths(model)
     rows = []
     for index, p in enumerate(probes):

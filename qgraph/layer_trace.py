@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from .kernels.error_stats import energies, sqnr_db
-from .layer_report import _reference, apply_layer, json_number, measure, quantized_probes
+from .layer_report import (
+    LayerMeasure,
+    _reference,
+    apply_layer,
+    json_number,
+    measure,
+    quantized_probes,
+)
 
 if TYPE_CHECKING:
     from .model import Model
@@ -50,6 +57,7 @@ class PassTrace:
         self.batch = batch
         self.pattern = pattern
         self.reference: list[Any] | None = None
+        self.last: dict[str, LayerMeasure] = {}  # the measures after the latest pass
         self.seconds = 0.0  # spent measuring, reported so its cost is known
 
     def start(self, model: Model) -> None:
@@ -69,6 +77,7 @@ class PassTrace:
     def _measure(self, model: Model) -> dict[str, Any]:
         probes = quantized_probes(model, self.pattern)
         measured, outputs = measure(model, self.batch, probes)
+        self.last = measured
         out: dict[str, Any] = {
             "output_sqnr_db": json_number(_outputs_sqnr(self.reference, outputs))
         }
@@ -92,18 +101,21 @@ def compare_with_onnx(
     path: str | os.PathLike,
     batch: torch.Tensor | None = None,
     pattern: str | None = None,
+    measured: dict[str, LayerMeasure] | None = None,
 ) -> dict[str, Any]:
     """Each quantized layer's local output error in torch and in the exported file in ONNX
     Runtime, on the same inputs (``batch``, by default :func:`probe_batch`'s, the per-layer
     table's), with their agreement — the SQNR of ONNX Runtime's layer output against torch's
     layer run on the input ONNX Runtime gave it, so a divergence is pinned on the layer where
-    it starts, not on every layer after it — and a flag where they diverge."""
+    it starts, not on every layer after it — and a flag where they diverge. ``measured``: torch's
+    measures of the model as it is now on ``batch`` when already taken."""
     from qgraph.backends.onnx_layer_capture import iter_captures
 
     if batch is None:
         batch = probe_batch(model)
     probes = quantized_probes(model, pattern)
-    measured, _ = measure(model, batch, probes)
+    if measured is None or any(p.name not in measured for p in probes):
+        measured, _ = measure(model, batch, probes)
     sums = {p.name: [0.0, 0.0, 0.0, 0.0] for p in probes}  # ORT signal, noise; agreement s, n
     seen: set[str] = set()
     rows = (batch[i : i + 1].numpy() for i in range(batch.shape[0]))
@@ -167,6 +179,7 @@ class RunAnalysis:
         self.batch: torch.Tensor | None = None
         self.activations_before: dict[str, dict] = {}
         self.trace: PassTrace | None = None
+        self.measured: dict[str, LayerMeasure] = {}
         self.seconds = 0.0
 
     def start(self, model: Model) -> PassTrace:
@@ -186,7 +199,8 @@ class RunAnalysis:
         from .layer_report import layer_rows
 
         t = time.perf_counter()
-        layers = layer_rows(model, self.batch, self.pattern)
+        self.measured = self.trace.last if self.trace else {}  # the model after the last pass
+        layers = layer_rows(model, self.batch, self.pattern, self.measured or None)
         self.seconds += time.perf_counter() - t
         return {
             "probe": {"rows": int(self.batch.shape[0]), "shape": list(self.batch.shape[1:])},
@@ -197,6 +211,6 @@ class RunAnalysis:
 
     def onnx(self, model: Model, path: str | os.PathLike) -> dict[str, Any]:
         t = time.perf_counter()
-        result = compare_with_onnx(model, path, self.batch, self.pattern)
+        result = compare_with_onnx(model, path, self.batch, self.pattern, self.measured or None)
         result["seconds"] = time.perf_counter() - t
         return result

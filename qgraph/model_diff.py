@@ -9,7 +9,6 @@ against the same layer in A on the same inputs (:func:`layer_output_error`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -240,7 +239,3 @@ def format_diff(d: dict[str, Any]) -> str:
             f"worst {worst['output_sqnr_db']:.1f} dB at {worst['layer']}"
         )
     return "\n".join(lines)
-
-
-def dumps(d: dict[str, Any]) -> str:
-    return json.dumps(d, indent=2, default=str)
