@@ -320,3 +320,13 @@ def test_report_command_writes_pages(run_report, tmp_path, capsys):
     assert main(["report", str(bad), "-o", str(tmp_path / "x.html")]) == 2
     assert "is not JSON" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
+
+
+def test_run_analysis_reuses_the_trace_measurement(model):
+    """The layer table is built from the pass trace's last measurement of the model; it equals a
+    fresh measurement."""
+    analysis = RunAnalysis()
+    PassManager("quantize{w=int4:channel,a=int8:token}", trace=analysis.start(model)).run(model)
+    rows = analysis.finish(model)["layers"]
+    assert set(analysis.measured) == set(model.quant)
+    assert rows == layer_rows(model, analysis.batch)
