@@ -15,6 +15,7 @@ from torch import fx
 
 from qgraph.errors import StructureError
 from qgraph.graph_edits import bypass, finish, get_tensor, set_arg_tensor
+from qgraph.kernels.chunked import CHUNK_BYTES, map_rows
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
 from qgraph.structure import Linear, Norm
@@ -51,8 +52,6 @@ def fold_affine(gm: fx.GraphModule, norm: Norm) -> None:
     beta = get_tensor(gm, norm.beta).double() if norm.beta else None
     for lin in norm.readers:
         w = get_tensor(gm, lin.weight)
-        w64 = w.double()
-        new_w = w64 * gamma if gamma is not None else w64
         if beta is not None:
             old_b = _linear_bias(gm, lin)
             b = (
@@ -60,8 +59,12 @@ def fold_affine(gm: fx.GraphModule, norm: Norm) -> None:
                 if old_b is not None
                 else torch.zeros(lin.out_features, dtype=torch.float64)
             )
-            set_arg_tensor(gm, lin.node, 2, (b + w64 @ beta).to(w.dtype), lin.name + ".bias")
-        set_arg_tensor(gm, lin.node, 1, new_w.to(w.dtype), lin.name + ".weight")
+            step = max(1, CHUNK_BYTES // (8 * w.shape[1]))
+            wb = torch.cat([w[i : i + step].double() @ beta for i in range(0, len(w), step)])
+            set_arg_tensor(gm, lin.node, 2, (b + wb).to(w.dtype), lin.name + ".bias")
+        if gamma is not None:
+            new_w = map_rows(lambda rows: rows.double() * gamma, w)
+            set_arg_tensor(gm, lin.node, 1, new_w, lin.name + ".weight")
     if norm.kind == "rms" and norm.gamma_node is not None:
         node = norm.gamma_node
         normed = norm.nodes[norm.nodes.index(node) - 1]  # x̂ (or its cast) before the scale
@@ -97,8 +100,8 @@ def center_stream(gm: fx.GraphModule, model: Model) -> int:
     count = 0
     for emb in sv.residual.embeddings:
         e = get_tensor(gm, emb.weight)
-        e64 = e.double()
-        set_arg_tensor(gm, emb.node, 0, (e64 - e64.mean(-1, keepdim=True)).to(e.dtype), emb.weight)
+        centered = map_rows(lambda r: r.double() - r.double().mean(-1, keepdim=True), e)
+        set_arg_tensor(gm, emb.node, 0, centered, emb.weight)
         count += 1
     for lin in sv.residual.writers:
         w = get_tensor(gm, lin.weight)

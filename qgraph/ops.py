@@ -30,7 +30,7 @@ def qlinear(
     bits: int,
 ) -> torch.Tensor:
     """``x @ W + bias`` with ``W[k, n] = (codes[k, n] - zero[g, n]) * scale[g, n]``, ``g = k // group_size``."""
-    weight = _cached_weight(codes, scale, zero, group_size).to(x.dtype)
+    weight = _cached_weight(codes, scale, zero, group_size, x.numel() // x.shape[-1]).to(x.dtype)
     out = x @ weight
     if bias is not None:
         out = out + bias
@@ -65,8 +65,18 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _cached_weight(codes, scale, zero, group_size: int) -> torch.Tensor:
-    """Dequantized weight, memoized per codes tensor so evaluation does not redo it every call.
+CACHE_MAX_ROWS = 64
+"""Calls with at most this many input rows (decode steps) memoize the dequantized weight."""
+
+
+def _cached_weight(codes, scale, zero, group_size: int, rows: int) -> torch.Tensor:
+    """Dequantized weight, memoized per codes tensor for calls with few rows.
+
+    A decode step multiplies one token by the weight, so dequantizing on every call would cost
+    more than the product; there the weight is kept (a float copy of the layer: generation
+    trades memory for speed). A call with many rows (calibration, evaluation windows) spends
+    far longer in the product than in dequantizing, so it keeps nothing: a float copy of every
+    layer would double the process's memory during GPTQ and evaluation.
 
     Stored on the ``codes`` tensor object itself (so it is freed with it) and checked against
     the versions and identities of all three tensors, so an edited tensor never serves a stale
@@ -77,7 +87,10 @@ def _cached_weight(codes, scale, zero, group_size: int) -> torch.Tensor:
     if hit is not None and hit[0] == key:
         return hit[1]
     weight = dequantize_kn(codes, scale, zero, group_size)
-    codes._qgraph_dequant = (key, weight)
+    if rows <= CACHE_MAX_ROWS:
+        codes._qgraph_dequant = (key, weight)
+    elif hit is not None:
+        del codes._qgraph_dequant  # stale
     return weight
 
 

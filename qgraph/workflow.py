@@ -100,6 +100,7 @@ class Job:
     ):
         t = time.perf_counter()
         self.lm: LoadedLM | None = None
+        self.model_spec = model_spec
         self.saved: Path | None = None
         self.onnx: Path | None = None
         self._loaded: Model | None = None
@@ -148,8 +149,14 @@ class Job:
         elif self.saved is not None:
             model, self._loaded = self._loaded or load_saved(self.saved), None
         else:
-            model = from_hf(self.lm.model, self.lm.tokenizer, self.lm.name)
-            model.source = self.lm.source
+            # The traced graph shares the module's tensors. Passes replace tensors rather than
+            # write into them, so once the module is dropped each replaced weight is freed: the
+            # process holds one copy of the weights, not the original beside the rewrite. A later
+            # recipe reloads the module (memory-mapped safetensors: seconds).
+            lm, self.lm = self.lm or load_causal_lm(self.model_spec), None
+            model = from_hf(lm.model, lm.tokenizer, lm.name)
+            model.source = lm.source
+            del lm
         model.set_calibration(self.calib)
         return model
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import hadamard
+from .chunked import map_columns, map_rows
 
 
 @dataclass
@@ -49,11 +50,9 @@ class Rotation:
 
 def rotate_input(weight: torch.Tensor, rot: Rotation) -> torch.Tensor:
     """``W Q`` for ``W`` of shape ``[out, in]``: the layer now reads ``x Q`` and computes the same."""
-    return rot.right(weight).to(weight.dtype)
+    return map_rows(rot.right, weight)
 
 
 def rotate_output(weight: torch.Tensor, rot: Rotation) -> torch.Tensor:
     """``Qᵀ W`` for ``W [out, in]`` (or a bias ``[out]``): the layer's output becomes ``y Q``."""
-    if weight.dim() == 1:
-        return rot.right(weight).to(weight.dtype)
-    return rot.right(weight.T).T.contiguous().to(weight.dtype)
+    return map_columns(rot.right, weight)
