@@ -13,6 +13,7 @@ from qgraph.calibration import ResumableRun, calibration_rows, input_hessian
 from qgraph.errors import DataError, PipelineError
 from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
+from qgraph.memory import trim
 from qgraph.model import Model
 from qgraph.pass_manager import Pass, working_on
 from qgraph.progress import bar
@@ -88,6 +89,7 @@ def solve_in_graph_order(
                 arg.meta["val"] = value
                 run.refresh_attr(arg)
             rec.solver = p.name
+        trim()  # the group's Hessian and solver temporaries go back to the system
         progress.update(1)
         left -= 1
         if left == 0:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from . import progress
 from .errors import QGraphError
-from .memory import return_freed_memory
 
 _SEED_LIMIT = 2**64  # torch.manual_seed takes seeds in [0, 2**64)
 
@@ -544,7 +543,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    return_freed_memory()
     was_enabled = progress.enabled()
     if getattr(args, "no_progress", False):
         progress.set_enabled(False)

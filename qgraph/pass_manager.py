@@ -23,6 +23,7 @@ import psutil
 import torch
 
 from .errors import PassError, PipelineError, QGraphError, VerificationError
+from .memory import trim
 from .model import Model, PassRecord
 
 
@@ -384,6 +385,7 @@ class PassManager:
                 summary = p.run(model) or {}
         finally:
             _MANAGER.reset(token)
+            trim()  # the pass's freed temporaries go back to the system, not a fragmented heap
         seconds = time.perf_counter() - start
         preserved = model.cached_analyses()
         model.invalidate(p.preserves)
