@@ -79,7 +79,7 @@ class GPTQ(Pass):
             # one by one (up to the summation order of the block products), and the
             # factorisation of H and the column loop run once instead of per layer.
             out: dict[int, tuple] = {}
-            h32, trace = h.float(), float(h.diagonal().sum())  # for the proxy statistics
+            trace = float(h.diagonal().sum())  # for the proxy statistics
             batches: dict[tuple, list[int]] = {}
             for i, rec in enumerate(recs):
                 clip = rec.clip if self.opt("clip") == "auto" else self.opt("clip")
@@ -104,6 +104,7 @@ class GPTQ(Pass):
                 if len(members) > 1:
                     parts = list(zip(*(t.split(sizes) for t in parts[0]), strict=True))
                 # proxy errors of the whole stack at once (float32 statistics), split per layer
+                h32 = h.float()
                 errors = {
                     "gptq_error": row_proxy_errors(stack, h32, res.weight).split(sizes),
                     "rtn_error": row_proxy_errors(

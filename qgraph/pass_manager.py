@@ -385,7 +385,9 @@ class PassManager:
                 summary = p.run(model) or {}
         finally:
             _MANAGER.reset(token)
-            trim()  # the pass's freed temporaries go back to the system, not a fragmented heap
+            trim(
+                collect=True
+            )  # the pass's freed temporaries (and cycles) go back to the system, not a fragmented heap
         seconds = time.perf_counter() - start
         preserved = model.cached_analyses()
         model.invalidate(p.preserves)

@@ -17,6 +17,7 @@ import torch
 from . import __version__
 from .api import from_hf, from_onnx
 from .data import load_text, sample_windows, token_windows
+from .distributed import is_leader, world
 from .errors import DataError
 from .evaluate import perplexity
 from .inspect_model import REPORT_SCHEMA
@@ -80,6 +81,8 @@ def log_flagged(trace: dict[str, Any]) -> None:
 
 
 def log(msg: str) -> None:
+    if not is_leader():
+        return  # workers calibrate silently; rank 0 speaks for the run
     sys.stderr.write(f"[qgraph] {msg}\n")
     sys.stderr.flush()
 
@@ -176,7 +179,7 @@ class Job:
         verify_each: bool = False,
         seed: int | None = None,
         trace_layers: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         """Rewrite a fresh model with ``pipeline``, evaluate it (and its export) and return the
         report. ``trace_layers`` (a regex of layer names; "" for all) adds the per-layer table,
         each pass's error and the same layers in the exported file (``docs/REPORT.md``)."""
@@ -189,6 +192,9 @@ class Job:
         t0 = time.perf_counter()
         gc.collect()  # FX graphs hold reference cycles: free the previous recipe's model first
         model = self.fresh_model()
+        if not is_leader():  # a worker process: calibrate its windows, leave the rest to rank 0
+            PassManager(passes).run(model)
+            return None
         float_acc = model.accounting()
         ppl_float = self.float_ppl(model)
         what = "float" if self.saved is None else "saved model's"
@@ -210,7 +216,11 @@ class Job:
             "pipeline": pipeline,
             "baseline": self.baseline,
             "eval": {"windows": int(self.eval.shape[0]), "window": int(self.eval.shape[1])},
-            "calibration": {"windows": int(self.calib.shape[0]), "seed": self.calib_seed},
+            "calibration": {
+                "windows": int(self.calib.shape[0]),
+                "seed": self.calib_seed,
+                "workers": world()[1],
+            },
             "passes": pass_log(model),
             "ppl_float": ppl_float,
             "ppl": ppl,
