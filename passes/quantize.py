@@ -43,7 +43,7 @@ channel,exclude='mlp|lm_head'}``); selecting a layer an earlier one quantized is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -64,7 +64,7 @@ from qgraph.graph_edits import finish, get_attr_node, get_tensor, insert_call, n
 from qgraph.kernels import quant as qk
 from qgraph.kernels import ranges as rk
 from qgraph.model import Model
-from qgraph.pass_manager import Option, Pass, next_pass, register, working_on
+from qgraph.pass_manager import Option, Pass, measures_each_pass, next_pass, register, working_on
 from qgraph.quantized import QuantizedLayer
 from qgraph.selection import LayerSelector, selector_options
 from qgraph.structure import SDPA, Linear, gqa_source
@@ -420,8 +420,16 @@ class Quantize(Pass):
         importance = {}
         # when the next pass searches every grid again from its own Hessians, a clip search here
         # would cost a calibration pass (a third of quantize+gptq) for codes it discards
-        later = _resolved_next(chosen) if self._clip == "output" and not convs else None
+        resolved = _resolved_next(chosen) if not convs else None
+        later = resolved if self._clip == "output" else None
         self._search = "none" if later else self._clip
+        # The next pass writes every chosen layer's codes before any calibration window runs
+        # through the layer, so round-to-nearest codes would only occupy memory until then
+        # (1.1B model: 1 GB of int8 codes beside the float weights): a zero-stride placeholder
+        # stands in for them, unless the manager measures the model between the two passes.
+        self._placeholder = (
+            bool(resolved) and model.calibration is not None and not measures_each_pass()
+        )
         if self._search == "output":
             importance = input_second_moments(
                 model.gm,
@@ -465,6 +473,9 @@ class Quantize(Pass):
         node = lin.node
         w = get_tensor(gm, lin.weight)
         stored = rtn_quantize(w, self.wspec, self._search, importance)
+        if self._placeholder:
+            codes = stored.codes
+            stored = replace(stored, codes=torch.zeros((), dtype=codes.dtype).expand(codes.shape))
         g = gm.graph
         x = node.args[0]
         if self.aspec is not None and self.aspec.mode == "token":

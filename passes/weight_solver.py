@@ -16,7 +16,7 @@ from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
 from qgraph.memory import trim
 from qgraph.model import Model
-from qgraph.pass_manager import Pass, working_on
+from qgraph.pass_manager import Pass, is_last_pass, working_on
 from qgraph.progress import bar
 from qgraph.quantized import BoundLayer, QuantizedLayer
 from qgraph.selection import LayerSelector
@@ -71,6 +71,7 @@ def solve_in_graph_order(
     groups = [[b for b in g if id(b) in chosen] for g in model.quantized.groups()]
     groups = sorted((g for g in groups if g), key=lambda g: position[g[0].node])
     lo, hi = my_windows(batch.shape[0])
+    release = not model.keep_float_weights and is_last_pass()
     progress = bar(total=len(groups), desc=p.name, unit="group", leave=False)
     with torch.inference_mode():
         runs = [StepRun(gm, batch[i : i + 1]) for i in range(lo, hi)]
@@ -82,11 +83,16 @@ def solve_in_graph_order(
             h = sum_over_workers(h, batch.shape[0])
             _solve_group(p, gm, group, h, runs, solve, solve_group)
             del h
+            if release:  # nothing after this pass re-solves: the float twin can go now
+                for layer in group:
+                    layer.record.float_weight = None
             trim()  # the group's Hessian and solver temporaries go back to the system
             progress.update(1)
         del runs  # nothing after the last layer needs the calibration batch
     progress.close()
     gm.recompile()
+    if release:
+        model.properties.discard("float-weights")
     return len(groups), int(batch.numel())
 
 

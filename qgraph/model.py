@@ -72,6 +72,10 @@ class Model:
         self.log: list[PassRecord] = []
         self.calibration: torch.Tensor | None = None
         self.quant: dict[str, QuantizedLayer] = {}
+        #: False lets the last re-solving pass of a pipeline drop each layer's float weight once
+        #: it is solved (``qgraph run`` without --save-float-weights/--trace-layers): the float
+        #: and the quantized twin of a layer then coexist only until its group is solved.
+        self.keep_float_weights = True
         self._analyses: dict[str, Any] = {}
         self.check_weights()
 

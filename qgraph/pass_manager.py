@@ -358,10 +358,12 @@ class PassManager:
             self.trace.start(model)
         for i, p in enumerate(self.passes):
             token = _NEXT.set(self.passes[i + 1] if i + 1 < len(self.passes) else None)
+            last = _LAST.set(i + 1 == len(self.passes))
             try:
                 self.run_one(p, model)
             finally:
                 _NEXT.reset(token)
+                _LAST.reset(last)
         return model
 
     def run_one(self, p: Pass, model: Model, parent: str | None = None) -> PassRecord:
@@ -495,6 +497,19 @@ _MANAGER: contextvars.ContextVar[PassManager | None] = contextvars.ContextVar(
 )
 _LAYER: contextvars.ContextVar[str | None] = contextvars.ContextVar("qgraph_layer", default=None)
 _NEXT: contextvars.ContextVar[Pass | None] = contextvars.ContextVar("qgraph_next", default=None)
+_LAST: contextvars.ContextVar[bool] = contextvars.ContextVar("qgraph_last", default=False)
+
+
+def is_last_pass() -> bool:
+    """True while the last pass of a pipeline runs (not nested, not a lone ``run_one``)."""
+    return _LAST.get()
+
+
+def measures_each_pass() -> bool:
+    """True when the running manager measures the model after each pass (``--trace-layers``,
+    ``--verify-each``): a pass must then leave a complete model, not placeholders for the next."""
+    manager = _MANAGER.get()
+    return manager is not None and (manager.trace is not None or manager.verify_each)
 
 
 def next_pass() -> Pass | None:
@@ -507,11 +522,12 @@ def run_nested(p: Pass, model: Model, parent: Pass) -> PassRecord:
     """Run ``p`` from inside ``parent``'s run through the active pass manager, so it gets a log
     record (marked with its parent), an op diff and verification like any other pass."""
     manager = _MANAGER.get() or PassManager([])
-    token = _NEXT.set(None)
+    token, last = _NEXT.set(None), _LAST.set(False)
     try:
         return manager.run_one(p, model, parent=parent.name)
     finally:
         _NEXT.reset(token)
+        _LAST.reset(last)
 
 
 @contextlib.contextmanager

@@ -192,6 +192,7 @@ class Job:
         t0 = time.perf_counter()
         gc.collect()  # FX graphs hold reference cycles: free the previous recipe's model first
         model = self.fresh_model()
+        model.keep_float_weights = save_float_weights or trace_layers is not None
         if not is_leader():  # a worker process: calibrate its windows, leave the rest to rank 0
             PassManager(passes).run(model)
             return None
