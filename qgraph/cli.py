@@ -103,7 +103,12 @@ def _launch_workers(workers: int) -> int:
             skip = True
         elif not a.startswith("--workers="):
             keep.append(a)
+    import torch
+
+    from .kernels.gptq import SOLVE_THREADS_ENV
+
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
+    env[SOLVE_THREADS_ENV] = str(torch.get_num_threads())  # factorisations as one process does
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc-per-node={workers}", "--log-dir", tempfile.mkdtemp(prefix="qgraph-workers-")]
     cmd += ["-m", "qgraph.cli", *keep]

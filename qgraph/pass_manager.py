@@ -387,9 +387,10 @@ class PassManager:
                 summary = p.run(model) or {}
         finally:
             _MANAGER.reset(token)
-            trim(
-                collect=True
-            )  # the pass's freed temporaries (and cycles) go back to the system, not a fragmented heap
+            # the pass's freed temporaries go back to the system, not a fragmented heap; a
+            # model of real size also has the cycles of its dropped graph nodes collected (a
+            # full collection costs ~0.3 s, too much to pay after every pass on small models)
+            trim(collect=_tensor_bytes(model) >= COLLECT_MIN_BYTES)
         seconds = time.perf_counter() - start
         preserved = model.cached_analyses()
         model.invalidate(p.preserves)
@@ -433,6 +434,15 @@ class PassManager:
                     f"pass '{p.name}' declares that it preserves the analysis '{name}' but "
                     "changed it; remove it from the pass's preserves"
                 )
+
+
+#: models at least this large (their tensors) get a garbage collection after each pass
+COLLECT_MIN_BYTES = 64 * 2**20
+
+
+def _tensor_bytes(model: Model) -> int:
+    gm = model.gm
+    return sum(t.nbytes for t in (*gm.parameters(), *gm.buffers()))
 
 
 def _signatures(gm) -> dict[Any, tuple]:

@@ -123,11 +123,12 @@ def test_two_workers_give_one_process_model_bit_for_bit(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to vary the thread count")
-def test_gptq_factorisation_does_not_depend_on_the_thread_count() -> None:
+def test_gptq_factorisation_uses_the_launchers_thread_count(monkeypatch) -> None:
     """Workers run with fewer threads than one process; LAPACK's Cholesky differs in its last
-    bits between 1 and 2 threads, so the kernel factorises on one thread."""
-    from qgraph.kernels.gptq import _cholesky_inverse_upper
+    bits between 1 and 2 threads, so the kernel factorises with the launcher's thread count."""
+    from qgraph.kernels.gptq import SOLVE_THREADS_ENV, _cholesky_inverse_upper
 
+    monkeypatch.setenv(SOLVE_THREADS_ENV, "2")
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2048, 1536, generator=gen) * torch.rand(1536, generator=gen) * 3
     h = (x.T @ x).double() + torch.eye(1536, dtype=torch.float64)
@@ -137,6 +138,7 @@ def test_gptq_factorisation_does_not_depend_on_the_thread_count() -> None:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             got[threads] = _cholesky_inverse_upper(h.flip(0, 1).clone(), 0.01, torch.float64)
+            assert torch.get_num_threads() == threads  # restored after the factorisation
     finally:
         torch.set_num_threads(before)
     assert torch.equal(got[1], got[2])

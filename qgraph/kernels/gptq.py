@@ -42,6 +42,7 @@ Design decisions
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -296,14 +297,18 @@ def _refit_scales(
     return torch.where(better & ok, s_try, s_old).to(scale.dtype)
 
 
+#: set by ``qgraph run --workers`` to the launching process's thread count
+SOLVE_THREADS_ENV = "QGRAPH_SOLVE_THREADS"
+
+
 @contextmanager
-def one_thread():
-    """Run the block on one intra-op thread. The Cholesky factor of the same matrix differs in
-    its last bits between 1 and 2 threads (measured), which would make ``--workers N`` (each
-    worker with fewer threads) differ from one process. One thread costs nothing at SmolLM2's
-    sizes (faster at 576 and 1536 inputs) and ~1.7× on the factorisation at 8192."""
+def solve_threads():
+    """Run the block on the thread count of the process that launched the run. The Cholesky
+    factor of the same matrix differs in its last bits between 1 and 2 threads (measured), so
+    workers (each with fewer threads) factorise with the launcher's count and get the bits of
+    one process; a plain process keeps its own count (no slowdown)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get(SOLVE_THREADS_ENV, before)))
     try:
         yield
     finally:
@@ -320,7 +325,7 @@ def _cholesky_inverse_upper(h_rev: torch.Tensor, damp: float, dtype: torch.dtype
     instead of two factorisations and an inversion. Both run in place, so at most two
     ``in × in`` float64 matrices are alive (8192 inputs: 1 GB, not the 3.6 GB of copies)."""
     info = torch.empty((), dtype=torch.int32)
-    with one_thread():  # LAPACK's bits depend on its thread count; workers must match one process
+    with solve_threads():  # LAPACK's bits depend on its thread count: workers match one process
         lower, info = torch.linalg.cholesky_ex(h_rev, out=(h_rev, info))
         ok = int(info) == 0
         if ok:
