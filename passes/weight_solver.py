@@ -16,6 +16,7 @@ from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
 from qgraph.memory import trim
 from qgraph.model import Model
+from qgraph.ops import reuse_dequantized
 from qgraph.pass_manager import Pass, is_last_pass, working_on
 from qgraph.progress import bar
 from qgraph.quantized import BoundLayer, QuantizedLayer
@@ -73,7 +74,7 @@ def solve_in_graph_order(
     lo, hi = my_windows(batch.shape[0])
     release = not model.keep_float_weights and is_last_pass()
     progress = bar(total=len(groups), desc=p.name, unit="group", leave=False)
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_dequantized():
         runs = [StepRun(gm, batch[i : i + 1]) for i in range(lo, hi)]
         for group in groups:
             node = group[0].node

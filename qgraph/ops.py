@@ -11,6 +11,9 @@ ONNX ``MatMul`` right operand, so that the ONNX lowering is a plain
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from contextlib import contextmanager
+
 import torch
 
 from .kernels import quant as qk
@@ -69,6 +72,27 @@ CACHE_MAX_ROWS = 64
 """Calls with at most this many input rows (decode steps) memoize the dequantized weight."""
 
 
+_RECENT: OrderedDict | None = None  # id(codes) -> (codes, key, weight) while reuse is on
+_RECENT_SIZE = 0
+
+
+@contextmanager
+def reuse_dequantized(layers: int = 4):
+    """Keep the dequantized weights of the last ``layers`` layers called, whatever the rows.
+
+    The weight solver runs calibration windows one at a time through the same few layers
+    (one window through a segment of the graph, then the next): without this every window
+    dequantizes every layer again (SmolLM2 GPTQ: 3 s of 16 windows × 210 layers). The memory
+    is bounded by ``layers`` float weights."""
+    global _RECENT, _RECENT_SIZE
+    saved = _RECENT, _RECENT_SIZE
+    _RECENT, _RECENT_SIZE = OrderedDict(), layers
+    try:
+        yield
+    finally:
+        _RECENT, _RECENT_SIZE = saved
+
+
 def _cached_weight(codes, scale, zero, group_size: int, rows: int) -> torch.Tensor:
     """Dequantized weight, memoized per codes tensor for calls with few rows.
 
@@ -86,6 +110,16 @@ def _cached_weight(codes, scale, zero, group_size: int, rows: int) -> torch.Tens
     hit = getattr(codes, "_qgraph_dequant", None)
     if hit is not None and hit[0] == key:
         return hit[1]
+    if _RECENT is not None and rows > CACHE_MAX_ROWS:
+        recent = _RECENT.get(id(codes))
+        if recent is not None and recent[0] is codes and recent[1] == key:
+            _RECENT.move_to_end(id(codes))
+            return recent[2]
+        weight = dequantize_kn(codes, scale, zero, group_size)
+        _RECENT[id(codes)] = (codes, key, weight)
+        while len(_RECENT) > _RECENT_SIZE:
+            _RECENT.popitem(last=False)
+        return weight
     weight = dequantize_kn(codes, scale, zero, group_size)
     if rows <= CACHE_MAX_ROWS:
         codes._qgraph_dequant = (key, weight)

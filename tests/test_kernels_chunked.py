@@ -43,3 +43,36 @@ def test_dequantized_weight_cached_only_for_few_rows():
     assert getattr(codes, "_qgraph_dequant", None) is None
     torch.ops.qgraph.qlinear(many[:1], codes, scale, zero, None, 32, 4)
     assert getattr(codes, "_qgraph_dequant", None) is not None
+
+
+def test_reuse_dequantized_keeps_the_last_layers_only_inside_its_block(monkeypatch):
+    calls = []
+    real = ops.dequantize_kn
+    monkeypatch.setattr(ops, "dequantize_kn", lambda *a: calls.append(1) or real(*a))
+    layers = [
+        (torch.randint(-8, 8, (32, 16), dtype=torch.int8), torch.rand(1, 16) + 0.1)
+        for _ in range(3)
+    ]
+    zero = torch.zeros(1, 16, dtype=torch.int8)
+    x = torch.randn(ops.CACHE_MAX_ROWS + 1, 32)
+
+    def run(i, scale=None):
+        codes, s = layers[i]
+        s = s if scale is None else scale
+        out = torch.ops.qgraph.qlinear(x, codes, s, zero, None, 32, 4)
+        ref = x.double() @ (codes.double() * s.double())
+        assert torch.allclose(out.double(), ref, atol=1e-4)
+
+    with ops.reuse_dequantized(layers=2):
+        for _ in range(3):  # three windows through layers 0 and 1: dequantized once each
+            run(0)
+            run(1)
+        assert len(calls) == 2
+        run(2)  # a third layer evicts layer 0
+        run(0)
+        assert len(calls) == 4
+        run(0, scale=layers[0][1] * 2)  # a new scale tensor is never served the old weight
+        assert len(calls) == 5
+    run(1)
+    run(1)  # outside the block nothing is kept for many-row calls
+    assert len(calls) == 7
