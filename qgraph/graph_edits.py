@@ -8,6 +8,8 @@ import re
 import torch
 from torch import fx
 
+from .memory import released
+
 
 def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
     obj = gm
@@ -28,6 +30,9 @@ def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Rebind attribute ``target`` to ``value`` (the old tensor object is left untouched)."""
     mod, leaf = _owner(gm, target)
     value = value.detach()
+    old = getattr(mod, leaf, None)
+    dropped = old.nbytes if isinstance(old, torch.Tensor) else 0
+    del old
     if leaf in mod._parameters:
         del mod._parameters[leaf]
     if leaf in mod._buffers:
@@ -35,6 +40,7 @@ def set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     if hasattr(mod, leaf):
         delattr(mod, leaf)
     mod.register_buffer(leaf, value)
+    released(dropped)
 
 
 def new_attr(gm: fx.GraphModule, hint: str, value: torch.Tensor) -> str:

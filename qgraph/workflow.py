@@ -160,6 +160,7 @@ class Job:
             model = from_hf(lm.model, lm.tokenizer, lm.name)
             model.source = lm.source
             del lm
+            gc.collect()  # the module is in reference cycles: free it before passes replace weights
         model.set_calibration(self.calib)
         return model
 
