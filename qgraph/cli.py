@@ -150,6 +150,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             outputs[key] = option
     if args.workers > 1 and onnx_model:
         raise QGraphError("--workers splits the calibration of language models; not ONNX models")
+    if args.workers > args.calib_windows:
+        raise QGraphError(
+            f"--workers {args.workers} needs at least as many calibration windows "
+            f"(--calib-windows {args.calib_windows})"
+        )
     if args.workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _launch_workers(args.workers)
     trace = args.trace_layers

@@ -145,3 +145,12 @@ def test_gptq_factorisation_uses_the_launchers_thread_count(monkeypatch) -> None
     assert torch.equal(got[1], got[2])
     ref = torch.linalg.inv(h)  # and it is the factor: U^T U = H^-1
     assert ((got[1].T @ got[1] - ref).abs().max() / ref.abs().max()).item() < 1e-9
+
+
+def test_more_workers_than_calibration_windows_is_a_usage_error(capsys) -> None:
+    from qgraph.cli import main
+
+    code = main(["run", "--pipeline", "quantize{w=int4:channel},gptq", "--workers", "3"]
+                + ["--calib-windows", "2", "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert "--workers 3 needs at least as many calibration windows" in capsys.readouterr().err
