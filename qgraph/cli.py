@@ -109,10 +109,10 @@ def _launch_workers(workers: int) -> int:
 
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
     env[SOLVE_THREADS_ENV] = str(torch.get_num_threads())  # factorisations as one process does
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={workers}", "--log-dir", tempfile.mkdtemp(prefix="qgraph-workers-")]
-    cmd += ["-m", "qgraph.cli", *keep]
-    return subprocess.run(cmd, env=env, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="qgraph-workers-") as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc-per-node={workers}", "--log-dir", logs, "-m", "qgraph.cli", *keep]
+        return subprocess.run(cmd, env=env, check=False).returncode
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
