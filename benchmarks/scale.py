@@ -3,8 +3,8 @@
 SmolLM2-135M is the real model; the larger ones are Llama-architecture models of ~360 M
 (SmolLM2-360M's shape) and ~1.07 B parameters (hidden 2048, 16 layers, Llama-3.2-1B's shape
 with SmolLM2's vocabulary) with random weights, written once as Hugging Face folders under
-``--workdir``: nothing of the measurement depends on the weights' values except perplexity,
-which is reported only for the real model. Each size runs in its own process under
+``--workdir``: nothing of the measurement depends on the weights' values (perplexity, which
+does, is left to the quality benchmarks). Each size runs in its own process under
 ``/usr/bin/time -v`` (the whole process's maximum RSS); the per-pass columns come from the run
 report.
 
@@ -106,19 +106,15 @@ def measure(spec: str, args: argparse.Namespace, workdir: Path) -> dict:
         raise SystemExit(f"{spec}: qgraph run failed\n{out.stderr[-3000:]}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr)
     rep = json.loads(report.read_text())
-    params = rep.get("params_float")
     return {
         "seconds": round(seconds, 1),
         "peak_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
         "passes": {p["name"]: (p["seconds"], p["peak_rss_mb"]) for p in rep["passes"]},
-        "ppl": rep.get("ppl"),
-        "ppl_float": rep.get("ppl_float"),
-        "params": params,
     }
 
 
 def weights_gb(spec: str) -> float:
-    """Float32 bytes of the distinct tensors in the folder's safetensors files."""
+    """Size of the folder's safetensors files (float32 weights, each tied tensor once)."""
     from qgraph.loaders import cache_dir
 
     folder = cache_dir() / spec if spec == "smollm2-135m" else Path(spec)

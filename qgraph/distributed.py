@@ -67,8 +67,3 @@ def sum_over_workers(local: torch.Tensor, windows: int) -> torch.Tensor:
             del other
     dist.broadcast(local, src=0)
     return local
-
-
-def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()

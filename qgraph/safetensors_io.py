@@ -11,7 +11,6 @@ resident exactly once and a replaced tensor's memory goes back when the pass dro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -101,24 +100,17 @@ def load_state_into(model: torch.nn.Module, files: list[Path]) -> bool:
     name. False (nothing trusted) when the names do not match the model's one to one — the
     caller then falls back to ``from_pretrained``, which knows the renames of old checkpoints."""
     state = model.state_dict(keep_vars=True)
-    entries = {}
-    for path in files:
-        header, base = read_header(path)
-        for name, entry in header.items():
-            entries[name] = (path, base, entry)
-    if not set(entries) <= set(state):
+    headers = {path: read_header(path) for path in files}
+    names = [name for header, _ in headers.values() for name in header]
+    if not set(names) <= set(state):
         return False
-    loaded = {id(state[name]) for name in entries}
+    loaded = {id(state[name]) for name in names}
     if any(id(t) not in loaded for t in state.values()):
         return False  # a tensor (not a tied alias of a read one) would stay uninitialised
-    for path in files:
-        mine = sorted(
-            (entry["data_offsets"][0], name, base, entry)
-            for name, (p, base, entry) in entries.items()
-            if p == path
-        )
-        with open(path, "rb", buffering=0) as f:  # in file order: one sequential read
-            for _, name, base, entry in mine:
+    for path, (header, base) in headers.items():
+        in_file_order = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        with open(path, "rb", buffering=0) as f:  # one sequential read
+            for name, entry in in_file_order:
                 read_tensor_into(f, base, entry, state[name], f"{path}: {name}")
     return True
 
@@ -127,7 +119,7 @@ def load_causal_lm_privately(folder: Path, dtype: torch.dtype = torch.float32):
     """A HF causal LM from ``folder`` with its weights read into private memory, or None when
     the folder is not a plain safetensors checkpoint of its config's architecture."""
     files = checkpoint_files(folder)
-    if files is None or os.environ.get("QGRAPH_MMAP_LOAD") == "1":
+    if files is None:
         return None
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
