@@ -22,11 +22,13 @@ from typing import Any
 import torch
 
 from qgraph.errors import ExportError
+from qgraph.fuse_decoder import fuse_decoder
 from qgraph.kv_cache import CacheLayout, cached_decoder
 from qgraph.model import Model
 
 from .onnx_backend import export_metadata, provenance
 from .onnx_export import export_onnx
+from .onnx_fused import OPSET as FUSED_OPSET
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "genai_config.json"
@@ -112,8 +114,12 @@ def export_decoder(
     external_data: bool | None = None,
     filename: str = MODEL_FILE,
     integer_activations: bool = False,
+    fused: bool = True,
 ) -> Path:
     """Write ``model`` as a cached decoder folder for ONNX Runtime GenAI; returns the folder.
+
+    ``fused`` lowers norms, rotary embeddings and attention to one opset-23 node each
+    (:mod:`qgraph.fuse_decoder`); ``False`` keeps them as standard ops at opset 21.
 
     ``filename`` names the model file (``genai_config.json`` points at it); the config and the
     tokenizer files always keep their fixed names, so one folder holds one model.
@@ -130,6 +136,8 @@ def export_decoder(
     # and zeros) has no place in its layout, so the file caches the dequantized values
     decoder = cached_decoder(model, quantized_cache=False)
     layout = decoder.layout
+    if fused:
+        fuse_decoder(decoder.gm)
     example = _example_inputs(layout)
     with torch.no_grad():
         vocab = int(decoder.gm(*example)[0].shape[-1])
@@ -156,6 +164,7 @@ def export_decoder(
             dim_names={**in_dims, **out_dims},
             integer_activations=integer_activations,
             node_metadata=provenance(model),
+            opset=FUSED_OPSET if fused else 21,
         )
         config = genai_config(model, layout, vocab, context, filename)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

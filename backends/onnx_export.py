@@ -29,6 +29,7 @@ import torch
 
 from qgraph.errors import ExportError
 
+from .onnx_fused import FUSED_TRANSLATIONS
 from .onnx_hadamard import add_hadamard_functions, is_qgraph_function
 from .onnx_integer import INTEGER_TRANSLATIONS, integer_activation_graph
 from .onnx_lowering import CUSTOM_TRANSLATIONS
@@ -313,7 +314,11 @@ def export_onnx(
                 tuple(example_inputs),
                 dynamo=True,
                 opset_version=opset,
-                custom_translation_table={**CUSTOM_TRANSLATIONS, **INTEGER_TRANSLATIONS},
+                custom_translation_table={
+                    **CUSTOM_TRANSLATIONS,
+                    **INTEGER_TRANSLATIONS,
+                    **FUSED_TRANSLATIONS,
+                },
                 dynamic_shapes=dynamic_shapes,
                 input_names=list(input_names) if input_names is not None else None,
                 output_names=list(output_names) if output_names is not None else None,

@@ -1,0 +1,316 @@
+"""Replace a cached decoder's norms, rotary embeddings and attentions with fused ops.
+
+Used on the graph an ONNX decoder is exported from (:func:`qgraph.kv_cache.cached_decoder`),
+so that the file runs one ``RMSNormalization``, ``RotaryEmbedding`` and ``Attention`` node where
+the trace had ~60 small ops per layer (:mod:`qgraph.fused_ops`). Matching is structural and
+conservative: a subgraph that does not have exactly the expected form (e.g. partial rotary,
+a norm over another axis, a cache that is not a plain float concatenation) is left as it is,
+and the fused graph computes bit-for-bit what the unfused one does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from operator import getitem
+
+import torch
+from torch import fx
+
+from . import fused_ops  # noqa: F401  (registers torch.ops.qgraph.rms_norm, ...)
+from .structure import gqa_source
+
+aten = torch.ops.aten
+qg = torch.ops.qgraph
+SDPA = aten.scaled_dot_product_attention.default
+
+
+@dataclass
+class FusionCounts:
+    """How many subgraphs each fusion replaced."""
+
+    norms: int = 0
+    rotaries: int = 0
+    attentions: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "rms_norm": self.norms,
+            "rotary": self.rotaries,
+            "attention": self.attentions,
+            "skipped": list(self.skipped),
+        }
+
+
+def fuse_decoder(gm: fx.GraphModule) -> FusionCounts:
+    """Fuse ``gm`` in place (norms, then rotaries, then attentions); returns the counts."""
+    counts = FusionCounts()
+    graph = gm.graph
+    counts.norms = _fuse_norms(gm)
+    counts.rotaries = _fuse_rotaries(graph, counts.skipped)
+    counts.attentions = _fuse_attentions(graph, counts.skipped)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return counts
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _val(node: fx.Node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _other(node: fx.Node, known: fx.Node):
+    """The argument of a binary ``node`` that is not ``known`` (None if neither is)."""
+    a, b = node.args[:2]
+    return b if a is known else a if b is known else None
+
+
+# ---------------------------------------------------------------------------------------- norms
+
+
+def _fuse_norms(gm: fx.GraphModule) -> int:
+    """``x * rsqrt(mean(x², -1, keepdim) + eps)`` [→ ``to(x.dtype)``] [→ ``* weight``]."""
+    graph = gm.graph
+    fused = 0
+    for rs in [n for n in graph.nodes if _is(n, aten.rsqrt.default)]:
+        added = rs.args[0]
+        if not _is(added, aten.add.Tensor) or not isinstance(added.args[1], float):
+            continue
+        mean = added.args[0]
+        if not _is(mean, aten.mean.dim) or list(mean.args[1]) != [-1] or not _keepdim(mean):
+            continue
+        sq = mean.args[0]
+        if not _is(sq, aten.pow.Tensor_Scalar) or sq.args[1] != 2:
+            continue
+        x = sq.args[0]
+        users = list(rs.users)
+        if len(users) != 1 or not _is(users[0], aten.mul.Tensor) or _other(users[0], rs) is not x:
+            continue
+        normed = users[0]
+        xv = _val(x)
+        if xv is None or xv.dtype != torch.float32:
+            continue
+        last, weight = normed, None
+        nxt = list(last.users)
+        if len(nxt) == 1 and _is_noop_to(nxt[0], xv):
+            last = nxt[0]
+            nxt = list(last.users)
+        if len(nxt) == 1 and _is(nxt[0], aten.mul.Tensor):
+            w = _other(nxt[0], last)
+            wv = _weight_value(gm, w)
+            if wv is not None and wv.dim() == 1 and wv.shape[0] == xv.shape[-1]:
+                last, weight = nxt[0], w
+        with graph.inserting_before(last):
+            if weight is None:
+                name = _unique_attr(gm, f"qg_rms_ones_{xv.shape[-1]}")
+                if not hasattr(gm, name):
+                    gm.register_buffer(name, torch.ones(xv.shape[-1], dtype=xv.dtype))
+                weight = graph.get_attr(name)
+            node = graph.call_function(qg.rms_norm.default, (x, weight, float(added.args[1])))
+        node.meta["val"] = _val(last)
+        last.replace_all_uses_with(node)
+        fused += 1
+    return fused
+
+
+def _keepdim(mean: fx.Node) -> bool:
+    return bool(mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
+
+
+def _is_noop_to(node: fx.Node, like) -> bool:
+    """``x.to(dtype)`` that converts to ``like``'s dtype (a no-op)."""
+    if not _is(node, aten.to.dtype):
+        return False
+    return node.args[1] == like.dtype
+
+
+def _weight_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads (None for anything else)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _unique_attr(gm: fx.GraphModule, base: str) -> str:
+    """``base``, reused if it is already our ones buffer of that size, else made unique."""
+    name = base
+    while hasattr(gm, name) and not _is_ones(getattr(gm, name)):
+        name += "_"
+    return name
+
+
+def _is_ones(t) -> bool:
+    return isinstance(t, torch.Tensor) and bool((t == 1).all())
+
+
+# -------------------------------------------------------------------------------------- rotary
+
+
+def _fuse_rotaries(graph: fx.Graph, skipped: list[str]) -> int:
+    """``x·cos_u + cat(−x[..., D/2:], x[..., :D/2])·sin_u`` with ``cos_u = cos.unsqueeze(1)``.
+
+    The op takes the first halves of ``cos``/``sin`` at the batch size (what ONNX's
+    ``RotaryEmbedding`` reads); they are sliced and expanded once per distinct ``cos``/``sin``,
+    not once per layer."""
+    ids = next(n for n in graph.nodes if n.op == "placeholder")
+    halves: dict[fx.Node, fx.Node] = {}
+    fused = 0
+    for add in [n for n in graph.nodes if _is(n, aten.add.Tensor)]:
+        match = _match_rotary(add)
+        if match is None:
+            continue
+        x, cos, sin = match
+        if not (_halves_equal(cos) and _halves_equal(sin)):
+            skipped.append(f"{add.name}: rotary cos/sin are not two equal halves")
+            continue
+        half = _val(x).shape[-1] // 2
+        for t in (cos, sin):
+            if t not in halves:
+                with graph.inserting_after(t):
+                    first = graph.call_function(aten.slice.Tensor, (t, -1, 0, half))
+                with graph.inserting_after(first):
+                    batch = graph.call_function(aten.sym_size.int, (ids, 0))
+                with graph.inserting_after(batch):
+                    seq = graph.call_function(aten.sym_size.int, (t, 1))
+                with graph.inserting_after(seq):
+                    halves[t] = graph.call_function(
+                        aten.expand.default, (first, [batch, seq, half])
+                    )
+        with graph.inserting_before(add):
+            node = graph.call_function(qg.rotary.default, (x, halves[cos], halves[sin]))
+        node.meta["val"] = _val(add)
+        add.replace_all_uses_with(node)
+        fused += 1
+    return fused
+
+
+def _match_rotary(add: fx.Node):
+    a, b = add.args[:2]
+    if not (_is(a, aten.mul.Tensor) and _is(b, aten.mul.Tensor)):
+        return None
+    for plain, turned in ((a, b), (b, a)):
+        cat = next((t for t in turned.args[:2] if _is(t, aten.cat.default)), None)
+        if cat is None:
+            continue
+        sin_u = _other(turned, cat)
+        parts, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+        if len(parts) != 2 or dim not in (-1, 3) or not _is(parts[0], aten.neg.default):
+            continue
+        hi, lo = parts[0].args[0], parts[1]
+        if not (_is(hi, aten.slice.Tensor) and _is(lo, aten.slice.Tensor)):
+            continue
+        x = lo.args[0]
+        xv = _val(x)
+        if hi.args[0] is not x or xv is None or xv.dim() != 4 or xv.shape[-1] % 2:
+            continue
+        half = xv.shape[-1] // 2
+        if tuple(lo.args[1:4]) != (3, 0, half) and tuple(lo.args[1:4]) != (-1, 0, half):
+            continue
+        if hi.args[1] not in (3, -1) or hi.args[2] != half or hi.args[3] < xv.shape[-1]:
+            continue
+        cos_u = _other(plain, x)
+        if cos_u is None or not (_unsqueezed_1(cos_u) and _unsqueezed_1(sin_u)):
+            continue
+        return x, cos_u.args[0], sin_u.args[0]
+    return None
+
+
+def _unsqueezed_1(node) -> bool:
+    if not _is(node, aten.unsqueeze.default) or node.args[1] != 1:
+        return False
+    val = _val(node.args[0])
+    return val is not None and val.dim() == 3
+
+
+def _halves_equal(node: fx.Node) -> bool:
+    """Whether ``node`` is ``f(cat([a, a], -1))`` for elementwise ``f`` (cos/sin, scaling and
+    dtype casts), so its two halves along the last dim are equal."""
+    while True:
+        if _is(node, aten.to.dtype) or (
+            _is(node, aten.mul.Tensor) and isinstance(node.args[1], (int, float))
+        ):
+            node = node.args[0]
+        elif _is(node, aten.cos.default) or _is(node, aten.sin.default):
+            node = node.args[0]
+        else:
+            break
+    if not _is(node, aten.cat.default):
+        return False
+    parts = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else 0
+    return len(parts) == 2 and parts[0] is parts[1] and dim in (-1, 2)
+
+
+# ----------------------------------------------------------------------------------- attention
+
+
+def _fuse_attentions(graph: fx.Graph, skipped: list[str]) -> int:
+    """``sdpa(q, repeat(cat([past_k, k], 2)), repeat(cat([past_v, v], 2)), mask)``."""
+    fused = 0
+    for sdpa in [n for n in graph.nodes if _is(n, SDPA)]:
+        q, k_arg, v_arg = sdpa.args[:3]
+        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        extra = {k: v for k, v in sdpa.kwargs.items() if k not in ("scale", "attn_mask")}
+        if len(sdpa.args) > 4 or any(
+            extra.get(k) for k in ("dropout_p", "is_causal", "enable_gqa")
+        ):
+            skipped.append(f"{sdpa.name}: attention with dropout, is_causal or enable_gqa")
+            continue
+        if not _bool_4d(mask):
+            skipped.append(f"{sdpa.name}: attention mask is not a 4-D bool tensor")
+            continue
+        (k_cat, k_chain), (v_cat, v_chain) = gqa_source(k_arg), gqa_source(v_arg)
+        if any(chain and chain[-1].args[1] != 2 for chain in (k_chain, v_chain)):
+            skipped.append(f"{sdpa.name}: the key/value head repeat is not kv-head-major")
+            continue
+        caches = [_cache_concat(c) for c in (k_cat, v_cat)]
+        if None in caches:
+            skipped.append(f"{sdpa.name}: keys/values are not cat([past, new], 2)")
+            continue
+        (past_k, k), (past_v, v) = caches
+        qv = _val(q)
+        scale = sdpa.kwargs.get("scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(qv.shape[-1])
+        with graph.inserting_before(sdpa):
+            node = graph.call_function(
+                qg.cached_attention.default, (q, k, v, past_k, past_v, mask, scale)
+            )
+            out, present_k, present_v = (graph.call_function(getitem, (node, i)) for i in range(3))
+        out.meta["val"] = _val(sdpa)
+        present_k.meta["val"], present_v.meta["val"] = _val(k_cat), _val(v_cat)
+        sdpa.replace_all_uses_with(out)
+        # only the graph output: the repeat chains feeding the replaced attention die with it
+        k_cat.replace_all_uses_with(present_k, delete_user_cb=lambda user: user.op == "output")
+        v_cat.replace_all_uses_with(present_v, delete_user_cb=lambda user: user.op == "output")
+        fused += 1
+    return fused
+
+
+def _bool_4d(mask) -> bool:
+    """A ``[B, 1, S, T]`` bool mask: by its traced value, or as the ``logical_and`` that
+    :func:`qgraph.kv_cache.cached_decoder` builds (which has none)."""
+    val = _val(mask)
+    if val is not None:
+        return val.dtype == torch.bool and val.dim() == 4
+    return _is(mask, aten.logical_and.default)
+
+
+def _cache_concat(node: fx.Node):
+    """``(past, new)`` of ``cat([past, new], 2)`` with ``past`` a graph input, else None."""
+    if not _is(node, aten.cat.default):
+        return None
+    parts = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if len(parts) != 2 or dim not in (2, -2) or parts[0].op != "placeholder":
+        return None
+    return parts[0], parts[1]
