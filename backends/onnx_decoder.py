@@ -136,8 +136,9 @@ def export_decoder(
     # and zeros) has no place in its layout, so the file caches the dequantized values
     decoder = cached_decoder(model, quantized_cache=False)
     layout = decoder.layout
+    metadata = export_metadata(model, pipeline)
     if fused:
-        fuse_decoder(decoder.gm)
+        metadata["qgraph.fused_ops"] = json.dumps(fuse_decoder(decoder.gm).as_dict())
     example = _example_inputs(layout)
     with torch.no_grad():
         vocab = int(decoder.gm(*example)[0].shape[-1])
@@ -159,7 +160,7 @@ def export_decoder(
             dynamic_shapes=shapes,
             input_names=["input_ids", "attention_mask", *layout.names()],
             output_names=["logits", *layout.output_names()],
-            metadata=export_metadata(model, pipeline),
+            metadata=metadata,
             external_data=external_data,
             dim_names={**in_dims, **out_dims},
             integer_activations=integer_activations,

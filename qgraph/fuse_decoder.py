@@ -30,15 +30,19 @@ class FusionCounts:
     """How many subgraphs each fusion replaced."""
 
     norms: int = 0
+    residual_norms: int = 0
     rotaries: int = 0
     attentions: int = 0
+    flat: int = 0
     skipped: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {
             "rms_norm": self.norms,
+            "add_rms_norm": self.residual_norms,
             "rotary": self.rotaries,
             "attention": self.attentions,
+            "heads_flat": self.flat,
             "skipped": list(self.skipped),
         }
 
@@ -48,8 +52,13 @@ def fuse_decoder(gm: fx.GraphModule) -> FusionCounts:
     counts = FusionCounts()
     graph = gm.graph
     counts.norms = _fuse_norms(gm)
+    graph.eliminate_dead_code()
+    counts.residual_norms = _fuse_residual_adds(graph)
+    counts.norms -= counts.residual_norms
     counts.rotaries = _fuse_rotaries(graph, counts.skipped)
     counts.attentions = _fuse_attentions(graph, counts.skipped)
+    graph.eliminate_dead_code()  # the replaced subgraphs, so that user counts are true
+    counts.flat = _flatten_heads(graph, counts.skipped)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -114,6 +123,33 @@ def _fuse_norms(gm: fx.GraphModule) -> int:
             node = graph.call_function(qg.rms_norm.default, (x, weight, float(added.args[1])))
         node.meta["val"] = _val(last)
         last.replace_all_uses_with(node)
+        fused += 1
+    return fused
+
+
+def _fuse_residual_adds(graph: fx.Graph) -> int:
+    """``rms_norm(add(x, r) [→ to(same dtype)])`` → ``add_rms_norm(x, r)``, whose second output
+    (the sum) takes over the add's other uses (the next residual add)."""
+    fused = 0
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for norm in [n for n in graph.nodes if _is(n, qg.rms_norm.default)]:
+        total = norm.args[0]
+        add = total.args[0] if _is_noop_to(total, _val(total)) else total
+        if not _is(add, aten.add.Tensor) or (add is not total and len(add.users) != 1):
+            continue
+        if any(order[u] < order[norm] for u in total.users if u is not norm):
+            continue  # the sum is read before the norm: the fused node could not feed it
+        x, r = add.args[:2]
+        xv, rv = _val(x), _val(r)
+        if xv is None or rv is None or xv.shape != rv.shape or xv.dtype != rv.dtype:
+            continue
+        with graph.inserting_before(norm):
+            node = graph.call_function(qg.add_rms_norm.default, (x, r, *norm.args[1:]))
+            normed = graph.call_function(getitem, (node, 0))
+            summed = graph.call_function(getitem, (node, 1))
+        normed.meta["val"], summed.meta["val"] = _val(norm), _val(total)
+        norm.replace_all_uses_with(normed)
+        total.replace_all_uses_with(summed)
         fused += 1
     return fused
 
@@ -289,6 +325,7 @@ def _fuse_attentions(graph: fx.Graph, skipped: list[str]) -> int:
         out.meta["val"] = _val(sdpa)
         present_k.meta["val"], present_v.meta["val"] = _val(k_cat), _val(v_cat)
         sdpa.replace_all_uses_with(out)
+        graph.erase_node(sdpa)  # dead code elimination keeps it: it is tagged as random
         # only the graph output: the repeat chains feeding the replaced attention die with it
         k_cat.replace_all_uses_with(present_k, delete_user_cb=lambda user: user.op == "output")
         v_cat.replace_all_uses_with(present_v, delete_user_cb=lambda user: user.op == "output")
@@ -314,3 +351,109 @@ def _cache_concat(node: fx.Node):
     if len(parts) != 2 or dim not in (2, -2) or parts[0].op != "placeholder":
         return None
     return parts[0], parts[1]
+
+
+# ------------------------------------------------------------------------------- flat heads
+
+#: ops between a projection and attention that act on each (token, head) row alone, so they
+#: commute with the projection's ``view → transpose`` to ``[B, H, S, D]``
+PER_HEAD = (qg.rotary.default, qg.hadamard.default, qg.quantize_per_token.default)
+
+
+def _flatten_heads(graph: fx.Graph, skipped: list[str]) -> int:
+    """Run each fused attention on its projections' own ``[B, S, H·D]`` layout.
+
+    The trace views each projection as ``[B, S, H, D]`` and transposes it to ``[B, H, S, D]``
+    before RoPE and attention, and transposes the output back; in the file that is a reshape
+    and a transpose per tensor. Here the transposes go: ``rotary`` and ``cached_attention``
+    take the flat layout (with their head counts), and the per-head ops in between
+    (``hadamard``, ``quantize_per_token``) see a ``[B, S, H, D]`` view.
+    """
+    done = 0
+    for att in [n for n in graph.nodes if _is(n, qg.cached_attention.default)]:
+        q, k, v = att.args[:3]
+        sides = [_projection_side(t) for t in (q, k, v)]
+        out_chain = _output_side(att)
+        if None in sides or out_chain is None:
+            skipped.append(f"{att.name}: heads kept first (unexpected layout around attention)")
+            continue
+        flat = []
+        for (src, heads, chain), old in zip(sides, (q, k, v), strict=True):
+            cur = src
+            with graph.inserting_before(att):
+                for node in chain:  # innermost (next to the transpose) first
+                    if node.target is qg.rotary.default:
+                        cur = graph.call_function(node.target, (cur, *node.args[1:3], heads))
+                    else:
+                        b = graph.call_function(aten.sym_size.int, (src, 0))
+                        s_ = graph.call_function(aten.sym_size.int, (src, 1))
+                        view = graph.call_function(aten.view.default, (cur, [b, s_, heads, -1]))
+                        per_head = graph.call_function(node.target, (view, *node.args[1:]))
+                        cur = graph.call_function(aten.view.default, (per_head, [b, s_, -1]))
+            flat.append((cur, heads))
+        (fq, heads), (fk, kv_heads), (fv, _) = flat
+        users = {u.args[1]: u for u in att.users}
+        result, last = out_chain
+        with graph.inserting_before(att):
+            node = graph.call_function(
+                qg.cached_attention.default,
+                (fq, fk, fv, *att.args[3:7], heads, kv_heads),
+            )
+            outs = [graph.call_function(getitem, (node, i)) for i in range(3)]
+        outs[0].meta["val"] = _val(last)
+        for i in (1, 2):
+            outs[i].meta["val"] = _val(users[i]) if i in users else None
+            if i in users:
+                users[i].replace_all_uses_with(outs[i])
+        last.replace_all_uses_with(outs[0])
+        done += 1
+    return done
+
+
+def _projection_side(t: fx.Node):
+    """``(src, heads, chain)`` when ``t = chain(transpose(view(src, [B, S, H, D]), 1, 2))`` with
+    only per-head single-user ops in ``chain`` (returned innermost first), else None."""
+    chain: list[fx.Node] = []
+    node = t
+    while _is(node, PER_HEAD[0]) or _is(node, PER_HEAD[1]) or _is(node, PER_HEAD[2]):
+        if len(node.users) != 1:
+            return None
+        chain.append(node)
+        node = node.args[0]
+    if not _is(node, aten.transpose.int) or sorted(node.args[1:3]) != [1, 2]:
+        return None
+    if len(node.users) != 1:
+        return None
+    view = node.args[0]
+    if not (_is(view, aten.view.default) or _is(view, aten.reshape.default)):
+        return None
+    src = view.args[0]
+    sv, vv = _val(src), _val(view)
+    if sv is None or vv is None or sv.dim() != 3 or vv.dim() != 4 or len(view.users) != 1:
+        return None
+    return src, int(vv.shape[2]), chain[::-1]
+
+
+def _output_side(att: fx.Node):
+    """``(result, last)``: the attention output's ``[reshape →] transpose(1, 2) → reshape`` to
+    ``[B, S, H·D]``, ``last`` being the node whose uses the flat output takes over."""
+    outs = [u for u in att.users if u.args[1] == 0]
+    if len(outs) != 1 or len(outs[0].users) != 1:
+        return None
+    node = next(iter(outs[0].users))
+    if _is(node, aten.reshape.default) or _is(node, aten.view.default):
+        val = _val(node)
+        if val is None or val.dim() != 4 or len(node.users) != 1:
+            return None
+        node = next(iter(node.users))
+    if not _is(node, aten.transpose.int) or sorted(node.args[1:3]) != [1, 2]:
+        return None
+    if len(node.users) != 1:
+        return None
+    last = next(iter(node.users))
+    if not (_is(last, aten.reshape.default) or _is(last, aten.view.default)):
+        return None
+    val = _val(last)
+    if val is None or val.dim() != 3:
+        return None
+    return outs[0], last

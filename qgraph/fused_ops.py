@@ -30,20 +30,49 @@ def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op(f"{LIB}::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum ``s = x + residual`` and its :func:`rms_norm`; returns both
+    ``(normed, s)`` (the sum goes on along the residual stream)."""
+    total = x + residual
+    normed = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed, total
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
 @torch.library.custom_op(f"{LIB}::rotary", mutates_args=())
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x [B, H, S, D]`` in the "rotate half" convention,
-    ``x·c + cat(−x₂, x₁)·s`` with ``c = cat(cos, cos)``, ``s = cat(sin, sin)``: ``cos``/``sin``
-    are ``[B, S, D/2]``, the first halves of tables whose two halves are equal."""
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int = 0) -> torch.Tensor:
+    """Rotary embedding in the "rotate half" convention, ``x·c + cat(−x₂, x₁)·s`` with
+    ``c = cat(cos, cos)``, ``s = cat(sin, sin)``; ``cos``/``sin`` are ``[B, S, D/2]``, the first
+    halves of tables whose two halves are equal.
+
+    ``x`` is ``[B, H, S, D]``, or ``[B, S, H·D]`` with ``heads = H`` (the projection's own
+    layout, which spares the file a transpose and a reshape per tensor)."""
+    if x.dim() == 3:
+        b, length, width = x.shape
+        out = _rotate(x.view(b, length, heads, width // heads), cos, sin, head_dim=2)
+        return out.reshape(b, length, width)
+    return _rotate(x, cos, sin, head_dim=1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rotation of a 4-D ``x`` whose heads are on ``head_dim`` (the op order of the trace:
+    ``x·c``, then ``rotate_half(x)·s``, then the sum)."""
     half = x.shape[-1] // 2
-    c = torch.cat([cos, cos], dim=-1).unsqueeze(1)
-    s = torch.cat([sin, sin], dim=-1).unsqueeze(1)
+    c = torch.cat([cos, cos], dim=-1).unsqueeze(head_dim)
+    s = torch.cat([sin, sin], dim=-1).unsqueeze(head_dim)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * c + rotated * s
 
 
 @rotary.register_fake
-def _rotary_fake(x, cos, sin):
+def _rotary_fake(x, cos, sin, heads=0):
     return torch.empty_like(x)
 
 
@@ -56,6 +85,12 @@ def _repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.unsqueeze(2).expand(b, kv, groups, length, d).reshape(b, kv * groups, length, d)
 
 
+def _heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, S, H·D]`` → ``[B, H, S, D]`` (a view)."""
+    b, length, width = t.shape
+    return t.view(b, length, heads, width // heads).transpose(1, 2)
+
+
 @torch.library.custom_op(f"{LIB}::cached_attention", mutates_args=())
 def cached_attention(
     q: torch.Tensor,
@@ -65,13 +100,19 @@ def cached_attention(
     past_v: torch.Tensor,
     mask: torch.Tensor,
     scale: float,
+    heads: int = 0,
+    kv_heads: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of ``q [B, H, S, D]`` over the cache and the new keys and values.
+    """Attention of ``q`` over the cache and the new keys and values.
 
-    ``k``, ``v`` are the new tokens' ``[B, kv, S, D]``, ``past_*`` the cache ``[B, kv, P, D]``,
-    ``mask [B, 1, S, P + S]`` (bool, True = attend). Returns the output ``[B, H, S, D]`` and
-    the grown cache ``present_k``, ``present_v``.
+    ``q [B, H, S, D]``, ``k``/``v [B, kv, S, D]`` (or all three ``[B, S, heads·D]`` with
+    ``heads``/``kv_heads`` given, and then the output is too), ``past_* [B, kv, P, D]``,
+    ``mask [B, 1, S, P + S]`` (bool, True = attend). Returns the output and the grown cache
+    ``present_k``, ``present_v`` ``[B, kv, P + S, D]``.
     """
+    flat = q.dim() == 3
+    if flat:
+        q, k, v = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
     present_k = torch.cat([past_k, k], dim=2)
     present_v = torch.cat([past_v, v], dim=2)
     groups = q.shape[1] // k.shape[1]
@@ -82,11 +123,15 @@ def cached_attention(
         attn_mask=mask,
         scale=scale,
     )
+    if flat:
+        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
     return out, present_k, present_v
 
 
 @cached_attention.register_fake
-def _cached_attention_fake(q, k, v, past_k, past_v, mask, scale):
+def _cached_attention_fake(q, k, v, past_k, past_v, mask, scale, heads=0, kv_heads=0):
+    if q.dim() == 3:
+        k, v = _heads_first(k, kv_heads), _heads_first(v, kv_heads)
     present_k = torch.cat([past_k, k], dim=2)
     present_v = torch.cat([past_v, v], dim=2)
     return torch.empty_like(q), present_k, present_v

@@ -1,0 +1,197 @@
+"""Fused decoder ops: the fused graph equals the traced one, each op equals independent math,
+and the exported file (opset-23 RMSNormalization / RotaryEmbedding / Attention and ONNX
+Runtime's SkipSimplifiedLayerNormalization) decodes like the torch graph in ONNX Runtime."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import calibrated, fresh_copy, tiny_llama
+
+import qgraph
+from qgraph.backends.onnx_decoder import export_decoder
+from qgraph.backends.ort_runtime import OrtModel
+from qgraph.fuse_decoder import fuse_decoder
+from qgraph.fused_ops import add_rms_norm, cached_attention, rms_norm, rotary
+from qgraph.kv_cache import cached_decoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RECIPES = {
+    "float": "fuse-norms",
+    "w4a16": "quantize{w=int4:channel}",  # norms keep their weights: the fused op takes them
+    "w4a4-r1r4-kv8": (
+        "fuse-norms,rotate{seed=0,online=all},quantize{w=int4:channel,a=int4:token,kv=int8}"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def float_model() -> qgraph.Model:
+    return calibrated(tiny_llama(random_norms=True), windows=2, length=16)
+
+
+def _inputs(layout, seed: int = 0):
+    """Batch 2, 3 new tokens after 4 cached ones; row 1 left-padded by one token."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (2, 3), generator=gen)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 0] = 0
+    past = [
+        torch.randn(2, layout.kv_heads, 4, layout.head_dim, generator=gen) for _ in layout.names()
+    ]
+    return ids, mask, past
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@torch.no_grad()
+def test_fused_graph_equals_the_traced_one_bit_for_bit(float_model, recipe):
+    model = qgraph.run_pipeline(fresh_copy(float_model), RECIPES[recipe])
+    decoder = cached_decoder(model, quantized_cache=False)
+    fused = copy.deepcopy(decoder.gm)
+    counts = fuse_decoder(fused)
+    layers = decoder.layout.layers
+    # 2 norms per layer + the final one; all but the first follow a residual add
+    assert counts.norms + counts.residual_norms == 2 * layers + 1
+    assert counts.residual_norms == 2 * layers
+    assert counts.rotaries == 2 * layers  # queries and keys
+    assert counts.attentions == counts.flat == layers
+    assert counts.skipped == []
+    targets = {n.target for n in fused.graph.nodes if n.op == "call_function"}
+    aten = torch.ops.aten
+    assert aten.scaled_dot_product_attention.default not in targets
+    assert aten.rsqrt.default not in targets and aten.transpose.int not in targets
+    ids, mask, past = _inputs(decoder.layout)
+    want, got = decoder.gm(ids, mask, *past), fused(ids, mask, *past)
+    assert len(want) == len(got) == 1 + len(past)
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_unmatched_rotary_is_left_alone_and_reported(float_model):
+    """A RoPE table whose halves differ is not the convention ONNX's RotaryEmbedding
+    computes: the fuser must keep the traced ops (and still fuse the rest)."""
+    decoder = cached_decoder(fresh_copy(float_model), quantized_cache=False)
+    gm = decoder.gm
+    cat = next(
+        n
+        for n in gm.graph.nodes
+        if n.target is torch.ops.aten.cat.default and n.args[0][0] is n.args[0][1]
+    )
+    with gm.graph.inserting_before(cat):
+        doubled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (cat.args[0][1], 2.0))
+    cat.args = ([cat.args[0][0], doubled], *cat.args[1:])
+    gm.recompile()
+    fused = copy.deepcopy(gm)
+    counts = fuse_decoder(fused)
+    assert counts.rotaries == 0 and len(counts.skipped) >= 4
+    assert all("two equal halves" in s or "heads kept first" in s for s in counts.skipped)
+    assert counts.attentions == decoder.layout.layers
+    ids, mask, past = _inputs(decoder.layout)
+    for a, b in zip(gm(ids, mask, *past), fused(ids, mask, *past), strict=True):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ the ops vs float64 math
+
+
+def test_rms_norm_ops_match_float64_math():
+    gen = torch.Generator().manual_seed(0)
+    x, r = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    w = torch.rand(8, generator=gen) + 0.5
+    xd, rd, wd = x.double().numpy(), r.double().numpy(), w.double().numpy()
+
+    def ref(v):
+        return wd * v / np.sqrt((v**2).mean(-1, keepdims=True) + 1e-5)
+
+    np.testing.assert_allclose(rms_norm(x, w, 1e-5).numpy(), ref(xd), rtol=1e-6, atol=1e-6)
+    normed, total = add_rms_norm(x, r, w, 1e-5)
+    np.testing.assert_allclose(total.numpy(), xd + rd, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(normed.numpy(), ref(xd + rd), rtol=1e-6, atol=1e-6)
+
+
+def test_rotary_rotates_pairs_by_position_angles_in_both_layouts():
+    """Pair (i, i + D/2) of head h at position p turns by p·θᵢ: a complex multiplication."""
+    b, h, s, d = 2, 3, 5, 8
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(b, h, s, d, generator=gen)
+    theta = torch.rand(d // 2, generator=gen, dtype=torch.float64)
+    angles = torch.arange(s, dtype=torch.float64)[:, None] * theta  # [S, D/2]
+    cos = angles.cos().float().expand(b, s, d // 2)
+    sin = angles.sin().float().expand(b, s, d // 2)
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * torch.polar(
+        torch.ones_like(angles), angles
+    )
+    want = torch.cat([z.real, z.imag], dim=-1)
+    got = rotary(x, cos, sin)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    flat = x.transpose(1, 2).reshape(b, s, h * d)  # the projection's own layout
+    got_flat = rotary(flat, cos, sin, h)
+    assert torch.equal(got_flat, got.transpose(1, 2).reshape(b, s, h * d))
+
+
+def test_cached_attention_matches_float64_softmax_attention():
+    b, heads, kv, s, past, d = 2, 4, 2, 3, 5, 8
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(b, heads, s, d, generator=gen)
+    k, v = torch.randn(b, kv, s, d, generator=gen), torch.randn(b, kv, s, d, generator=gen)
+    pk, pv = torch.randn(b, kv, past, d, generator=gen), torch.randn(b, kv, past, d, generator=gen)
+    mask = torch.rand(b, 1, s, past + s, generator=gen) > 0.3
+    mask[..., -1] = True  # every query sees at least one key
+    out, present_k, present_v = cached_attention(q, k, v, pk, pv, mask, 0.3)
+    keys = torch.cat([pk, k], 2).double().repeat_interleave(heads // kv, 1)
+    values = torch.cat([pv, v], 2).double().repeat_interleave(heads // kv, 1)
+    scores = (q.double() @ keys.transpose(-1, -2)) * 0.3
+    weights = scores.masked_fill(~mask, -math.inf).softmax(-1)
+    torch.testing.assert_close(out.double(), weights @ values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(present_k, torch.cat([pk, k], 2))
+    assert torch.equal(present_v, torch.cat([pv, v], 2))
+    flat = [t.transpose(1, 2).reshape(b, s, -1) for t in (q, k, v)]
+    out_flat, pk2, _ = cached_attention(*flat, pk, pv, mask, 0.3, heads, kv)
+    assert torch.equal(out_flat, out.transpose(1, 2).reshape(b, s, -1))
+    assert torch.equal(pk2, present_k)
+
+
+# ------------------------------------------------------------------------- ONNX Runtime
+
+
+@pytest.mark.parametrize("recipe", ["float", "w4a4-r1r4-kv8"])
+@torch.no_grad()
+def test_fused_export_runs_in_onnx_runtime_like_torch(float_model, recipe, tmp_path):
+    model = qgraph.run_pipeline(fresh_copy(float_model), RECIPES[recipe])
+    folder = export_decoder(model, tmp_path / "fused")
+    proto = onnx.load(str(folder / "model.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= ops
+    assert "SkipSimplifiedLayerNormalization" in ops
+    assert not ops & {"Softmax", "Transpose", "ReduceMean", "Sqrt"}
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 23
+    decoder = cached_decoder(model, quantized_cache=False)
+    fused_ops = json.loads({p.key: p.value for p in proto.metadata_props}["qgraph.fused_ops"])
+    assert fused_ops["attention"] == decoder.layout.layers and fused_ops["skipped"] == []
+    ids, mask, past = _inputs(decoder.layout)
+    want = decoder.gm(ids, mask, *past)
+    runner = OrtModel(folder / "model.onnx", threads=1, matmulnbits_accuracy_level=0)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    feeds.update(zip(decoder.layout.names(), past, strict=True))
+    got = runner.session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    scale = float(want[0].abs().max())
+    if recipe == "float":
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_allclose(b, a.numpy(), rtol=0, atol=2e-5 * max(scale, 1.0))
+    else:  # per-token 4-bit codes: a rounding tie may flip one code; most logits agree
+        close = np.isclose(got[0], want[0].numpy(), rtol=0, atol=1e-4 * scale)
+        assert close.mean() > 0.9
+    unfused = export_decoder(model, tmp_path / "plain", fused=False)
+    plain = OrtModel(unfused / "model.onnx", threads=1, matmulnbits_accuracy_level=0)
+    plain_out = plain.session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    plain_nodes = len(onnx.load(str(unfused / "model.onnx")).graph.node)
+    assert plain_nodes > len(proto.graph.node) + 30 * decoder.layout.layers
+    np.testing.assert_allclose(got[1], plain_out[1], rtol=0, atol=1e-5)  # the cache itself
