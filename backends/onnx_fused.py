@@ -18,7 +18,6 @@ import functools
 from collections.abc import Callable
 
 import onnx
-
 import torch
 from onnxscript import opset23 as op
 from onnxscript import values

@@ -378,7 +378,7 @@ def _flatten_heads(graph: fx.Graph, skipped: list[str]) -> int:
             skipped.append(f"{att.name}: heads kept first (unexpected layout around attention)")
             continue
         flat = []
-        for (src, heads, chain), old in zip(sides, (q, k, v), strict=True):
+        for src, heads, chain in sides:
             cur = src
             with graph.inserting_before(att):
                 for node in chain:  # innermost (next to the transpose) first
