@@ -30,7 +30,7 @@ from pathlib import Path
 from common import header
 
 import qgraph
-from qgraph.backends.onnx_backend import ort_forward
+from qgraph.backends.onnx_backend import optimized_op_histogram, ort_forward
 from qgraph.evaluate import perplexity
 from qgraph.loaders import load_causal_lm
 from qgraph.workflow import Job, write_json
@@ -56,6 +56,11 @@ ROWS = {
     "w4a4-gptq": ("W4A4 R1–R4 + GPTQ", ONLINE + W4A4),
     "w4a4-expand-gptq": ("W4A4 R1–R4 + expand +5 % + GPTQ", ONLINE + "expand{budget=5}," + W4A4),
     "w8a8": ("W8A8 R1+R2", "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}"),
+    "float-std": ("float32, standard ops", "fuse-norms"),
+    "w4a16-rot-gptq-head-std": (
+        "W4A16 R1+R2 + GPTQ, lm_head int4, standard ops",
+        "fuse-norms,rotate{seed=0}," + W4_HEAD + ",gptq",
+    ),
     "builder-fp32": ("ONNX Runtime GenAI builder fp32 (GroupQueryAttention)", "fp32"),
     "builder-int4": ("ONNX Runtime GenAI builder int4 (anchor)", "int4"),
 }
@@ -78,6 +83,7 @@ def builder_row(folder: Path, windows, precision: str) -> dict:
         "pipeline": " ".join(cmd[1:]),
         "export_seconds": time.perf_counter() - t,
         "ort_ppl": perplexity(ort_forward(folder / "model.onnx", exact_matmul=False), windows),
+        "ort_nodes": sum(optimized_op_histogram(folder / "model.onnx").values()),
     }
 
 
@@ -92,13 +98,15 @@ def build(keys: list[str], out: Path, job: Job, done: dict, path: Path) -> None:
         if key.startswith("builder-"):
             row = builder_row(folder, job.eval, ROWS[key][1])
         else:
-            rep = job.run(ROWS[key][1], export=folder / "model.onnx")
+            fused = not key.endswith("-std")  # -std: standard ops instead of fused ones
+            rep = job.run(ROWS[key][1], export=folder / "model.onnx", fused_ops=fused)
             row = {
                 "pipeline": ROWS[key][1],
                 "ppl_torch": rep["ppl"],
                 "ort_ppl": rep["export"]["ort_ppl"],
                 "ppl_float": rep["ppl_float"],
                 "file_mb": rep["export"]["file_mb"],
+                "ort_nodes": rep["export"]["ort_optimized_nodes"],
             }
         row.update(build_seconds=round(time.perf_counter() - t, 1), date=time.strftime("%Y-%m-%d"))
         done[key] = row
@@ -148,14 +156,15 @@ def main() -> None:
     base = timed.get("float", {}).get("tokens_per_s")
     print(header("Decode speed in ONNX Runtime GenAI (SmolLM2-135M, batch 1)", " ".join(sys.argv)))
     print(f"{PROMPT}-token prompt + {NEW} new tokens, greedy, median of {args.repeats}.\n")
-    print("| recipe | ONNX Runtime ppl | file MB | prompt s | decode tokens/s | × float |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | ONNX Runtime ppl | file MB | nodes | prompt s | decode tokens/s | × float |")
+    print("|---|---|---|---|---|---|---|")
     for key in keys:
         r, label = done[key], ROWS[key][0]
         ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "–"
         mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "–"
         print(
-            f"| {label} | {r['ort_ppl']:.3f} | {mb} | {r['prompt_seconds']:.2f} | "
+            f"| {label} | {r['ort_ppl']:.3f} | {mb} | {r.get('ort_nodes', '–')} | "
+            f"{r['prompt_seconds']:.2f} | "
             f"{r['tokens_per_s']:.1f} | {ratio} |"
         )
 

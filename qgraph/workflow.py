@@ -175,6 +175,7 @@ class Job:
         *,
         export: str | os.PathLike | None = None,
         integer_activations: bool = False,
+        fused_ops: bool = True,
         save: str | os.PathLike | None = None,
         save_float_weights: bool = False,
         verify_each: bool = False,
@@ -241,7 +242,7 @@ class Job:
             log(f"saved the rewritten model to {save}")
         if export:
             report["export"] = export_and_check(
-                model, export, pipeline, self.eval, self.progress, integer_activations
+                model, export, pipeline, self.eval, self.progress, integer_activations, fused_ops
             )
             if analysis:
                 report["onnx_trace"] = analysis.onnx(model, report["export"]["path"])
@@ -257,6 +258,7 @@ def export_and_check(
     windows: torch.Tensor,
     progress: bool,
     integer_activations: bool = False,
+    fused_ops: bool = True,
 ) -> dict:
     from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
     from qgraph.backends.onnx_decoder import export_decoder, has_attention
@@ -267,7 +269,7 @@ def export_and_check(
     if cached:  # a decoder with a KV cache, genai_config.json and tokenizer beside it
         export_decoder(
             model, path.parent, pipeline, filename=path.name,
-            integer_activations=integer_activations,
+            integer_activations=integer_activations, fused=fused_ops,
         )  # fmt: skip
     else:
         path = export_model(model, path, pipeline, integer_activations=integer_activations)
@@ -287,6 +289,8 @@ def export_and_check(
         "export_seconds": seconds,
         "ort_ppl": ort_ppl,
         "integer_activations": integer_activations,
+        "fused_ops": fused_ops and cached,
+        "ort_optimized_nodes": sum(ops.values()),
         "ort_optimized_ops": {k: v for k, v in ops.items() if "MatMul" in k or "Dequantize" in k},
     }
 
