@@ -84,6 +84,7 @@ def solve_in_graph_order(
             drop_dequantized()  # every window is past those layers: free them for the solve
             h = window_hessian([run.env[node.args[0]] for run in runs])
             h = sum_over_workers(h, batch.shape[0])
+            trim()  # the Hessian's partial sums, before the solver's peak
             _solve_group(p, gm, group, h, runs, solve, solve_group)
             del h
             if release:  # nothing after this pass re-solves: the float twin can go now

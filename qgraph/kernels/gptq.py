@@ -272,9 +272,11 @@ def _refit_scales(
     # Each row's error is the quadratic  c - 2 sᵀb + sᵀ M s  in its scales s, with
     # c = w H wᵀ, b[g] = Σ_{k∈g} a_k (H w)_k and M[g, g'] = Σ_{k∈g, l∈g'} a_k H_kl a_l.
     # c does not depend on s, so it is never formed: changes of error are compared instead.
-    b = (a.double() * (wf @ h).double()) @ member  # [out, G]
+    # (the products are widened and multiplied by a in place: the bits of a.double() * x with
+    # fewer [out, in] float64 temporaries: 0.4 GB less for the 1.1B model's gate/up stack)
+    b = (wf @ h).double().mul_(a) @ member  # [out, G]
     if n_groups == 1:
-        m = ((a @ h).double() * a.double()).sum(1).reshape(out, 1, 1)
+        m = (a @ h).double().mul_(a).sum(1).reshape(out, 1, 1)
     else:
         member_w = member.to(wd)
         per_group = a.unsqueeze(1) * member_w.T.unsqueeze(0)  # [out, G, in]: a restricted to g
