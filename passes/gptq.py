@@ -86,7 +86,10 @@ class GPTQ(Pass):
                 rec.clip = clip
                 key = (rec.weight, clip) if rec.weight.granularity != "tensor" else (i,)
                 batches.setdefault(key, []).append(i)
-            for members in batches.values():
+            # float32 statistics and the scale refit share one cast of h, taken before the last
+            # batch's kernel reorders and factors h in place (one in × in float64 less at the peak)
+            h32 = h.float()
+            for b, members in enumerate(batches.values()):
                 spec, clip = recs[members[0]].weight, recs[members[0]].clip
                 weights = [recs[i].float_weight for i in members]
                 stack = torch.cat(weights) if len(weights) > 1 else weights[0]
@@ -96,7 +99,7 @@ class GPTQ(Pass):
                     damp=self.opt("damp"), act_order=self.opt("act-order"),
                     block_size=self.opt("block-size"), clip=clip,
                     full_range=spec.full_range, refit_scale=self.opt("refit-scale"),
-                    with_error=False,
+                    with_error=False, consume_hessian=b == len(batches) - 1, refit_hessian=h32,
                 )  # fmt: skip
                 # split the stacked rows back per layer (a per-tensor grid is never stacked)
                 sizes = [w.shape[0] for w in weights]
@@ -104,7 +107,6 @@ class GPTQ(Pass):
                 if len(members) > 1:
                     parts = list(zip(*(t.split(sizes) for t in parts[0]), strict=True))
                 # proxy errors of the whole stack at once (float32 statistics), split per layer
-                h32 = h.float()
                 errors = {
                     "gptq_error": row_proxy_errors(stack, h32, res.weight).split(sizes),
                     "rtn_error": row_proxy_errors(

@@ -16,7 +16,7 @@ from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
 from qgraph.memory import trim
 from qgraph.model import Model
-from qgraph.ops import reuse_dequantized
+from qgraph.ops import drop_dequantized, reuse_dequantized
 from qgraph.pass_manager import Pass, is_last_pass, working_on
 from qgraph.progress import bar
 from qgraph.quantized import BoundLayer, QuantizedLayer
@@ -25,7 +25,8 @@ from qgraph.selection import LayerSelector
 #: solve(record, float weight [out, in], hessian) -> (codes, scale, zero) in the kernels' layout
 Solver = Callable[[QuantizedLayer, torch.Tensor, torch.Tensor], tuple]
 #: solve_group(records, hessian) -> one (codes, scale, zero) per record: layers sharing an input
-#: solved together (they share the Hessian and everything derived from it)
+#: solved together (they share the Hessian and everything derived from it). The Hessian is the
+#: group's own: the solver may overwrite it (gptq factors it in place)
 GroupSolver = Callable[[list[QuantizedLayer], torch.Tensor], list[tuple]]
 
 
@@ -80,8 +81,10 @@ def solve_in_graph_order(
             node = group[0].node
             for run in runs:
                 run.advance(node)
+            drop_dequantized()  # every window is past those layers: free them for the solve
             h = window_hessian([run.env[node.args[0]] for run in runs])
             h = sum_over_workers(h, batch.shape[0])
+            trim()  # the Hessian's partial sums, before the solver's peak
             _solve_group(p, gm, group, h, runs, solve, solve_group)
             del h
             if release:  # nothing after this pass re-solves: the float twin can go now

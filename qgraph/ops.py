@@ -93,6 +93,13 @@ def reuse_dequantized(layers: int = 4):
         _RECENT, _RECENT_SIZE = saved
 
 
+def drop_dequantized() -> None:
+    """Empty :func:`reuse_dequantized`'s cache now: for a caller that knows the layers in it
+    will not be called again (the weight solver, once every window has passed them)."""
+    if _RECENT is not None:
+        _RECENT.clear()
+
+
 def _cached_weight(codes, scale, zero, group_size: int, rows: int) -> torch.Tensor:
     """Dequantized weight, memoized per codes tensor for calls with few rows.
 
