@@ -360,6 +360,16 @@ def test_run_export_writes_a_decoder_folder_and_checks_it(float_model, tmp_path)
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["filename"] == "tiny.onnx"
     assert info["ort_ppl"] == pytest.approx(perplexity(float_model, windows), rel=1e-4)
+    assert info["fused_ops"]
+    # --standard-ops: the same decoder without fused ops, many more nodes, same perplexity
+    std = tmp_path / "std"
+    std.mkdir()
+    plain = export_and_check(
+        fresh_copy(float_model), std / "tiny.onnx", "", windows, False, fused_ops=False
+    )
+    assert not plain["fused_ops"]
+    assert plain["ort_optimized_nodes"] > info["ort_optimized_nodes"] + 30
+    assert plain["ort_ppl"] == pytest.approx(info["ort_ppl"], rel=1e-4)
 
 
 def test_ort_forward_reads_symbolic_cache_dims_from_the_config(float_model, tmp_path):
