@@ -8,7 +8,8 @@ every qgraph file (quantized weights as ``MatMulNBits``, online rotations as Had
 Inputs ``input_ids [batch_size, sequence_length]``, ``attention_mask [batch_size,
 total_sequence_length]`` and ``past_key_values.{i}.key/value [batch_size, kv_heads,
 past_sequence_length, head_size]``; outputs ``logits`` and ``present.{i}.key/value``.
-Attention is lowered to standard ops (the cache is concatenated in the graph).
+Norms, rotary embeddings and attention are one node each (:mod:`qgraph.fuse_decoder`; the
+cache is concatenated by ``Attention``), or standard ops with ``fused=False``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _dims(layout: CacheLayout) -> tuple[dict[str, dict[int, str]], dict[str, dic
 def genai_config(
     model: Model, layout: CacheLayout, vocab: int, context: int, filename: str = MODEL_FILE
 ) -> dict[str, Any]:
-    """The ``genai_config.json`` of a decoder-only model with standard-op attention."""
+    """The ``genai_config.json`` of a decoder-only model whose graph concatenates its cache."""
     sv = model.structure
     att = sv.attention[0]
     tok = model.tokenizer

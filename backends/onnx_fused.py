@@ -3,11 +3,12 @@
 * ``rms_norm`` → ``RMSNormalization(axis=-1, stash_type=1)``;
 * ``add_rms_norm`` → ONNX Runtime's ``com.microsoft::SkipSimplifiedLayerNormalization`` (the
   residual add and the norm in one kernel; ONNX has no standard op for it);
-* ``rotary`` → ``RotaryEmbedding`` on ``[B, H, S, D]`` with the first halves of the graph's own
-  ``cos``/``sin`` (``[B, S, D/2]``, no position ids), so any RoPE scaling the model computes is
-  kept;
-* ``cached_attention`` → ``Attention`` on 4-D inputs with the bool mask and the cache as
-  ``past_key``/``past_value``; its ``present_key``/``present_value`` are the grown cache.
+* ``rotary`` → ``RotaryEmbedding`` on ``[B, S, H·D]`` (``num_heads``) or ``[B, H, S, D]``, with
+  the first halves of the graph's own ``cos``/``sin`` (``[B, S, D/2]``, no position ids), so
+  any RoPE scaling the model computes is kept;
+* ``cached_attention`` → ``Attention`` on the same layouts (head counts as attributes for the
+  3-D one) with the bool mask and the cache as ``past_key``/``past_value``; its
+  ``present_key``/``present_value`` are the grown cache.
 
 A file containing them needs opset 23 (ONNX Runtime ≥ 1.23 runs all three on CPU).
 """

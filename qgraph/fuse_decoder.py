@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from . import fused_ops  # noqa: F401  (registers torch.ops.qgraph.rms_norm, ...)
+from .graph_edits import get_tensor, new_attr
 from .structure import gqa_source
 
 aten = torch.ops.aten
@@ -86,6 +87,7 @@ def _fuse_norms(gm: fx.GraphModule) -> int:
     """``x * rsqrt(mean(x², -1, keepdim) + eps)`` [→ ``to(x.dtype)``] [→ ``* weight``]."""
     graph = gm.graph
     fused = 0
+    ones: dict[int, str] = {}  # width -> the weight of norms that have none (one buffer each)
     for rs in [n for n in graph.nodes if _is(n, aten.rsqrt.default)]:
         added = rs.args[0]
         if not _is(added, aten.add.Tensor) or not isinstance(added.args[1], float):
@@ -111,15 +113,16 @@ def _fuse_norms(gm: fx.GraphModule) -> int:
             nxt = list(last.users)
         if len(nxt) == 1 and _is(nxt[0], aten.mul.Tensor):
             w = _other(nxt[0], last)
-            wv = _weight_value(gm, w)
-            if wv is not None and wv.dim() == 1 and wv.shape[0] == xv.shape[-1]:
+            is_attr = isinstance(w, fx.Node) and w.op == "get_attr"
+            wv = get_tensor(gm, w.target) if is_attr else None
+            if isinstance(wv, torch.Tensor) and wv.dim() == 1 and wv.shape[0] == xv.shape[-1]:
                 last, weight = nxt[0], w
         with graph.inserting_before(last):
             if weight is None:
-                name = _unique_attr(gm, f"qg_rms_ones_{xv.shape[-1]}")
-                if not hasattr(gm, name):
-                    gm.register_buffer(name, torch.ones(xv.shape[-1], dtype=xv.dtype))
-                weight = graph.get_attr(name)
+                width = xv.shape[-1]
+                if width not in ones:
+                    ones[width] = new_attr(gm, f"rms_ones_{width}", torch.ones(width))
+                weight = graph.get_attr(ones[width])
             node = graph.call_function(qg.rms_norm.default, (x, weight, float(added.args[1])))
         node.meta["val"] = _val(last)
         last.replace_all_uses_with(node)
@@ -163,30 +166,6 @@ def _is_noop_to(node: fx.Node, like) -> bool:
     if not _is(node, aten.to.dtype):
         return False
     return node.args[1] == like.dtype
-
-
-def _weight_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    """The tensor a ``get_attr`` node reads (None for anything else)."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj if isinstance(obj, torch.Tensor) else None
-
-
-def _unique_attr(gm: fx.GraphModule, base: str) -> str:
-    """``base``, reused if it is already our ones buffer of that size, else made unique."""
-    name = base
-    while hasattr(gm, name) and not _is_ones(getattr(gm, name)):
-        name += "_"
-    return name
-
-
-def _is_ones(t) -> bool:
-    return isinstance(t, torch.Tensor) and bool((t == 1).all())
 
 
 # -------------------------------------------------------------------------------------- rotary
@@ -381,19 +360,19 @@ def _flatten_heads(graph: fx.Graph, skipped: list[str]) -> int:
         for src, heads, chain in sides:
             cur = src
             with graph.inserting_before(att):
+                b = graph.call_function(aten.sym_size.int, (src, 0))
+                s_ = graph.call_function(aten.sym_size.int, (src, 1))
                 for node in chain:  # innermost (next to the transpose) first
                     if node.target is qg.rotary.default:
                         cur = graph.call_function(node.target, (cur, *node.args[1:3], heads))
                     else:
-                        b = graph.call_function(aten.sym_size.int, (src, 0))
-                        s_ = graph.call_function(aten.sym_size.int, (src, 1))
                         view = graph.call_function(aten.view.default, (cur, [b, s_, heads, -1]))
                         per_head = graph.call_function(node.target, (view, *node.args[1:]))
                         cur = graph.call_function(aten.view.default, (per_head, [b, s_, -1]))
             flat.append((cur, heads))
         (fq, heads), (fk, kv_heads), (fv, _) = flat
         users = {u.args[1]: u for u in att.users}
-        result, last = out_chain
+        last = out_chain
         with graph.inserting_before(att):
             node = graph.call_function(
                 qg.cached_attention.default,
@@ -415,7 +394,7 @@ def _projection_side(t: fx.Node):
     only per-head single-user ops in ``chain`` (returned innermost first), else None."""
     chain: list[fx.Node] = []
     node = t
-    while _is(node, PER_HEAD[0]) or _is(node, PER_HEAD[1]) or _is(node, PER_HEAD[2]):
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in PER_HEAD:
         if len(node.users) != 1:
             return None
         chain.append(node)
@@ -435,8 +414,8 @@ def _projection_side(t: fx.Node):
 
 
 def _output_side(att: fx.Node):
-    """``(result, last)``: the attention output's ``[reshape →] transpose(1, 2) → reshape`` to
-    ``[B, S, H·D]``, ``last`` being the node whose uses the flat output takes over."""
+    """The last node of the attention output's ``[reshape →] transpose(1, 2) → reshape`` to
+    ``[B, S, H·D]``, whose uses the flat output takes over (None if it is not that)."""
     outs = [u for u in att.users if u.args[1] == 0]
     if len(outs) != 1 or len(outs[0].users) != 1:
         return None
@@ -456,4 +435,4 @@ def _output_side(att: fx.Node):
     val = _val(last)
     if val is None or val.dim() != 3:
         return None
-    return outs[0], last
+    return last

@@ -21,8 +21,11 @@ from .ops import LIB
 @torch.library.custom_op(f"{LIB}::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x², -1) + eps))``, as Hugging Face's Llama RMSNorm traces."""
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed
+    return _rms(x, weight, eps)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 @rms_norm.register_fake
@@ -37,8 +40,7 @@ def add_rms_norm(
     """The residual sum ``s = x + residual`` and its :func:`rms_norm`; returns both
     ``(normed, s)`` (the sum goes on along the residual stream)."""
     total = x + residual
-    normed = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed, total
+    return _rms(total, weight, eps), total
 
 
 @add_rms_norm.register_fake
