@@ -31,6 +31,7 @@ from qgraph.errors import ExportError
 
 from .onnx_fused import FUSED_TRANSLATIONS
 from .onnx_hadamard import add_hadamard_functions, is_qgraph_function
+from .onnx_hadamard_fold import fold_hadamard_signs
 from .onnx_integer import INTEGER_TRANSLATIONS, integer_activation_graph
 from .onnx_lowering import CUSTOM_TRANSLATIONS
 
@@ -249,11 +250,14 @@ def postprocess(model: ir.Model) -> ir.Model:
       which it fuses into ``MatMulNBits``.
     * Gives per-axis scales to per-channel weights behind QDQ activations
       (:func:`_per_axis_weights_under_qdq`).
-    * Adds the model-local function of every ``qgraph::Hadamard…`` node (idempotent).
+    * Folds constant signs and scales of ``qgraph::Hadamard…`` nodes into their matrices
+      (:func:`~qgraph.backends.onnx_hadamard_fold.fold_hadamard_signs`), then adds the
+      model-local function of every variant (idempotent).
     * Removes nodes and initializers that no longer feed an output.
     """
     _fold_int4_casts(model)
     _per_axis_weights_under_qdq(model)
+    fold_hadamard_signs(model)
     add_hadamard_functions(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.RemoveUnusedFunctionsPass()(model)

@@ -25,10 +25,20 @@ from qgraph.backends.onnx_hadamard import (
     add_hadamard_functions,
     build_function,
 )
+from qgraph.backends.onnx_hadamard_fold import (
+    FoldedHadamard,
+    fold_hadamard_signs,
+    folded_matrices,
+)
 from qgraph.backends.onnx_lowering import CUSTOM_TRANSLATIONS
 from qgraph.backends.ort_runtime import OrtModel, optimized_op_histogram
 from qgraph.errors import ExportError, NoHadamardError
-from qgraph.kernels.hadamard import _base_matrix, hadamard_factorization, hadamard_matrix
+from qgraph.kernels.hadamard import (
+    _base_matrix,
+    hadamard_factorization,
+    hadamard_matrix,
+    kronecker_signs,
+)
 
 ops = torch.ops.qgraph
 
@@ -213,6 +223,14 @@ class Rotated(torch.nn.Module):
         return ops.hadamard(x @ self.w, self.s, self.normalize, self.transpose)
 
 
+def exported_op_type(n: int, signs, normalize: bool, transpose: bool, rank: int) -> str:
+    """The op type export gives: folded when the signs fold (any signs at n ≤ DENSE_MAX)."""
+    matrices = folded_matrices(n, None if signs is None else signs.numpy(), normalize, transpose)
+    if matrices is None:
+        return HadamardVariant(n, transpose, normalize, signs is not None).op_type
+    return FoldedHadamard(n, rank if len(matrices) == 2 else None).op_type
+
+
 def load_functions(path) -> dict[str, onnx.FunctionProto]:
     return {f.name: f for f in onnx.load(path).functions}
 
@@ -230,7 +248,7 @@ def test_exported_module_runs_in_ort(tmp_path, n, with_signs, normalize, transpo
     path = export_onnx(
         module, (torch.randn(2, n),), tmp_path / "h.onnx", dynamic_shapes=({0: Dim("rows")},)
     )
-    name = HadamardVariant(n, transpose, normalize, with_signs).op_type
+    name = exported_op_type(n, module.s, normalize, transpose, rank=2)
     assert op_histogram(path) == {"MatMul": 1, f"qgraph::{name}": 1}
     proto = onnx.load(path)
     assert {o.domain: o.version for o in proto.opset_import}[QGRAPH_DOMAIN] == 1
@@ -266,11 +284,12 @@ def test_two_sizes_give_two_functions_and_ort_inlines_them(tmp_path):
         module, (torch.randn(2, 3, 12),), tmp_path / "two.onnx",
         dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},),
     )  # fmt: skip
-    hist = op_histogram(path)
-    assert hist["qgraph::Hadamard12"] == 2 and hist["qgraph::Hadamard12T"] == 1
-    assert hist["qgraph::Hadamard64T_nosigns"] == 1
-    assert sorted(load_functions(path)) == ["Hadamard12", "Hadamard12T", "Hadamard64T_nosigns"]
+    hist = op_histogram(path)  # signs and scales folded into per-call matrices (n ≤ DENSE_MAX)
+    assert hist["qgraph::Hadamard12_folded"] == 3 and hist["qgraph::Hadamard64_folded"] == 1
+    assert sorted(load_functions(path)) == ["Hadamard12_folded", "Hadamard64_folded"]
     assert not any(key.startswith("qgraph::") for key in optimized_op_histogram(path))
+    matrices = {n.input[1] for n in onnx.load(path).graph.node if n.domain == QGRAPH_DOMAIN}
+    assert len(matrices) == 3  # the two forward calls with the same signs share one matrix
 
     x = torch.randn(4, 2, 12)
     outputs = OrtModel(path).run(x)
@@ -290,7 +309,7 @@ def test_postprocess_adds_functions_to_a_raw_export():
     assert op_histogram(program.model)["qgraph::Hadamard20T"] == 1
     assert not program.model.functions
     postprocess(program.model)
-    assert (QGRAPH_DOMAIN, "Hadamard20T", "") in program.model.functions
+    assert (QGRAPH_DOMAIN, "Hadamard20_folded", "") in program.model.functions
     assert program.model.opset_imports[QGRAPH_DOMAIN] == 1
 
 
@@ -304,3 +323,81 @@ def test_unsupported_size_fails_at_export(tmp_path):
     with pytest.raises(ExportError, match="order 18"):
         export_onnx(module, (torch.randn(2, 18),), tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+# ---------------------------------------------------------------------------- folded signs
+
+
+def folded_dense(matrices: list[np.ndarray], n: int) -> np.ndarray:
+    """The ``[n, n]`` map ``x ↦ y`` of folded matrices: ``M``, or ``kron(Lᵀ, R)`` for
+    ``y = vec(L · X · R)`` with ``X`` the row-major ``[K, m]`` view of ``x``."""
+    if len(matrices) == 1:
+        return matrices[0]
+    left, right = matrices
+    return np.kron(left.T, right)
+
+
+@pytest.mark.parametrize("n", [12, 64, 112, 576, 1536])
+@pytest.mark.parametrize("normalize, transpose", [(True, False), (True, True), (False, True)])
+def test_folded_matrices_are_the_transform(n, normalize, transpose):
+    signs = kronecker_signs(n, 7).numpy()
+    matrices = folded_matrices(n, signs, normalize, transpose)
+    assert matrices is not None and len(matrices) == (1 if n <= DENSE_MAX else 2)
+    expected = dense(np.eye(n), signs, normalize, transpose)
+    np.testing.assert_allclose(folded_dense(matrices, n), expected, rtol=0, atol=1e-15)
+
+
+def test_signs_fold_only_when_rank_one_over_the_grid():
+    assert folded_matrices(64, signs_of(64).numpy(), True, False) is not None  # dense: any
+    assert folded_matrices(1536, signs_of(1536).numpy(), True, False) is None
+    assert folded_matrices(1536, None, True, False) is not None
+    assert folded_matrices(256, None, True, False) is None  # K = 1: staged butterflies
+    s = kronecker_signs(1536, 0)
+    assert not torch.equal(s, s.reshape(12, 128)[0].repeat(12))  # both factors are random
+    assert set(s.tolist()) == {-1.0, 1.0}
+
+
+def _rank3_model(n: int, signs: np.ndarray, transpose: bool) -> ir.Model:
+    """``y = qgraph::Hadamard…(x, signs)`` on a ``[batch, seq, n]`` input, signs constant."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT),
+                 shape=ir.Shape(["batch", "seq", n]))  # fmt: skip
+    s = ir.Value(name="s", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([n]))
+    s.const_value = ir.Tensor(signs.astype(np.float32), name="s")
+    node = ir.Node(QGRAPH_DOMAIN, HadamardVariant(n, transpose, True, True).op_type, [x, s],
+                   version=1)  # fmt: skip
+    node.outputs[0].name = "y"
+    node.outputs[0].type, node.outputs[0].shape = x.type, x.shape
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[s],
+                     opset_imports={"": 21}, name="rotation")  # fmt: skip
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("n", [64, 576, 1536])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_folding_is_bit_exact_in_ort(n, transpose):
+    signs = kronecker_signs(n, 1).numpy()
+    general, folded = _rank3_model(n, signs, transpose), _rank3_model(n, signs, transpose)
+    assert fold_hadamard_signs(folded) == 1
+    assert add_hadamard_functions(general) == 1 and add_hadamard_functions(folded) == 0
+    x = np.random.default_rng(n).standard_normal((2, 5, n)).astype(np.float32)
+    outputs = []
+    for model in (general, folded):
+        proto = ir.to_proto(model)
+        onnx.checker.check_model(proto, full_check=True)
+        session = ort.InferenceSession(proto.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        outputs.append(session.run(None, {"x": x})[0])
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    assert_close(outputs[1], dense(x, signs, True, transpose), 1e-5)
+    kinds = {node.op_type for node in folded.functions.values().__iter__().__next__()}
+    assert "Mul" not in kinds and "Shape" not in kinds
+
+
+def test_non_constant_or_unfoldable_signs_keep_the_general_function():
+    model = _rank3_model(1536, signs_of(1536).numpy(), False)  # not rank-one
+    assert fold_hadamard_signs(model) == 0
+    model = _rank3_model(576, kronecker_signs(576, 0).numpy(), False)
+    model.graph.initializers.pop("s")
+    model.graph.inputs.append(model.graph.node(0).inputs[1])  # signs fed at run time
+    model.graph.node(0).inputs[1].const_value = None
+    assert fold_hadamard_signs(model) == 0
