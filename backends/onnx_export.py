@@ -242,6 +242,29 @@ def _per_axis_weights_under_qdq(model: ir.Model) -> int:
     return count
 
 
+OPTIONAL_OUTPUTS = {
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2),  # mean, inv_std_var
+    ("", "LayerNormalization"): (1, 2),  # Mean, InvStdDev
+}
+"""Optional outputs that kernels compute only when named: the exporter names every output of a
+contrib op, so ``SkipSimplifiedLayerNormalization`` wrote two statistics per token nobody reads."""
+
+
+def _unname_unused_optional_outputs(model: ir.Model) -> int:
+    """Give unused optional outputs (:data:`OPTIONAL_OUTPUTS`) the empty name, which ONNX reads
+    as "not requested"; returns how many were dropped."""
+    count = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for index in OPTIONAL_OUTPUTS.get((node.domain, node.op_type), ()):
+            if index >= len(node.outputs):
+                continue
+            value = node.outputs[index]
+            if value.name and not value.uses() and not value.is_graph_output():
+                value.name = ""
+                count += 1
+    return count
+
+
 def postprocess(model: ir.Model) -> ir.Model:
     """Make the exported ``onnx_ir`` model final, in place (and return it).
 
@@ -253,7 +276,8 @@ def postprocess(model: ir.Model) -> ir.Model:
     * Folds constant signs and scales of ``qgraph::Hadamard…`` nodes into their matrices
       (:func:`~qgraph.backends.onnx_hadamard_fold.fold_hadamard_signs`), then adds the
       model-local function of every variant (idempotent).
-    * Removes nodes and initializers that no longer feed an output.
+    * Removes nodes and initializers that no longer feed an output, and leaves unused optional
+      outputs of fused norms unrequested (:func:`_unname_unused_optional_outputs`).
     """
     _fold_int4_casts(model)
     _per_axis_weights_under_qdq(model)
@@ -261,6 +285,7 @@ def postprocess(model: ir.Model) -> ir.Model:
     add_hadamard_functions(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.RemoveUnusedFunctionsPass()(model)
+    _unname_unused_optional_outputs(model)
     return model
 
 
