@@ -351,6 +351,32 @@ def test_fast_transform_float32(n, with_signs):
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 12, 64, 256, 576, 1536, 2048, 3072, 14336])
+@pytest.mark.parametrize("normalize, with_signs", [(True, True), (False, False)])
+def test_hadamard_by_gemms_matches_dense(n, normalize, with_signs):
+    """float64: the dense product to rounding; float32 (how ``rotate`` uses it): a few ulp of
+    the correctly rounded result, elementwise relative to the row's scale."""
+    gen = torch.Generator().manual_seed(n + 2)
+    x = torch.randn(5, 2, n, generator=gen, dtype=torch.float64)
+    signs = had.random_signs(n, 4) if with_signs else None
+    ref = _ref_transform(x.numpy(), n, normalize, None if signs is None else signs.numpy())
+    y64 = had.hadamard_by_gemms(x, normalize, signs)
+    np.testing.assert_allclose(y64.numpy(), ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+    x32 = x.float()
+    before = x32.clone()
+    y32 = had.hadamard_by_gemms(x32, normalize, None if signs is None else signs.float())
+    assert y32.dtype == torch.float32 and y32.shape == x32.shape and torch.equal(x32, before)
+    ref32 = _ref_transform(x32.numpy(), n, normalize, None if signs is None else signs.numpy())
+    ulp = np.spacing(np.abs(ref32).max(axis=-1, keepdims=True).astype(np.float32))
+    assert (np.abs(y32.numpy() - ref32) <= 16 * ulp).all()
+
+
+def test_gemm_factors_are_small_powers_of_two_after_the_base():
+    assert had._gemm_factors(576) == [36, 16]
+    assert had._gemm_factors(14336) == [28, 128, 4]
+    assert had._gemm_factors(2048) == [1, 128, 16]
+
+
 @pytest.mark.parametrize("n", [1, 2, 16, 24])
 @pytest.mark.parametrize("with_signs", [True, False])
 def test_fast_transform_never_modifies_input(n, with_signs):

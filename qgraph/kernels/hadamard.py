@@ -33,6 +33,7 @@ from qgraph.errors import NoHadamardError
 
 __all__ = [
     "fast_hadamard_transform",
+    "hadamard_by_gemms",
     "hadamard_factorization",
     "hadamard_matrix",
     "is_hadamard_size",
@@ -491,6 +492,60 @@ def fast_hadamard_transform(
 # --------------------------------------------------------------------------------------
 # Random rotations
 # --------------------------------------------------------------------------------------
+
+
+GEMM_FACTOR_MAX = 128
+"""Largest power-of-two factor :func:`hadamard_by_gemms` multiplies as one dense matrix."""
+
+
+def _gemm_factors(n: int) -> list[int]:
+    """``n = K · 2^a`` as ``[K, m_1, m_2, ...]`` with each ``m_i ≤ GEMM_FACTOR_MAX`` a power of
+    two (Sylvester: ``H_{2^(a+b)} = H_{2^a} ⊗ H_{2^b}``)."""
+    fact = hadamard_factorization(n)
+    if fact is None:
+        raise _no_hadamard(n)
+    k, m = fact
+    factors = [k]
+    while m > 1:
+        piece = min(m, GEMM_FACTOR_MAX)
+        factors.append(piece)
+        m //= piece
+    return factors
+
+
+def hadamard_by_gemms(
+    x: torch.Tensor, normalize: bool = True, signs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(x * signs) @ H_n`` over the last dim (``/ √n`` if normalize), in ``x``'s dtype, as one
+    small dense GEMM per Kronecker factor of ``H_n = H_K ⊗ H_m1 ⊗ ...``.
+
+    Why: rotating weights once, GEMMs run at the machine's float32 speed where the staged
+    butterflies of :func:`fast_hadamard_transform` are memory-bound passes; in float32 the
+    result differs from the correctly rounded one by a few ulp (``rotate`` verifies the model
+    end to end). ``x`` is only read.
+    """
+    n = x.shape[-1]
+    factors = _gemm_factors(n)
+    if signs is not None:
+        x = x * signs.to(dtype=x.dtype, device=x.device)
+    shape = x.shape
+    scale = 1.0 / math.sqrt(n) if normalize else 1.0
+    y = x.reshape(-1, n)
+    rows, after = y.shape[0], n
+    for f in factors:
+        after //= f
+        if f == 1:
+            continue
+        h = (_base_matrix(f) * scale).to(dtype=x.dtype, device=x.device)
+        scale = 1.0  # folded into the first matrix
+        if after == 1:  # the last axis: one GEMM over every row
+            y = (y.reshape(-1, f) @ h).reshape(rows, n)
+        else:  # y[r, i, t] -> sum_i y[r, i, t] H[i, j]: move the axis last, multiply, move back
+            view = y.reshape(-1, f, after).transpose(1, 2)
+            y = (view @ h).transpose(1, 2).reshape(rows, n)
+    if scale != 1.0:  # n = 1: no matrix to fold it into
+        y = y * scale
+    return y.reshape(shape)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
