@@ -15,6 +15,7 @@ import torch
 
 from qgraph import progress as _progress
 from qgraph.errors import DataError
+from qgraph.memory import trim
 
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
 """Maps input_ids ``[B, T]`` (int64) to logits ``[B, T, V]`` (float; numpy arrays accepted)."""
@@ -67,19 +68,45 @@ def window_nll(
         # A bar shows only if both ``progress`` and the process-wide switch allow it.
         for start in _progress.bar(starts, desc=desc, unit="batch", disable=not progress):
             ids = windows[start : start + batch_size]
-            logp = torch.log_softmax(_logits(forward, ids), dim=-1)
-            nan_rows = torch.isnan(logp).flatten(1).any(dim=1)
+            picked, nan_rows = _next_token_log_probs(_logits(forward, ids), ids)
             if bool(nan_rows.any()):
                 bad = start + int(nan_rows.nonzero()[0, 0])
                 raise DataError(
                     f"{desc}: logits for window {bad} (of {n}) give NaN log-probabilities "
                     "(NaN, +Inf or all -Inf logits)"
                 )
-            target = ids[:, 1:].unsqueeze(-1)
-            picked = logp[:, :-1].gather(-1, target).squeeze(-1)
             total -= picked.double().sum()
             count += ids.shape[0] * (t - 1)
+            trim()  # the window's activations: the next window starts from a trimmed heap
     return float(total), count
+
+
+LOGP_POSITIONS = 64
+"""Positions per ``log_softmax`` call in :func:`_next_token_log_probs`."""
+
+
+def _next_token_log_probs(
+    logits: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log_softmax(logits)`` at each next token, ``[B, T-1]``, and whether each window has a
+    NaN log-probability at any position, ``[B]``.
+
+    Computed :data:`LOGP_POSITIONS` positions at a time: the log-probabilities of a whole window
+    are as large as its logits (512 × 49152 float32: 100 MB), and with them and a NaN mask the
+    evaluation of each window was the largest allocation of ``qgraph run`` after GPTQ. Softmax
+    treats positions independently, so the values are bit-identical to one call.
+    """
+    b, t = ids.shape
+    picked = torch.empty((b, t - 1), dtype=logits.dtype)
+    nan_rows = torch.zeros(b, dtype=torch.bool)
+    for i in range(0, t, LOGP_POSITIONS):
+        logp = torch.log_softmax(logits[:, i : i + LOGP_POSITIONS], dim=-1)
+        nan_rows |= torch.isnan(logp).flatten(1).any(dim=1)
+        j = min(i + LOGP_POSITIONS, t - 1)  # the last position predicts nothing
+        if j > i:
+            target = ids[:, i + 1 : j + 1].unsqueeze(-1)
+            picked[:, i:j] = logp[:, : j - i].gather(-1, target).squeeze(-1)
+    return picked, nan_rows
 
 
 def perplexity(

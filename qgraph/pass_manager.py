@@ -23,6 +23,7 @@ import psutil
 import torch
 
 from .errors import PassError, PipelineError, QGraphError, VerificationError
+from .graph_edits import forget_erased_nodes
 from .memory import trim
 from .model import Model, PassRecord
 
@@ -387,6 +388,9 @@ class PassManager:
                 summary = p.run(model) or {}
         finally:
             _MANAGER.reset(token)
+            # the nodes the pass erased, and the tensors in their meta, are freed only once
+            # the graph's name table lets go of them (graph_edits.forget_erased_nodes)
+            forget_erased_nodes(model.gm.graph)
             # the pass's freed temporaries go back to the system, not a fragmented heap; a
             # model of real size also has the cycles of its dropped graph nodes collected (a
             # full collection costs ~0.3 s, too much to pay after every pass on small models)

@@ -216,6 +216,37 @@ def test_nan_logits_raise_with_window_index() -> None:
         perplexity(forward, windows, batch_size=2)
 
 
+def test_log_probs_in_chunks_equal_one_call(monkeypatch) -> None:
+    """Log-probabilities a few positions at a time give the bit-identical total of one call."""
+    import qgraph.evaluate as ev
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 150, 97, generator=gen) * 4
+    windows = torch.randint(0, 97, (3, 150), generator=gen)
+
+    logp = torch.log_softmax(logits, dim=-1)
+    want = -logp[:, :-1].gather(-1, windows[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum()
+    for positions in (7, 64, 149, 1000):
+        monkeypatch.setattr(ev, "LOGP_POSITIONS", positions)
+        total, count = window_nll(lambda ids: logits, windows, batch_size=3)
+        assert (total, count) == (float(want), 3 * 149)
+
+
+def test_nan_at_the_last_position_still_raises(monkeypatch) -> None:
+    """The last position predicts no token but its log-probabilities are still checked."""
+    import qgraph.evaluate as ev
+
+    monkeypatch.setattr(ev, "LOGP_POSITIONS", 4)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*ids.shape, 5)
+        out[1, -1] = float("nan")
+        return out
+
+    with pytest.raises(DataError, match="window 1"):
+        perplexity(forward, torch.zeros(2, 9, dtype=torch.long), batch_size=2)
+
+
 def test_bad_logits_shape_raises() -> None:
     with pytest.raises(DataError, match="shape"):
         perplexity(lambda ids: torch.zeros(ids.shape[0], 5), torch.zeros(2, 4, dtype=torch.long))

@@ -277,3 +277,28 @@ def test_pass_objects_and_text_are_equivalent(traced) -> None:
     # ordering is checked for object lists too
     with pytest.raises(qgraph.PipelineError, match="add 'fuse-norms'"):
         qgraph.PassManager([passes["rotate"]()]).run(copy.deepcopy(traced))
+
+
+def test_erased_nodes_free_the_tensors_in_their_meta() -> None:
+    """torch.fx keeps erased nodes in the graph's name table; forget_erased_nodes lets them
+    and the tensors in their ``meta`` go, and later nodes are named as before."""
+    import gc
+    import weakref
+
+    from qgraph.graph_edits import forget_erased_nodes
+
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 3))
+    weight = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "weight")
+    value = torch.randn(3, 4)
+    weight.meta["val"] = value
+    alive = weakref.ref(value)
+    replacement = gm.graph.get_attr("bias")  # any node: the test only needs weight unused
+    weight.replace_all_uses_with(replacement)
+    gm.graph.erase_node(weight)
+    del weight, value
+    gc.collect()
+    assert alive() is not None  # held by the erased node, which the name table holds
+    assert forget_erased_nodes(gm.graph) == 1
+    gc.collect()
+    assert alive() is None
+    assert gm.graph.get_attr("weight").name == "weight_1"  # the erased node's name stays taken
