@@ -164,6 +164,7 @@ def fold_hadamard_signs(model: ir.Model) -> int:
         target = FoldedHadamard(variant.n, rank if len(matrices) == 2 else None)
         new = ir.Node(QGRAPH_DOMAIN, target.op_type, [x, *shared[key]],
                       version=QGRAPH_OPSET_VERSION, name=node.name)  # fmt: skip
+        new.metadata_props.update(node.metadata_props)  # provenance: pass, layer, FX node
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], [new], list(node.outputs), list(new.outputs)
         )

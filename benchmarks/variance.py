@@ -30,6 +30,10 @@ W4A4 = "quantize{w=int4:channel,a=int4:token}"
 ROWS = {
     "w4a16-gptq": ("W4A16 GPTQ, no rotation", W4 + ",gptq"),
     "w4a16-rot-gptq": ("W4A16 rotation + GPTQ", "fuse-norms,rotate," + W4 + ",gptq"),
+    "w4a16-rot-r4-gptq": (
+        "W4A16 rotation + online R4 + GPTQ",
+        "fuse-norms,rotate{online=r4}," + W4 + ",gptq",
+    ),
     "w4a4-rot-gptq": (
         "W4A4 rotation (online R2+R4) + GPTQ",
         "fuse-norms,rotate{online=r2+r4}," + W4A4 + ",gptq",
@@ -88,11 +92,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seeds", type=str, default="0,1,2")
     ap.add_argument("--rows", type=str, default=",".join(ROWS))
+    ap.add_argument("--tag", default="", help="results file suffix: a fresh study beside old ones")
     args = ap.parse_args()
-    path = Path(__file__).parent / "results" / f"variance_w{args.windows}.json"
+    path = Path(__file__).parent / "results" / f"variance_w{args.windows}{args.tag}.json"
     seeds = [int(s) for s in args.seeds.split(",")]
     done = run(args.rows.split(","), seeds, path, args.windows)
-    cmd = f".venv/bin/python benchmarks/variance.py --windows {args.windows} --seeds {args.seeds}"
+    cmd = " ".join([".venv/bin/python", *sys.argv])
     print(header("Seed variance of the headline recipes (SmolLM2-135M)", cmd))
     print(table(done, args.windows))
 

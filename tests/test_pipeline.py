@@ -71,7 +71,9 @@ def test_parse_typed_options() -> None:
     assert [p.name for p in passes] == ["fuse-norms", "rotate", "quantize"]
     fuse, rot, quant = passes
     assert fuse.opts == {"ln-to-rms": False}
-    assert rot.opts == {"seed": 3, "kind": "random", "r1": False, "r2": True, "online": "none"}
+    assert rot.opts == {
+        "seed": 3, "kind": "random", "precision": "float32", "r1": False, "r2": True, "online": "none"
+    }  # fmt: skip
     assert type(rot.opt("seed")) is int and type(rot.opt("r1")) is bool
     assert quant.opt("w") == "int4:group32" and quant.opt("a") == "int8:token"
     assert quant.opt("calib-batches") == 4 and quant.opt("layers") == "mlp"
@@ -82,9 +84,23 @@ def test_parse_typed_options() -> None:
 
 def test_parse_defaults_and_whitespace() -> None:
     (rot,) = parse_pipeline("  rotate { seed = 11 }  ")
-    assert rot.opts == {"seed": 11, "kind": "hadamard", "r1": True, "r2": True, "online": "none"}
+    assert rot.opts == {
+        "seed": 11,
+        "kind": "hadamard",
+        "precision": "float32",
+        "r1": True,
+        "r2": True,
+        "online": "none",
+    }
     (plain,) = parse_pipeline("rotate")
-    assert plain.opts == {"seed": 0, "kind": "hadamard", "r1": True, "r2": True, "online": "none"}
+    assert plain.opts == {
+        "seed": 0,
+        "kind": "hadamard",
+        "precision": "float32",
+        "r1": True,
+        "r2": True,
+        "online": "none",
+    }
     assert plain.explicit == set()
 
 
@@ -210,7 +226,14 @@ def test_log_records_with_verify_each(model) -> None:
     qgraph.run_pipeline(model, pipeline, verify_each=True)
     assert [r.name for r in model.log] == ["fuse-norms", "rotate", "quantize"]
     fuse, rot, quant = model.log
-    assert rot.options == {"seed": 0, "kind": "hadamard", "r1": True, "r2": True, "online": "none"}
+    assert rot.options == {
+        "seed": 0,
+        "kind": "hadamard",
+        "precision": "float32",
+        "r1": True,
+        "r2": True,
+        "online": "none",
+    }
     assert quant.options["w"] == "int4:channel" and quant.options["a"] == "int8:token"
     for r in model.log:
         assert r.seconds > 0
