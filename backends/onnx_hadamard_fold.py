@@ -2,8 +2,8 @@
 
 A ``qgraph::Hadamard{n}`` function multiplies by the signs in a node of its own and, being
 rank-generic, reshapes back through a ``Shape`` node. In a decode step of ONNX Runtime every
-node costs a few microseconds whatever its size, and an R1–R4 model runs three online
-rotations per layer, so those two nodes were a third of the rotations' cost.
+node costs a few microseconds whatever its size, and an R1–R4 model runs four online
+rotations per layer (R3 on queries and keys, R4, o_proj's), so such nodes add up.
 
 When the signs are an initializer they can live inside the matrices instead, bit for bit:
 
@@ -11,10 +11,11 @@ When the signs are an initializer they can live inside the matrices instead, bit
   queries and keys; any signs);
 * ``n = K · m`` with ``1 < K`` and ``1 < m ≤ DENSE_MAX`` (R4's 1536 = 12 · 128, o_proj's
   576 = 36 · 16): with ``X`` the ``[K, m]`` view of ``x``, ``H = H_K ⊗ H_m`` gives
-  ``y = H_Kᵀ c (X ∘ S) H_m``; when ``S = a bᵀ`` (rank one, as ``rotate`` draws online signs,
-  :func:`~qgraph.kernels.hadamard.kronecker_signs`), ``X ∘ S = D_a X D_b`` and
+  ``y = H_Kᵀ c (X ∘ S) H_m``; when ``S = a bᵀ`` (rank one), ``X ∘ S = D_a X D_b`` and
   ``y = (H_Kᵀ c D_a) X (D_b H_m)``: ``Reshape → MatMul → MatMul → Reshape``, with static
-  reshapes for the input's rank.
+  reshapes for the input's rank. ``rotate`` draws independent signs, which are not rank one:
+  rank-one signs were tried and made W4A4 worse (31.08 against 28.54 on SmolLM2, seed 0), so
+  this case serves sign-free rotations and other producers of rank-one signs.
 
 Multiplying by ±1 is exact and round-to-nearest is symmetric, so every product keeps its
 magnitude and each sum is the old sum times a sign: the result equals the unfolded function's.

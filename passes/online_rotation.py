@@ -26,7 +26,7 @@ from qgraph.graph_edits import (
 from qgraph.kernels.hadamard import (
     fast_hadamard_transform,
     hadamard_factorization,
-    kronecker_signs,
+    random_signs,
 )
 
 HADAMARD = torch.ops.qgraph.hadamard.default
@@ -102,7 +102,7 @@ def insert(
     x = origin
     if size > n_in:
         x = insert_call(gm, lin_node, PAD, (origin, [0, size - n_in], 0.0))
-    signs = kronecker_signs(size, seed).to(torch.float32)  # folds into the exported matrices
+    signs = random_signs(size, seed).to(torch.float32)
     signs_node = get_attr_node(gm, lin_node, new_attr(gm, hint + "_signs", signs))
     h = insert_call(gm, lin_node, HADAMARD, (x, signs_node, True))
     h.meta[META] = {"in_features": n_in, "size": size, "seed": seed}

@@ -37,7 +37,6 @@ from qgraph.kernels.hadamard import (
     _base_matrix,
     hadamard_factorization,
     hadamard_matrix,
-    kronecker_signs,
 )
 
 ops = torch.ops.qgraph
@@ -326,6 +325,12 @@ def test_unsupported_size_fails_at_export(tmp_path):
 
 
 # ---------------------------------------------------------------------------- folded signs
+
+
+def kronecker_signs(n: int, seed: int) -> torch.Tensor:
+    """Signs of rank one over the transform's ``(K, m)`` grid: ``s[k·m + j] = a_k b_j``."""
+    k, m = hadamard_factorization(n)
+    return torch.kron(signs_of(k, seed), signs_of(m, seed + 1))
 
 
 def folded_dense(matrices: list[np.ndarray], n: int) -> np.ndarray:

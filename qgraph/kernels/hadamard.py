@@ -41,7 +41,6 @@ __all__ = [
     "orthogonal_matrix",
     "random_hadamard_matrix",
     "random_orthogonal_matrix",
-    "kronecker_signs",
     "random_signs",
 ]
 
@@ -553,23 +552,6 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     bits = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64)
     return (1 - 2 * bits).to(torch.float64)
-
-
-def kronecker_signs(n: int, seed: int) -> torch.Tensor:
-    """Seeded +-1 vector (float64) of rank one over the fast transform's ``(K, m)`` grid:
-    ``s[k·m + j] = a_k b_j``, so that ``diag(s) (H_K ⊗ H_m) = (D_a H_K) ⊗ (D_b H_m)``.
-
-    Online rotations draw these: the exported file folds such signs into the two factor
-    matrices instead of multiplying by them in a node of their own (see
-    ``backends/onnx_hadamard_fold.py``). The rotation is as orthogonal and as flat as with
-    independent signs (every entry is still ±1/√n). Sizes without two factors (``K = 1`` or
-    ``m = 1``) and unsupported sizes get :func:`random_signs`.
-    """
-    fact = hadamard_factorization(n)
-    if fact is None or 1 in fact:
-        return random_signs(n, seed)
-    k, m = fact
-    return torch.kron(random_signs(k, seed), random_signs(m, seed + 1))
 
 
 def random_hadamard_matrix(n: int, seed: int) -> torch.Tensor:
