@@ -5,10 +5,11 @@ A per-token activation quantizer feeding per-channel symmetric weights is, in th
 float arithmetic (``quantize_per_token`` → ``qlinear``). :func:`integer_activation_graph`
 rewrites a copy of such a graph into :mod:`qgraph.integer_ops`, and the lowerings here turn
 those into ``DynamicQuantize``-style standard ops plus one ``MatMulInteger`` per layer with a
-uint8 left operand (ONNX Runtime runs int8 activations through MLAS' u8s8 GEMM; an int8 left
-operand falls back to a reference loop ~15× slower, measured). The activation's row zero point
-and the unsigned shift are taken out of the integer product with the weight codes' column sums,
-so ``MatMulInteger`` needs no zero points. The quantizer is computed once even when several
+uint8 left operand (an int8 left operand falls back to a reference loop ~15× slower, measured)
+and the weight codes shifted to uint8 with zero point 128 (:func:`unsigned_codes`: MLAS' u8s8
+GEMM saturates on x86 CPUs without VNNI). The activation's row zero point and the unsigned
+shift are taken out of the integer product with the weight codes' column sums, so the
+activation side needs no zero point. The quantizer is computed once even when several
 layers share it (q/k/v, gate/up).
 
 Eligible: activation bits ≤ 8 and weights symmetric with one scale per output channel (a group
@@ -28,7 +29,7 @@ import qgraph.integer_ops  # noqa: F401  (registers torch.ops.qgraph.*_u8)
 from qgraph.graph_edits import get_tensor
 from qgraph.kernels import quant as qk
 
-from .onnx_lowering import _cast, _const, per_token_codes
+from .onnx_lowering import _cast, _const, per_token_codes, unsigned_codes
 
 __all__ = ["INTEGER_TRANSLATIONS", "integer_activation_graph"]
 
@@ -112,7 +113,9 @@ def qlinear_u8(u, scale, offset, codes, w_scale, colsum, bias):
     """``MatMulInteger(u, codes)`` (uint8 × int8 → int32) minus ``offset · colsum`` in int32
     (exact: a float32 difference of two sums above 2^24 would round), then the two scales in
     float32."""
-    product = op.MatMulInteger(u, codes)
+    no_zero = op.Constant(value=ir.tensor(0, dtype=ir.DataType.UINT8))
+    weight_zero = op.Constant(value=ir.tensor(128, dtype=ir.DataType.UINT8))
+    product = op.MatMulInteger(u, unsigned_codes(codes), no_zero, weight_zero)
     shift = op.Mul(op.Cast(offset, to=ir.DataType.INT32), colsum)
     out = op.Cast(op.Sub(product, shift), to=ir.DataType.FLOAT)
     out = op.Mul(op.Mul(out, _cast(scale, ir.DataType.FLOAT)), _cast(w_scale, ir.DataType.FLOAT))

@@ -71,10 +71,24 @@ def qconv(x, codes, scale, zero, bias, stride, padding, dilation, groups: int, b
     if bits <= 4:
         codes = op.Cast(codes, to=ir.DataType.INT4)
         zero = op.Cast(zero, to=ir.DataType.INT4)
+    elif bits == 8:
+        codes, zero = unsigned_codes(codes), unsigned_codes(zero)
     weight = _cast_like_if_needed(op.DequantizeLinear(codes, scale, zero, axis=0), x)
     pads = list(padding) * 2
     args = (x, weight) if bias is None else (x, weight, bias)
     return op.Conv(*args, strides=list(stride), pads=pads, dilations=list(dilation), group=groups)
+
+
+def unsigned_codes(codes):
+    """int8 codes as uint8 ``codes + 128`` (with the zero point shifted alike, the same values).
+
+    ONNX Runtime's x86 kernels multiply uint8 activations by int8 weights with ``vpmaddubsw``,
+    whose 16-bit pair sums saturate (255·127·2 > 2¹⁵) on CPUs without VNNI (measured: an int8
+    CNN lost 5 dB SQNR, an int8 LLM layer 0.24 in its logits on an AVX2 EPYC); uint8 × uint8
+    runs the exact 16-bit path on every CPU. Constant folding stores the result as uint8."""
+    wide = op.Cast(codes, to=ir.DataType.INT16)
+    return op.Cast(op.Add(wide, op.Constant(value=ir.tensor(128, dtype=ir.DataType.INT16))),
+                   to=ir.DataType.UINT8)  # fmt: skip
 
 
 def _param_dtype(x) -> ir.DataType:

@@ -4,6 +4,10 @@ this checkout against a ``git worktree`` of an older commit, set up as in gptq_s
 trees interleaved so that they share the machine's state.
 
     .venv/bin/python benchmarks/rewrite_speed.py [--trees new=.,old=/tmp/old] [--repeats 2]
+        [--precisions float32,float64]
+
+``--precisions`` runs ``rotate{seed=0,precision=P}`` for each ``P`` in every tree, interleaved
+(the float32 GEMM rotations against the float64 transform, in one checkout).
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import header, interleaved_tree_runs
+from common import header
 
-PIPELINE = "fuse-norms,rotate{seed=0}"
+PIPELINE = "fuse-norms,rotate{{seed=0{extra}}}"
 
 #: Runs inside the tree: trace SmolLM2, time one clone of every weight, run the pipeline.
-_CHILD = f"""
+_CHILD = """
 import json, time
 import qgraph
 from qgraph.loaders import load_causal_lm
@@ -30,15 +34,16 @@ t = time.perf_counter()
 copies = {{k: v.detach().clone() for k, v in lm.model.state_dict().items()}}
 copy_s = time.perf_counter() - t
 del copies
-PassManager("{PIPELINE}").run(model)
+PassManager("{pipeline}").run(model)
 print(json.dumps({{"copy_s": copy_s, **{{r.name: r.seconds for r in model.log}},
                   "peak_rss_mb": max(r.peak_rss_mb for r in model.log)}}))
 """
 
 
-def one_run(tree: Path) -> dict:
+def one_run(tree: Path, pipeline: str) -> dict:
+    child = _CHILD.format(pipeline=pipeline)
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD], cwd=tree, check=True, capture_output=True, text=True
+        [sys.executable, "-c", child], cwd=tree, check=True, capture_output=True, text=True
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -47,9 +52,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trees", default="new=.")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--precisions", default="", help="e.g. float32,float64 (default: rotate's)")
     args = ap.parse_args()
-    runs = interleaved_tree_runs(args.trees, args.repeats, lambda tree, _: one_run(tree))
-    print(header(f"Exact rewrites `{PIPELINE}` (SmolLM2-135M)", " ".join(sys.argv)))
+    precisions = args.precisions.split(",") if args.precisions else [""]
+    pipelines = {p: PIPELINE.format(extra=f",precision={p}" if p else "") for p in precisions}
+    trees = ",".join(f"{name}{'/' + p if p else ''}={tree}" for name, tree in
+                     (t.split("=", 1) for t in args.trees.split(",")) for p in precisions)  # fmt: skip
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):  # trees and precisions interleaved: they share the machine
+        for key in trees.split(","):
+            name, tree = key.split("=", 1)
+            precision = name.split("/", 1)[1] if "/" in name else ""
+            runs.setdefault(name, []).append(one_run(Path(tree).resolve(), pipelines[precision]))
+    title = PIPELINE.format(extra="")
+    print(header(f"Exact rewrites `{title}` (SmolLM2-135M)", " ".join(sys.argv)))
     print("| tree | weight copy s | fuse-norms s | rotate s | both s | both / copy | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
