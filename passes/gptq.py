@@ -57,6 +57,15 @@ class GPTQ(Pass):
             "layer's output error (measured better; false for GPTQ's own scales)",
         ),
         Option(
+            "target",
+            str,
+            "layer",
+            "what each layer's output is fitted to: layer (its float weight on the quantized "
+            "model's inputs, GPTQ) | float (the float model's output, GPTAQ-style asymmetric "
+            "calibration: the float model runs beside the quantized one)",
+            choices=("layer", "float"),
+        ),
+        Option(
             "calib-windows", int, 16, "calibration windows used (of the model's calibration data)"
         ),
         *selector_options("", "quantized layers"),
@@ -73,7 +82,9 @@ class GPTQ(Pass):
     def run(self, model: Model) -> dict[str, Any]:
         stats = {"layers": 0, "rtn_error": 0.0, "gptq_error": 0.0}
 
-        def solve_group(recs: list[QuantizedLayer], h: torch.Tensor) -> list[tuple]:
+        def solve_group(
+            recs: list[QuantizedLayer], h: torch.Tensor, targets: list[torch.Tensor]
+        ) -> list[tuple]:
             # Layers that share an input (q/k/v, gate/up) and a grid are solved as one weight:
             # GPTQ treats rows independently given H, so the codes are those of solving them
             # one by one (up to the summation order of the block products), and the
@@ -91,7 +102,7 @@ class GPTQ(Pass):
             h32 = h.float()
             for b, members in enumerate(batches.values()):
                 spec, clip = recs[members[0]].weight, recs[members[0]].clip
-                weights = [recs[i].float_weight for i in members]
+                weights = [targets[i] for i in members]
                 stack = torch.cat(weights) if len(weights) > 1 else weights[0]
                 res = gptq_quantize(
                     stack, h,
@@ -120,12 +131,16 @@ class GPTQ(Pass):
                     out[i] = part
             return [out[i] for i in range(len(recs))]
 
-        groups, tokens = solve_in_graph_order(model, self, solve_group=solve_group)
+        damp = self.opt("damp") if self.opt("target") == "float" else None
+        groups, tokens = solve_in_graph_order(
+            model, self, solve_group=solve_group, float_target_damp=damp
+        )
         n = max(1, stats["layers"])
         return {
             "layers": stats["layers"],
             "groups": groups,
             "act_order": self.opt("act-order"),
+            "target": self.opt("target"),
             "mean_rtn_proxy_error": stats["rtn_error"] / n,
             "mean_gptq_proxy_error": stats["gptq_error"] / n,
             "calibration_tokens": tokens,

@@ -39,15 +39,10 @@ from qgraph.kernels.soft_quant import (
 )
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
-from qgraph.quantized import SPARSE, BoundLayer
+from qgraph.quantized import ACT_QUANTIZERS, SPARSE, BoundLayer
 from qgraph.selection import LayerSelector, selector_options
 
 from .training import check_token_calibration, run_schedule, validate_schedule
-
-ACT_QUANTIZERS = (
-    torch.ops.qgraph.quantize_per_token.default,
-    torch.ops.qgraph.quantize_static.default,
-)
 
 
 @dataclass

@@ -158,14 +158,18 @@ def _online(model: Model, which: set[str], seed: int) -> dict[str, Any]:
     o_layers = [att.o for att in sv.attention if att.o is not None] if "r2" in which else []
     down_layers = [lin for lin in sv.linears if lin.role == "mlp_out"] if "r4" in which else []
     targets = [(lin, seed + 2) for lin in o_layers] + [(lin, seed + 4) for lin in down_layers]
-    padded = []
+    padded, moved = [], 0
     for lin, s in targets:
         if online_rotation.find(lin.node, gm) is not None:
             raise StructureError(f"rotate: {lin.name} already has an online rotation")
         size = online_rotation.smallest_supported(lin.in_features)
         if size != lin.in_features:
             padded.append(f"{lin.name}: {lin.in_features} → {size}")
-        online_rotation.insert(gm, lin.node, lin.weight, size, s, lin.name)
+        rot = online_rotation.insert(gm, lin.node, lin.weight, size, s, lin.name)
+        if lin.role == "mlp_out" and online_rotation.move_signs_upstream(gm, rot):
+            moved += 1
+    if moved:
+        out["r4_signs_moved_upstream"] = moved
     if "r2" in which:
         out["r2_online_layers"] = len(o_layers)
     if "r4" in which:

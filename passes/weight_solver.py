@@ -9,11 +9,18 @@ from collections.abc import Callable
 
 import torch
 
-from qgraph.calibration import StepRun, calibration_rows, window_hessian
+from qgraph.calibration import (
+    FloatStepRun,
+    StepRun,
+    calibration_rows,
+    window_cross,
+    window_hessian,
+)
 from qgraph.distributed import my_windows, sum_over_workers
 from qgraph.errors import DataError, PipelineError
 from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
+from qgraph.kernels.gptq import float_target_weight
 from qgraph.memory import trim
 from qgraph.model import Model
 from qgraph.ops import drop_dequantized, reuse_dequantized
@@ -24,10 +31,11 @@ from qgraph.selection import LayerSelector
 
 #: solve(record, float weight [out, in], hessian) -> (codes, scale, zero) in the kernels' layout
 Solver = Callable[[QuantizedLayer, torch.Tensor, torch.Tensor], tuple]
-#: solve_group(records, hessian) -> one (codes, scale, zero) per record: layers sharing an input
-#: solved together (they share the Hessian and everything derived from it). The Hessian is the
-#: group's own: the solver may overwrite it (gptq factors it in place)
-GroupSolver = Callable[[list[QuantizedLayer], torch.Tensor], list[tuple]]
+#: solve_group(records, hessian, weights) -> one (codes, scale, zero) per record: layers sharing
+#: an input solved together (they share the Hessian and everything derived from it), each towards
+#: its weight ``[out, in]``. The Hessian is the group's own: the solver may overwrite it (gptq
+#: factors it in place)
+GroupSolver = Callable[[list[QuantizedLayer], torch.Tensor, list[torch.Tensor]], list[tuple]]
 
 
 def check_solvable(p: Pass, model: Model) -> None:
@@ -55,10 +63,21 @@ def _chosen(p: Pass, model: Model) -> list[BoundLayer]:
 
 
 def solve_in_graph_order(
-    model: Model, p: Pass, solve: Solver | None = None, solve_group: GroupSolver | None = None
+    model: Model,
+    p: Pass,
+    solve: Solver | None = None,
+    solve_group: GroupSolver | None = None,
+    float_target_damp: float | None = None,
 ) -> tuple[int, int]:
     """Run ``solve`` on every selected quantized layer (or ``solve_group`` on each group of
     layers that share an input); returns (groups, calibration tokens).
+
+    Each layer is solved towards its float weight on its inputs as the quantized graph produces
+    them. With ``float_target_damp``, the float model walks beside it (:class:`FloatStepRun`)
+    and each layer is solved towards the float model's output instead: the weight handed to the
+    solver is :func:`float_target_weight` (damped by that fraction of the Hessian's mean
+    diagonal), whose error on the quantized inputs is the error against the float outputs up to
+    a constant.
 
     The calibration windows walk the graph together, one interpreter each, from one group's
     input to the next (the sequential pipeline): what is alive is the windows' values at that
@@ -77,22 +96,43 @@ def solve_in_graph_order(
     progress = bar(total=len(groups), desc=p.name, unit="group", leave=False)
     with torch.inference_mode(), reuse_dequantized():
         runs = [StepRun(gm, batch[i : i + 1]) for i in range(lo, hi)]
+        float_weights, floats = {}, []
+        if float_target_damp is not None:
+            float_weights = {
+                b.node: b.record.float_weight
+                for b in model.quantized.linear()
+                if b.record.float_weight is not None
+            }
+            floats = [FloatStepRun(gm, float_weights, batch[i : i + 1]) for i in range(lo, hi)]
+        done: list[BoundLayer] = []  # solved, float weights still read by the float runs
         for group in groups:
             node = group[0].node
-            for run in runs:
+            for run in (*runs, *floats):
                 run.advance(node)
+            if release:  # nothing after this pass re-solves: the float twins can go now
+                _release(done, float_weights)
             drop_dequantized()  # every window is past those layers: free them for the solve
-            h = window_hessian([run.env[node.args[0]] for run in runs])
-            h = sum_over_workers(h, batch.shape[0])
+            xs = [run.env[node.args[0]] for run in runs]
+            h = sum_over_workers(window_hessian(xs), batch.shape[0])
+            targets = [layer.record.float_weight for layer in group]
+            if floats:
+                cross = window_cross(xs, [run.env[node.args[0]] for run in floats])
+                cross = sum_over_workers(cross, batch.shape[0])
+                targets = [float_target_weight(w, h, cross, float_target_damp) for w in targets]
+                del cross
+            del xs
             trim()  # the Hessian's partial sums, before the solver's peak
-            _solve_group(p, gm, group, h, runs, solve, solve_group)
-            del h
-            if release:  # nothing after this pass re-solves: the float twin can go now
-                for layer in group:
-                    layer.record.float_weight = None
+            _solve_group(p, gm, group, h, targets, runs, solve, solve_group)
+            del h, targets
+            if release and floats:  # the float runs read the group's weights when they pass it
+                done = group
+            elif release:
+                _release(group, float_weights)
             trim()  # the group's Hessian and solver temporaries go back to the system
             progress.update(1)
-        del runs  # nothing after the last layer needs the calibration batch
+        del runs, floats  # nothing after the last layer needs the calibration batch
+        if release:
+            _release(done, float_weights)
     progress.close()
     gm.recompile()
     if release:
@@ -100,17 +140,24 @@ def solve_in_graph_order(
     return len(groups), int(batch.numel())
 
 
-def _solve_group(p, gm, group, h, runs, solve, solve_group) -> None:
+def _release(layers: list[BoundLayer], float_weights: dict) -> None:
+    """Drop the float weights of solved layers (the float runs are past them)."""
+    for layer in layers:
+        layer.record.float_weight = None
+        float_weights.pop(layer.node, None)
+
+
+def _solve_group(p, gm, group, h, targets, runs, solve, solve_group) -> None:
     """Solve one group's layers from Hessian ``h`` and write their codes into the graph (and
     into every window's run, which read the old tensors when it passed their get_attr)."""
     if solve_group is not None:
         with working_on(", ".join(layer.record.name for layer in group)):
-            solved = solve_group([layer.record for layer in group], h)
+            solved = solve_group([layer.record for layer in group], h, targets)
     else:
         solved = []
-        for layer in group:
+        for layer, weight in zip(group, targets, strict=True):
             with working_on(layer.record.name):
-                solved.append(solve(layer.record, layer.record.float_weight, h))
+                solved.append(solve(layer.record, weight, h))
     for layer, (codes, scale, zero) in zip(group, solved, strict=True):
         rec = layer.record
         stored = to_storage(codes, scale, zero, rec.weight).tensors()

@@ -93,6 +93,49 @@ class StepRun(ResumableRun):
         raise ValueError(f"{until.name} is not ahead of this run")
 
 
+class FloatStepRun(StepRun):
+    """A :class:`StepRun` of the float model the graph was quantized from: the linear layers in
+    ``float_weights`` (node → ``[out, in]`` weight) multiply by it, activation quantizers are
+    the identity and sparse branches add nothing (the float weight holds them). It walks beside
+    the quantized runs so that a solver can aim at the float model's outputs (gptq's
+    ``target=float``). A weight is read when its node runs, so it may be dropped after that."""
+
+    def __init__(self, gm: fx.GraphModule, float_weights: dict, *args):
+        super().__init__(gm, *args)
+        self.float_weights = float_weights
+
+    def run_node(self, n: fx.Node):
+        from .quantized import ACT_QUANTIZERS, SPARSE  # quantized imports the ops
+
+        if n.op != "call_function":
+            return super().run_node(n)
+        if n.target in ACT_QUANTIZERS:
+            return self.env[n.args[0]]
+        if n.target is SPARSE:
+            x = self.env[n.args[0]]
+            return x.new_zeros((*x.shape[:-1], n.args[4]))
+        w = self.float_weights.get(n)
+        if w is None:
+            return super().run_node(n)
+        x = self.env[n.args[0]]
+        bias = n.args[4]
+        y = x @ w.to(x.dtype).T
+        return y if bias is None else y + self.env[bias]
+
+
+def window_cross(xs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """``Σ_w X_wᵀ(T_w − X_w)`` over the windows (each ``[..., in]``) in float64, in the
+    canonical window order like :func:`window_hessian`: how the float model's inputs ``T``
+    differ from the quantized model's ``X``, as seen by a layer fitted on ``X``."""
+
+    def leaf(w: int) -> torch.Tensor:
+        x = xs[w].reshape(-1, xs[w].shape[-1]).float()
+        t = targets[w].reshape(-1, x.shape[-1]).float()
+        return (x.T @ (t - x)).double()
+
+    return tree_sum(0, len(xs), leaf)
+
+
 def window_hessian(xs: list[torch.Tensor], block: int = 512) -> torch.Tensor:
     """``Σ_w X_wᵀX_w`` over the windows' activations ``xs`` (each ``[..., in]``), in float64,
     summed in the canonical window order of :mod:`qgraph.window_tree` so that workers holding

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 QLINEAR = torch.ops.qgraph.qlinear.default
 QCONV = torch.ops.qgraph.qconv.default
 SPARSE = torch.ops.qgraph.sparse_matmul.default
+#: activation (and KV-cache) quantizers: the identity in the float model
+ACT_QUANTIZERS = (
+    torch.ops.qgraph.quantize_per_token.default,
+    torch.ops.qgraph.quantize_static.default,
+)
 
 
 @dataclass

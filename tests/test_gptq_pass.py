@@ -119,7 +119,8 @@ def test_quantize_searches_when_the_next_pass_resolves_only_some_layers(llama96)
     assert "clip_search" not in model.log[0].summary
 
 
-def test_gptq_as_last_pass_frees_the_float_weights(llama96):
+@pytest.mark.parametrize("target", ["layer", "float"])
+def test_gptq_as_last_pass_frees_the_float_weights(llama96, target):
     """The float weights ``gptq`` drops are freed: no node ``quantize`` erased keeps them in its
     ``meta`` (torch.fx's name table kept erased nodes alive: 0.4 GB on SmolLM2 through
     evaluation and saving)."""
@@ -128,10 +129,46 @@ def test_gptq_as_last_pass_frees_the_float_weights(llama96):
     model = traced_copy(llama96)
     model.set_calibration(tokens(256, 2, 32, seed=3))
     model.keep_float_weights = False
-    qgraph.run_pipeline(model, "fuse-norms,quantize{w=int4:channel},gptq")
+    qgraph.run_pipeline(model, f"fuse-norms,quantize{{w=int4:channel}},gptq{{target={target}}}")
     gc.collect()
     graph = model.gm.graph
     nodes = (o for o in gc.get_objects() if isinstance(o, torch.fx.Node) and o.graph is graph)
     alive = [n for n in nodes if n.op != "root"]  # the list's sentinel is not a node of it
     assert len(alive) == len(graph.nodes)
     assert all(r.float_weight is None for r in model.quant.values())
+
+
+def test_float_run_of_a_quantized_graph_is_the_float_model(llama96):
+    """FloatStepRun (what ``gptq{target=float}`` walks beside the quantized runs) computes the
+    float model from the quantized graph: activation quantizers off, float weights in."""
+    from qgraph.calibration import FloatStepRun
+
+    ids = tokens(256, 2, 24, seed=5)
+    model = traced_copy(llama96)
+    model.set_calibration(tokens(256, 2, 24, seed=6))
+    qgraph.run_pipeline(
+        model, "fuse-norms,rotate{online=r2+r4},quantize{w=int4:channel,a=int4:token}"
+    )
+    weights = {b.node: b.record.float_weight for b in model.quantized.linear()}
+    assert len(weights) == 14
+    with torch.no_grad():
+        ref = llama96(input_ids=ids, use_cache=False).logits
+        got = FloatStepRun(model.gm, weights).run(ids)
+        quantized = model(ids)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    assert float((quantized - ref).norm() / ref.norm()) > 0.05  # the run did quantize
+
+
+def test_gptq_float_target_fits_the_float_model_on_calibration_tokens(llama96):
+    """``target=float`` solves each layer towards the float model's output: on the calibration
+    tokens the whole model's logits land much closer to float than with GPTQ's own target."""
+    calib = tokens(256, 16, 64, seed=1)
+    errors = {}
+    for target in ("layer", "float"):
+        model = traced_copy(llama96)
+        model.set_calibration(calib)
+        qgraph.run_pipeline(model, f"quantize{{w=int3:channel}},gptq{{target={target}}}")
+        assert model.log[-1].summary["target"] == target
+        errors[target] = logits_rel_err(model, llama96, calib)
+    assert errors["float"] < 0.7 * errors["layer"], errors

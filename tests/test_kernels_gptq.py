@@ -16,6 +16,7 @@ from qgraph.kernels import quant
 from qgraph.kernels.gptq import (
     DEFAULT_CLIP_GRID,
     GPTQResult,
+    float_target_weight,
     gptq_quantize,
     mse_clip_search,
     refit_scales,
@@ -469,3 +470,29 @@ def test_refit_scales_never_increases_error(layer):
     scale = torch.full((OUT, 1), 0.1, dtype=res.scale.dtype)
     kept = refit_scales(w, h, codes, scale, torch.zeros_like(scale, dtype=torch.int8))
     assert kept[0, 0] == scale[0, 0] and torch.isfinite(kept).all()
+
+
+def test_float_target_weight_turns_the_float_output_into_a_layer_target():
+    """For every Q, ‖X̃Wᵀ − XQᵀ‖² − ‖X(W' − Q)ᵀ‖² is one constant (float64 normal equations,
+    numpy as the reference), so a solver aiming at ``W'`` on ``X`` aims at the float output."""
+    gen = np.random.default_rng(0)
+    x = gen.standard_normal((300, 24))
+    x_float = x + 0.1 * gen.standard_normal((300, 24))
+    w = gen.standard_normal((6, 24))
+    target = float_target_weight(
+        torch.from_numpy(w), torch.from_numpy(x.T @ x), torch.from_numpy(x.T @ (x_float - x)),
+        damp=0.0,
+    ).numpy()  # fmt: skip
+    expected = np.linalg.lstsq(x, x_float @ w.T, rcond=None)[0].T  # the projection, directly
+    np.testing.assert_allclose(target, expected, rtol=1e-9, atol=1e-9)
+    gaps = []
+    for seed in range(3):
+        q = np.random.default_rng(seed + 1).standard_normal((6, 24))
+        float_error = np.square(x_float @ w.T - x @ q.T).sum()
+        gaps.append(float_error - np.square(x @ (target - q).T).sum())
+    np.testing.assert_allclose(gaps, gaps[0], rtol=1e-9)
+
+
+def test_float_target_weight_without_upstream_error_is_the_weight():
+    w = torch.randn(4, 8)
+    assert float_target_weight(w, torch.eye(8, dtype=torch.float64), torch.zeros(8, 8)) is w

@@ -58,6 +58,20 @@ def test_online_rotations_are_exact_and_in_the_graph(llama_exact):
     summary = model.log[-1].summary
     assert summary["r2_online_layers"] == 2 and summary["r4_layers"] == 2
     assert summary["r3_attention_layers"] == 2
+    # R4's random signs live in up_proj's rows (sign-free online Hadamards fold in the export);
+    # o_proj's stay online
+    assert summary["r4_signs_moved_upstream"] == 2
+    signs = {
+        n.args[0].name: get_tensor(model.gm, n.args[1].target)
+        for n in model.gm.graph.nodes
+        if n.target is HADAMARD and n.args[1] is not None and n.args[1].op == "get_attr"
+    }
+    down_signs = [v for v in signs.values() if v.numel() == 192]  # intermediate 192 (2 layers)
+    assert len(down_signs) == 2 and all(bool((v == 1).all()) for v in down_signs)
+    up = get_tensor(model.gm, layer(model, "layers.0.mlp.up_proj").weight)
+    up_plain = get_tensor(plain.gm, layer(plain, "layers.0.mlp.up_proj").weight)
+    flipped = (up == -up_plain).all(1)
+    assert torch.equal(up[~flipped], up_plain[~flipped]) and 0.3 < float(flipped.float().mean()) < 0.7
     # the online rotation really moved into the weights: W_down differs from the offline-only one
     down_plain = get_tensor(plain.gm, layer(plain, "layers.0.mlp.down_proj").weight)
     lin = layer(model, "layers.0.mlp.down_proj")

@@ -391,6 +391,32 @@ def _cholesky_inverse_upper(h_rev: torch.Tensor, damp: float, dtype: torch.dtype
     return u
 
 
+def float_target_weight(
+    w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01
+) -> torch.Tensor:
+    """The weight ``W'`` whose output error on the quantized model's inputs ``X`` equals, up to
+    a constant, the error against the float model's output ``W X̃`` (asymmetric calibration as
+    in GPTAQ, arXiv 2504.02692, here in closed form ahead of the solver).
+
+    ``‖X̃Wᵀ − XQᵀ‖² = ‖X(W' − Q)ᵀ‖² + const`` for every ``Q`` with
+    ``W' = W + (H⁻¹ ΔC Wᵀ)ᵀ``, ``H = XᵀX`` (``hessian``) and ``ΔC = Xᵀ(X̃ − X)`` (``cross``):
+    the part of the float output that ``X`` can express. ``H`` is damped like GPTQ's (dead
+    inputs get diagonal 1, then ``damp · mean(diag)``), which also keeps ``W'`` near ``W`` where
+    ``X`` has little energy. ``ΔC = 0`` (no quantized layer upstream) gives ``W`` exactly.
+    """
+    if not bool(cross.any()):
+        return w
+    h = hessian.to(torch.float64, copy=True)
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    diag += damp * float(diag.mean())
+    factor = torch.linalg.cholesky(h)
+    del h
+    w64 = w.to(torch.float64)
+    shift = torch.cholesky_solve(cross.to(torch.float64) @ w64.T, factor)  # [in, out]
+    return (w64 + shift.T).to(w.dtype)
+
+
 def gptq_quantize(
     w: torch.Tensor,
     hessian: torch.Tensor,
