@@ -71,7 +71,9 @@ def test_online_rotations_are_exact_and_in_the_graph(llama_exact):
     up = get_tensor(model.gm, layer(model, "layers.0.mlp.up_proj").weight)
     up_plain = get_tensor(plain.gm, layer(plain, "layers.0.mlp.up_proj").weight)
     flipped = (up == -up_plain).all(1)
-    assert torch.equal(up[~flipped], up_plain[~flipped]) and 0.3 < float(flipped.float().mean()) < 0.7
+    assert (
+        torch.equal(up[~flipped], up_plain[~flipped]) and 0.3 < float(flipped.float().mean()) < 0.7
+    )
     # the online rotation really moved into the weights: W_down differs from the offline-only one
     down_plain = get_tensor(plain.gm, layer(plain, "layers.0.mlp.down_proj").weight)
     lin = layer(model, "layers.0.mlp.down_proj")
