@@ -182,3 +182,28 @@ def test_gptq_sees_the_expanded_rotated_input(llama_exact, monkeypatch):
     assert all(rank <= 96 for width, rank in seen if width == 192)
     ids = probe_inputs(128)[2]
     assert max_rel_err(model(ids), hf_logits(hf, ids)) < 0.5
+
+
+def test_sign_free_r4_exports_as_static_matrices(llama_exact, tmp_path):
+    """With R4's signs in up_proj, the 192-point online Hadamard (Kronecker 12 × 16) folds into
+    static matrices in the ONNX file: no Mul by signs, no Shape; ONNX Runtime computes the
+    same logits as torch."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from qgraph.backends.onnx_backend import export_model
+
+    model = prepared(llama_exact, "fuse-norms,rotate{online=r4}")
+    path = export_model(model, tmp_path / "r4.onnx")
+    proto = onnx.load(str(path))
+    rotations = [n.op_type for n in proto.graph.node if n.domain == "qgraph"]
+    assert len(rotations) == 2 and all(t.startswith("Hadamard192_folded_rank") for t in rotations)
+    body = {n.op_type for f in proto.functions for n in f.node}
+    assert "Mul" not in body and "Shape" not in body, body
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * float(np.abs(want).max()))
