@@ -20,13 +20,13 @@ from qgraph.distributed import my_windows, sum_over_workers
 from qgraph.errors import DataError, PipelineError
 from qgraph.formats import to_storage
 from qgraph.graph_edits import set_tensor
-from qgraph.kernels.gptq import float_target_weight
+from qgraph.kernels.gptq import float_target_weights
 from qgraph.memory import trim
 from qgraph.model import Model
 from qgraph.ops import drop_dequantized, reuse_dequantized
 from qgraph.pass_manager import Pass, is_last_pass, working_on
 from qgraph.progress import bar
-from qgraph.quantized import BoundLayer, QuantizedLayer
+from qgraph.quantized import ACT_QUANTIZERS, BoundLayer, QuantizedLayer
 from qgraph.selection import LayerSelector
 
 #: solve(record, float weight [out, in], hessian) -> (codes, scale, zero) in the kernels' layout
@@ -75,7 +75,7 @@ def solve_in_graph_order(
     Each layer is solved towards its float weight on its inputs as the quantized graph produces
     them. With ``float_target_damp``, the float model walks beside it (:class:`FloatStepRun`)
     and each layer is solved towards the float model's output instead: the weight handed to the
-    solver is :func:`float_target_weight` (damped by that fraction of the Hessian's mean
+    solver is :func:`float_target_weights`'s (damped by that fraction of the Hessian's mean
     diagonal), whose error on the quantized inputs is the error against the float outputs up to
     a constant.
 
@@ -105,6 +105,11 @@ def solve_in_graph_order(
             }
             floats = [FloatStepRun(gm, float_weights, batch[i : i + 1]) for i in range(lo, hi)]
         done: list[BoundLayer] = []  # solved, float weights still read by the float runs
+        quantizers = {
+            g[0].node.args[0] for g in groups if g[0].node.args[0].target in ACT_QUANTIZERS
+        }
+        for run in runs if floats else ():
+            run.keep = {q.args[0] for q in quantizers}  # the inputs of activation quantizers
         for group in groups:
             node = group[0].node
             for run in (*runs, *floats):
@@ -116,9 +121,17 @@ def solve_in_graph_order(
             h = sum_over_workers(window_hessian(xs), batch.shape[0])
             targets = [layer.record.float_weight for layer in group]
             if floats:
-                cross = window_cross(xs, [run.env[node.args[0]] for run in floats])
+                # a layer whose input is activation-quantized is aimed at the float output
+                # from the quantizer's input: the correction covers the error upstream, not
+                # the rounding of its own activations (which it cannot undo)
+                source = node.args[0].args[0] if node.args[0] in quantizers else node.args[0]
+                bases = [run.env[source] for run in runs]
+                cross = window_cross(xs, [run.env[node.args[0]] for run in floats], bases)
+                del bases
+                for run in runs:
+                    run.forget(source)
                 cross = sum_over_workers(cross, batch.shape[0])
-                targets = [float_target_weight(w, h, cross, float_target_damp) for w in targets]
+                targets = float_target_weights(targets, h, cross, float_target_damp)
                 del cross
             del xs
             trim()  # the Hessian's partial sums, before the solver's peak

@@ -78,6 +78,14 @@ class StepRun(ResumableRun):
         self.args_iter = iter(self.graph.process_inputs(*args))
         self._nodes = list(self.graph.nodes)
         self._next = 0
+        self._position = {n: i for i, n in enumerate(self._nodes)}
+        self.keep: set[fx.Node] = set()  # values kept past their last use, until forget()
+
+    def forget(self, node: fx.Node) -> None:
+        """Free a value kept in ``keep`` once every user of it has run."""
+        self.keep.discard(node)
+        if node in self.env and all(self._position[u] < self._next for u in node.users):
+            del self.env[node]
 
     def advance(self, until: fx.Node) -> None:
         while self._next < len(self._nodes):
@@ -89,7 +97,8 @@ class StepRun(ResumableRun):
                 continue
             self.env[node] = self.run_node(node)
             for dead in self.user_to_last_uses.get(node, []):
-                del self.env[dead]
+                if dead not in self.keep:
+                    del self.env[dead]
         raise ValueError(f"{until.name} is not ahead of this run")
 
 
@@ -123,17 +132,30 @@ class FloatStepRun(StepRun):
         return y if bias is None else y + self.env[bias]
 
 
-def window_cross(xs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-    """``Σ_w X_wᵀ(T_w − X_w)`` over the windows (each ``[..., in]``) in float64, in the
-    canonical window order like :func:`window_hessian`: how the float model's inputs ``T``
-    differ from the quantized model's ``X``, as seen by a layer fitted on ``X``."""
+def window_cross(
+    xs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    bases: list[torch.Tensor] | None = None,
+    block: int = 512,
+) -> torch.Tensor:
+    """``Σ_w X_wᵀ(T_w − B_w)`` over the windows (each ``[..., in]``; ``B`` defaults to ``X``) in
+    float64, in the canonical window order like :func:`window_hessian`: how the float model's
+    inputs ``T`` differ from the quantized model's ``B``, as seen by a layer fitted on ``X``.
+    Each window's product runs in float32, by column blocks, so the partial sums stay
+    ``[in, block]``."""
+    flats = [x.reshape(-1, x.shape[-1]).float() for x in xs]
+    bases = flats if bases is None else bases
+    n = flats[0].shape[1]
+    out = torch.empty(n, n, dtype=torch.float64)
+    for i in range(0, n, block):
+        j = min(i + block, n)
 
-    def leaf(w: int) -> torch.Tensor:
-        x = xs[w].reshape(-1, xs[w].shape[-1]).float()
-        t = targets[w].reshape(-1, x.shape[-1]).float()
-        return (x.T @ (t - x)).double()
+        def leaf(w: int, i: int = i, j: int = j) -> torch.Tensor:
+            diff = targets[w].reshape(-1, n)[:, i:j].float() - bases[w].reshape(-1, n)[:, i:j]
+            return (flats[w].T @ diff).double()
 
-    return tree_sum(0, len(xs), leaf)
+        out[:, i:j] = tree_sum(0, len(flats), leaf)
+    return out
 
 
 def window_hessian(xs: list[torch.Tensor], block: int = 512) -> torch.Tensor:

@@ -16,7 +16,7 @@ from qgraph.kernels import quant
 from qgraph.kernels.gptq import (
     DEFAULT_CLIP_GRID,
     GPTQResult,
-    float_target_weight,
+    float_target_weights,
     gptq_quantize,
     mse_clip_search,
     refit_scales,
@@ -479,10 +479,11 @@ def test_float_target_weight_turns_the_float_output_into_a_layer_target():
     x = gen.standard_normal((300, 24))
     x_float = x + 0.1 * gen.standard_normal((300, 24))
     w = gen.standard_normal((6, 24))
-    target = float_target_weight(
-        torch.from_numpy(w), torch.from_numpy(x.T @ x), torch.from_numpy(x.T @ (x_float - x)),
-        damp=0.0,
-    ).numpy()  # fmt: skip
+    targets = float_target_weights(
+        [torch.from_numpy(w[:2]), torch.from_numpy(w[2:])], torch.from_numpy(x.T @ x),
+        torch.from_numpy(x.T @ (x_float - x)), damp=0.0,
+    )  # a group of two layers sharing the input, solved with one factorisation  # fmt: skip
+    target = torch.cat(targets).numpy()
     expected = np.linalg.lstsq(x, x_float @ w.T, rcond=None)[0].T  # the projection, directly
     np.testing.assert_allclose(target, expected, rtol=1e-9, atol=1e-9)
     gaps = []
@@ -495,4 +496,5 @@ def test_float_target_weight_turns_the_float_output_into_a_layer_target():
 
 def test_float_target_weight_without_upstream_error_is_the_weight():
     w = torch.randn(4, 8)
-    assert float_target_weight(w, torch.eye(8, dtype=torch.float64), torch.zeros(8, 8)) is w
+    (same,) = float_target_weights([w], torch.eye(8, dtype=torch.float64), torch.zeros(8, 8))
+    assert same is w

@@ -15,7 +15,7 @@ import torch
 from helpers import tiny_llama
 
 import qgraph
-from qgraph.calibration import StepRun, window_hessian
+from qgraph.calibration import StepRun, window_cross, window_hessian
 from qgraph.window_tree import combine_order, rank_span, tree_sum
 
 
@@ -69,6 +69,19 @@ def test_window_hessian_matches_float64() -> None:
         got = window_hessian(xs, block=block)
         assert torch.equal(got, got.T)
         assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-6
+
+
+def test_window_cross_matches_float64() -> None:
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(1, 40, 700, generator=gen) for _ in range(5)]
+    ts = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in xs]
+    ref = sum(
+        x.reshape(-1, 700).double().T @ (t - x).reshape(-1, 700).double()
+        for x, t in zip(xs, ts, strict=True)
+    )
+    for block in (256, 700):
+        got = window_cross(xs, ts, block=block)
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
 def test_step_runs_reach_the_graph_output_of_each_window() -> None:

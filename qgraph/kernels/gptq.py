@@ -391,30 +391,34 @@ def _cholesky_inverse_upper(h_rev: torch.Tensor, damp: float, dtype: torch.dtype
     return u
 
 
-def float_target_weight(
-    w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01
-) -> torch.Tensor:
-    """The weight ``W'`` whose output error on the quantized model's inputs ``X`` equals, up to
-    a constant, the error against the float model's output ``W X̃`` (asymmetric calibration as
-    in GPTAQ, arXiv 2504.02692, here in closed form ahead of the solver).
+def float_target_weights(
+    weights: list[torch.Tensor], hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01
+) -> list[torch.Tensor]:
+    """For each ``W`` of layers sharing an input, the weight ``W'`` whose output error on the
+    quantized model's inputs ``X`` equals, up to a constant, the error against the float model's
+    output ``W X̃`` (asymmetric calibration as in GPTAQ, arXiv 2504.02692, here in closed form
+    ahead of the solver).
 
     ``‖X̃Wᵀ − XQᵀ‖² = ‖X(W' − Q)ᵀ‖² + const`` for every ``Q`` with
     ``W' = W + (H⁻¹ ΔC Wᵀ)ᵀ``, ``H = XᵀX`` (``hessian``) and ``ΔC = Xᵀ(X̃ − X)`` (``cross``):
     the part of the float output that ``X`` can express. ``H`` is damped like GPTQ's (dead
     inputs get diagonal 1, then ``damp · mean(diag)``), which also keeps ``W'`` near ``W`` where
-    ``X`` has little energy. ``ΔC = 0`` (no quantized layer upstream) gives ``W`` exactly.
+    ``X`` has little energy; it is factored once for the group. ``ΔC = 0`` (no quantization
+    upstream) returns the weights themselves.
     """
     if not bool(cross.any()):
-        return w
+        return list(weights)
     h = hessian.to(torch.float64, copy=True)
     diag = h.diagonal()
     diag[diag == 0] = 1.0
     diag += damp * float(diag.mean())
     factor = torch.linalg.cholesky(h)
     del h
-    w64 = w.to(torch.float64)
-    shift = torch.cholesky_solve(cross.to(torch.float64) @ w64.T, factor)  # [in, out]
-    return (w64 + shift.T).to(w.dtype)
+    sizes = [int(w.shape[0]) for w in weights]
+    w64 = torch.cat([w.to(torch.float64) for w in weights])
+    shift = torch.cholesky_solve(cross.to(torch.float64) @ w64.T, factor)  # [in, Σ out]
+    w64 += shift.T
+    return [t.to(w.dtype) for t, w in zip(w64.split(sizes), weights, strict=True)]
 
 
 def gptq_quantize(
