@@ -132,7 +132,10 @@ def test_onnx_layers_match_torch_and_a_tampered_scale_is_flagged(split_model, tm
     assert result["flagged"] == [] and result["missing"] == []
     assert any(r.sparse is not None for r in model.quant.values())  # split layers are traced too
     for e in layers.values():
-        assert e["in_file"] and abs(e["ort_sqnr_db"] - e["torch_sqnr_db"]) < 0.01
+        # the same to a few hundredths of a dB: ORT computes the folded rotations as static
+        # matrices in another float order, so a per-token int8 rounding tie may flip (0.02 dB
+        # measured); the tampered scale below costs > 1 dB
+        assert e["in_file"] and abs(e["ort_sqnr_db"] - e["torch_sqnr_db"]) < 0.05
         assert e["agreement_db"] is None or e["agreement_db"] > 60  # None: bit-identical
 
     # a wrong scale in the file: that layer is flagged, and only that one — later layers read
