@@ -39,7 +39,7 @@ from qgraph.kernels.soft_quant import (
 )
 from qgraph.model import Model
 from qgraph.pass_manager import Option, Pass, register
-from qgraph.quantized import ACT_QUANTIZERS, SPARSE, BoundLayer
+from qgraph.quantized import BoundLayer, float_model_value, linear_value
 from qgraph.selection import LayerSelector, selector_options
 
 from .training import check_token_calibration, run_schedule, validate_schedule
@@ -99,23 +99,13 @@ class QATForward(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         t = self.layers.get(n)
-        if t is None or not (t.train or self.teacher):
-            if self.teacher and n.op == "call_function":
-                if n.target in ACT_QUANTIZERS:
-                    return self.env[n.args[0]]
-                if n.target is SPARSE:
-                    x = self.env[n.args[0]]
-                    return x.new_zeros((*x.shape[:-1], n.args[4]))
-            return super().run_node(n)
-        x = self.env[n.args[0]]
-        bias = n.args[4]
-        bias = self.env[bias] if isinstance(bias, fx.Node) else bias
         if self.teacher:
-            w = t.float_weight
+            value = float_model_value(n, self.env, None if t is None else t.float_weight)
+        elif t is not None and t.train:
+            value = linear_value(n, self.env, t.weight(self.estimator, self.sharpness))
         else:
-            w = t.weight(self.estimator, self.sharpness)
-        y = x @ w.to(x.dtype)
-        return y if bias is None else y + bias
+            value = None
+        return super().run_node(n) if value is None else value
 
 
 @register

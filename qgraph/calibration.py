@@ -114,22 +114,11 @@ class FloatStepRun(StepRun):
         self.float_weights = float_weights
 
     def run_node(self, n: fx.Node):
-        from .quantized import ACT_QUANTIZERS, SPARSE  # quantized imports the ops
+        from .quantized import float_model_value  # quantized imports the ops
 
-        if n.op != "call_function":
-            return super().run_node(n)
-        if n.target in ACT_QUANTIZERS:
-            return self.env[n.args[0]]
-        if n.target is SPARSE:
-            x = self.env[n.args[0]]
-            return x.new_zeros((*x.shape[:-1], n.args[4]))
-        w = self.float_weights.get(n)
-        if w is None:
-            return super().run_node(n)
-        x = self.env[n.args[0]]
-        bias = n.args[4]
-        y = x @ w.to(x.dtype).T
-        return y if bias is None else y + self.env[bias]
+        weight = self.float_weights.get(n)
+        value = float_model_value(n, self.env, None if weight is None else weight.T)
+        return super().run_node(n) if value is None else value
 
 
 def window_cross(

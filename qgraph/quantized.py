@@ -34,6 +34,32 @@ ACT_QUANTIZERS = (
 )
 
 
+def linear_value(n: fx.Node, env: dict, weight: torch.Tensor) -> torch.Tensor:
+    """What the ``qlinear`` node ``n`` computes with ``weight`` (``[in, out]``) in place of its
+    codes: ``x @ weight + bias``, the inputs read from an interpreter's ``env``."""
+    x = env[n.args[0]]
+    bias = n.args[4]
+    bias = env[bias] if isinstance(bias, fx.Node) else bias
+    y = x @ weight.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def float_model_value(n: fx.Node, env: dict, weight: torch.Tensor | None = None):
+    """What node ``n`` computes in the float model the graph was quantized from, or None where
+    that is what the graph computes: activation quantizers are the identity, sparse branches
+    add nothing (the float weight holds them), and a ``qlinear`` given its float ``weight``
+    (``[in, out]``) multiplies by it. Shared by the float runs beside calibration and QAT's
+    teacher."""
+    if n.op != "call_function":
+        return None
+    if n.target in ACT_QUANTIZERS:
+        return env[n.args[0]]
+    if n.target is SPARSE:
+        x = env[n.args[0]]
+        return x.new_zeros((*x.shape[:-1], n.args[4]))
+    return None if weight is None else linear_value(n, env, weight)
+
+
 @dataclass
 class SparseBranch:
     """The exact 16-bit side branch of a dense-and-sparse split layer."""

@@ -82,25 +82,16 @@ def test_parse_typed_options() -> None:
     assert repr(rot) == "rotate{kind=random,r1=false,r2=true,seed=3}"
 
 
+ROTATE_DEFAULTS = {
+    "seed": 0, "kind": "hadamard", "precision": "float32", "r1": True, "r2": True, "online": "none"
+}  # fmt: skip
+
+
 def test_parse_defaults_and_whitespace() -> None:
     (rot,) = parse_pipeline("  rotate { seed = 11 }  ")
-    assert rot.opts == {
-        "seed": 11,
-        "kind": "hadamard",
-        "precision": "float32",
-        "r1": True,
-        "r2": True,
-        "online": "none",
-    }
+    assert rot.opts == {**ROTATE_DEFAULTS, "seed": 11}
     (plain,) = parse_pipeline("rotate")
-    assert plain.opts == {
-        "seed": 0,
-        "kind": "hadamard",
-        "precision": "float32",
-        "r1": True,
-        "r2": True,
-        "online": "none",
-    }
+    assert plain.opts == ROTATE_DEFAULTS
     assert plain.explicit == set()
 
 
@@ -226,14 +217,7 @@ def test_log_records_with_verify_each(model) -> None:
     qgraph.run_pipeline(model, pipeline, verify_each=True)
     assert [r.name for r in model.log] == ["fuse-norms", "rotate", "quantize"]
     fuse, rot, quant = model.log
-    assert rot.options == {
-        "seed": 0,
-        "kind": "hadamard",
-        "precision": "float32",
-        "r1": True,
-        "r2": True,
-        "online": "none",
-    }
+    assert rot.options == ROTATE_DEFAULTS
     assert quant.options["w"] == "int4:channel" and quant.options["a"] == "int8:token"
     for r in model.log:
         assert r.seconds > 0

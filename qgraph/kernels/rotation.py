@@ -43,8 +43,8 @@ class Rotation:
         return cls(n, desc, matrix=q)
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ Q`` in float64 (float32 for float32 ``x`` with ``float32_gemms``), without autograd: weights are rotated once and never
-        differentiated here (model weights arrive as parameters that require grad, which sent
+        """``x @ Q`` in float64 (float32 for float32 ``x`` with ``float32_gemms``), without
+        autograd: weights are rotated once and never differentiated here (model weights arrive as parameters that require grad, which sent
         the transform down its slower differentiable path and recorded a graph)."""
         with torch.no_grad():
             if self.signs is not None and self.float32_gemms and x.dtype == torch.float32:
