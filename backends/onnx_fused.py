@@ -8,7 +8,10 @@
   any RoPE scaling the model computes is kept;
 * ``cached_attention`` → ``Attention`` on the same layouts (head counts as attributes for the
   3-D one) with the bool mask and the cache as ``past_key``/``past_value``; its
-  ``present_key``/``present_value`` are the grown cache.
+  ``present_key``/``present_value`` are the grown cache;
+* ``group_query_attention`` → ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (no rotary
+  inside: RoPE and R3 come before it), which writes new keys and values in place when the
+  runtime binds one buffer as past and present.
 
 A file containing them needs opset 23 (ONNX Runtime ≥ 1.23 runs all three on CPU).
 """
@@ -77,9 +80,46 @@ def cached_attention(
     return out, present_k, present_v
 
 
+@functools.cache
+def _group_query_op() -> values.Op:
+    """``com.microsoft::GroupQueryAttention`` with the inputs a decoder uses (schema as for
+    :func:`_skip_norm_op`)."""
+    param = onnx.defs.OpSchema.FormalParameter
+    attr = onnx.defs.OpSchema.Attribute
+    kind = onnx.defs.OpSchema.AttrType
+    names = ("query", "key", "value", "past_key", "past_value")
+    schema = onnx.defs.OpSchema(
+        "GroupQueryAttention",
+        MS_DOMAIN,
+        1,
+        inputs=[param(n, "T") for n in names]
+        + [param("seqlens_k", "M"), param("total_sequence_length", "M")],
+        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[
+            attr("num_heads", kind.INT),
+            attr("kv_num_heads", kind.INT),
+            attr("scale", kind.FLOAT),
+            attr("do_rotary", kind.INT),
+        ],
+    )
+    return values.Op(values.Opset(MS_DOMAIN, 1), "GroupQueryAttention", schema)
+
+
+def group_query_attention(
+    q, k, v, past_k, past_v, seqlens_k, total, scale: float, heads: int, kv_heads: int
+):
+    outputs = _group_query_op()(
+        q, k, v, past_k, past_v, seqlens_k, total,
+        num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=0,
+    )  # fmt: skip
+    return outputs[0], outputs[1], outputs[2]
+
+
 FUSED_TRANSLATIONS: dict[Callable, Callable] = {
     torch.ops.qgraph.add_rms_norm.default: add_rms_norm,
     torch.ops.qgraph.rms_norm.default: rms_norm,
     torch.ops.qgraph.rotary.default: rotary,
     torch.ops.qgraph.cached_attention.default: cached_attention,
+    torch.ops.qgraph.group_query_attention.default: group_query_attention,
 }

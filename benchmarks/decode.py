@@ -61,6 +61,14 @@ ROWS = {
         "W4A16 R1+R2 + GPTQ, lm_head int4, standard ops",
         "fuse-norms,rotate{seed=0}," + W4_HEAD + ",gptq",
     ),
+    "w4a16-rot-gptq-head-attn": (
+        "W4A16 R1+R2 + GPTQ, lm_head int4, opset-23 Attention",
+        "fuse-norms,rotate{seed=0}," + W4_HEAD + ",gptq",
+    ),
+    "w4a16-r1r4-gptq-head-attn": (
+        "W4A16 R1–R4 + GPTQ, lm_head int4, opset-23 Attention",
+        ONLINE + W4_HEAD + ",gptq",
+    ),
     "builder-fp32": ("ONNX Runtime GenAI builder fp32 (GroupQueryAttention)", "fp32"),
     "builder-int4": ("ONNX Runtime GenAI builder int4 (anchor)", "int4"),
 }
@@ -99,7 +107,10 @@ def build(keys: list[str], out: Path, job: Job, done: dict, path: Path) -> None:
             row = builder_row(folder, job.eval, ROWS[key][1])
         else:
             fused = not key.endswith("-std")  # -std: standard ops instead of fused ones
-            rep = job.run(ROWS[key][1], export=folder / "model.onnx", fused_ops=fused)
+            attention = "standard" if key.endswith("-attn") else "gqa"
+            rep = job.run(
+                ROWS[key][1], export=folder / "model.onnx", fused_ops=fused, attention=attention
+            )
             row = {
                 "pipeline": ROWS[key][1],
                 "ppl_torch": rep["ppl"],

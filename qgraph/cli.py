@@ -197,6 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         export=args.export,
         integer_activations=args.integer_activations,
         fused_ops=not args.standard_ops,
+        attention=args.attention,
         save=args.save,
         save_float_weights=args.save_float_weights,
         verify_each=args.verify_each,
@@ -471,6 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
         "as standard opset-21 ops instead of one opset-23 RMSNormalization / RotaryEmbedding / "
         "Attention node each (for runtimes without opset 23; ~1.4x slower decoding in ONNX "
         "Runtime)",
+    )
+    run.add_argument(
+        "--attention",
+        choices=("gqa", "standard"),
+        default="gqa",
+        help="with --export of a language model: 'gqa' (default) lowers attention to ONNX "
+        "Runtime's GroupQueryAttention, which writes into a cache buffer that ONNX Runtime GenAI "
+        "preallocates and shares between past and present (the fastest decode step); "
+        "'standard' to opset-23 Attention, which grows the cache by concatenation and takes "
+        "any attention mask",
     )
     run.add_argument("--report", default=None, help="write a JSON report here")
     run.add_argument(

@@ -35,6 +35,7 @@ class FusionCounts:
     rotaries: int = 0
     attentions: int = 0
     flat: int = 0
+    group_query: int = 0
     skipped: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -44,12 +45,24 @@ class FusionCounts:
             "rotary": self.rotaries,
             "attention": self.attentions,
             "heads_flat": self.flat,
+            "group_query_attention": self.group_query,
             "skipped": list(self.skipped),
         }
 
 
-def fuse_decoder(gm: fx.GraphModule) -> FusionCounts:
-    """Fuse ``gm`` in place (norms, then rotaries, then attentions); returns the counts."""
+ATTENTIONS = ("gqa", "standard")
+"""How attention is lowered: ONNX Runtime's ``GroupQueryAttention`` (cache positions from
+``attention_mask``'s row sums; right padding only), or the opset-23 ``Attention`` with
+qgraph's general boolean mask (any padding)."""
+
+
+def fuse_decoder(gm: fx.GraphModule, attention: str = "standard") -> FusionCounts:
+    """Fuse ``gm`` in place (norms, then rotaries, then attentions); returns the counts.
+
+    ``attention="gqa"`` turns each flat attention into :func:`~qgraph.fused_ops.group_query_attention`,
+    whose sequence lengths come from the graph input ``attention_mask`` (computed once)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     counts = FusionCounts()
     graph = gm.graph
     counts.norms = _fuse_norms(gm)
@@ -61,6 +74,9 @@ def fuse_decoder(gm: fx.GraphModule) -> FusionCounts:
     graph.eliminate_dead_code()  # the replaced subgraphs, so that user counts are true
     counts.flat = _flatten_heads(graph, counts.skipped)
     graph.eliminate_dead_code()
+    if attention == "gqa":
+        counts.group_query = _group_query(graph, counts.skipped)
+        graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return counts
@@ -330,6 +346,39 @@ def _cache_concat(node: fx.Node):
     if len(parts) != 2 or dim not in (2, -2) or parts[0].op != "placeholder":
         return None
     return parts[0], parts[1]
+
+
+# ------------------------------------------------------------------------------ group query
+
+
+def _group_query(graph: fx.Graph, skipped: list[str]) -> int:
+    """Flat ``cached_attention`` → ``group_query_attention``, with ``seqlens_k = Σ mask − 1``
+    (int32, per row) and ``total = mask.shape[1]`` computed once from ``attention_mask``."""
+    atts = [n for n in graph.nodes if _is(n, qg.cached_attention.default) and len(n.args) >= 9]
+    masks = [n for n in graph.nodes if n.op == "placeholder" and n.name == "attention_mask"]
+    if not atts:
+        return 0
+    if len(masks) != 1:
+        skipped.append("group query attention: the graph has no attention_mask input")
+        return 0
+    (mask,) = masks
+    call = graph.call_function
+    with graph.inserting_before(atts[0]):
+        seqlens = call(aten.sub.Tensor, (call(aten.sum.dim_IntList, (mask, [1])), 1))
+        seqlens = call(aten._to_copy.default, (seqlens,), {"dtype": torch.int32})
+        length = call(aten.sym_size.int, (mask, 1))
+        total = call(aten.scalar_tensor.default, (length,), {"dtype": torch.int32})
+    for att in atts:
+        q, k, v, past_k, past_v, _, scale, heads, kv_heads = att.args[:9]
+        with graph.inserting_before(att):
+            node = call(
+                qg.group_query_attention.default,
+                (q, k, v, past_k, past_v, seqlens, total, scale, heads, kv_heads),
+            )
+        node.meta["val"] = att.meta.get("val")
+        att.replace_all_uses_with(node)
+        graph.erase_node(att)
+    return len(atts)
 
 
 # ------------------------------------------------------------------------------- flat heads

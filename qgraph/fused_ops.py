@@ -137,3 +137,60 @@ def _cached_attention_fake(q, k, v, past_k, past_v, mask, scale, heads=0, kv_hea
     present_k = torch.cat([past_k, k], dim=2)
     present_v = torch.cat([past_v, v], dim=2)
     return torch.empty_like(q), present_k, present_v
+
+
+@torch.library.custom_op(f"{LIB}::group_query_attention", mutates_args=())
+def group_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    total: torch.Tensor,
+    scale: float,
+    heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX Runtime's ``GroupQueryAttention`` (no rotary inside), on the flat ``[B, S, H·D]``
+    layout: what a decoder exported with ``attention="gqa"`` runs.
+
+    Unlike :func:`cached_attention` it takes no mask: row ``b`` holds ``L = seqlens_k[b] + 1``
+    real tokens, all at the start of the cache (right padding only), and ``total`` (a 0-d
+    int32 tensor) is the longest row's length. The new keys and values are written at
+    ``L − S`` (at 0 for a first prompt, ``S == total``) into a cache of ``max(total, P)``
+    entries, so a ``past_*`` buffer longer than ``total`` is written in place by ONNX Runtime
+    (``past_present_share_buffer``) and grown by concatenation otherwise.
+    """
+    b, length, _ = q.shape
+    qh, kh, vh = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
+    size = max(int(total), past_k.shape[2])
+    present_k = past_k.new_zeros(b, kv_heads, size, past_k.shape[3])
+    present_v = past_v.new_zeros(b, kv_heads, size, past_v.shape[3])
+    first_prompt = length == int(total)
+    out = torch.zeros_like(qh)
+    for row in range(b):
+        real = int(seqlens_k[row]) + 1
+        past = 0 if first_prompt else real - length
+        present_k[row, :, :past] = past_k[row, :, :past]
+        present_v[row, :, :past] = past_v[row, :, :past]
+        present_k[row, :, past : past + length] = kh[row]
+        present_v[row, :, past : past + length] = vh[row]
+        keys = torch.arange(past + length)
+        mask = keys[None, :] <= past + torch.arange(length)[:, None]
+        groups = heads // kv_heads
+        out[row] = torch.nn.functional.scaled_dot_product_attention(
+            qh[row : row + 1],
+            _repeat_heads(present_k[row : row + 1, :, : past + length], groups),
+            _repeat_heads(present_v[row : row + 1, :, : past + length], groups),
+            attn_mask=mask,
+            scale=scale,
+        )[0]
+    return out.transpose(1, 2).reshape(b, length, -1), present_k, present_v
+
+
+@group_query_attention.register_fake
+def _group_query_attention_fake(q, k, v, past_k, past_v, seqlens_k, total, scale, heads, kv_heads):
+    # traced with a cache grown by concatenation: ``total = P + S``
+    k, v = _heads_first(k, kv_heads), _heads_first(v, kv_heads)
+    return torch.empty_like(q), torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)

@@ -22,6 +22,7 @@ The edits, per Llama-family graph as ``torch.export`` traces it:
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from operator import getitem
 
@@ -152,9 +153,11 @@ def cached_decoder(model: Model, quantized_cache: bool | None = None) -> CachedD
             last = graph.placeholder(name.replace(".", "_"))
         past.append(last)
     with graph.inserting_before(last.next):  # (inserting_after would reverse the order)
-        past_len = graph.call_function(aten.sym_size.int, (past[0], 2))
         seq = graph.call_function(aten.sym_size.int, (ids, 1))
         total = graph.call_function(aten.sym_size.int, (mask_in, 1))
+        # from the mask, not the cache: a preallocated cache buffer (ONNX Runtime GenAI's
+        # shared past/present) is longer than the tokens it holds
+        past_len = graph.call_function(operator.sub, (total, seq))
         mask = _causal_mask(graph, mask_in, seq, total, past_len)
     _offset_positions(graph, past_len)
 

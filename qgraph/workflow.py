@@ -176,6 +176,7 @@ class Job:
         export: str | os.PathLike | None = None,
         integer_activations: bool = False,
         fused_ops: bool = True,
+        attention: str = "gqa",
         save: str | os.PathLike | None = None,
         save_float_weights: bool = False,
         verify_each: bool = False,
@@ -242,7 +243,14 @@ class Job:
             log(f"saved the rewritten model to {save}")
         if export:
             report["export"] = export_and_check(
-                model, export, pipeline, self.eval, self.progress, integer_activations, fused_ops
+                model,
+                export,
+                pipeline,
+                self.eval,
+                self.progress,
+                integer_activations,
+                fused_ops,
+                attention,
             )
             if analysis:
                 report["onnx_trace"] = analysis.onnx(model, report["export"]["path"])
@@ -259,6 +267,7 @@ def export_and_check(
     progress: bool,
     integer_activations: bool = False,
     fused_ops: bool = True,
+    attention: str = "gqa",
 ) -> dict:
     from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
     from qgraph.backends.onnx_decoder import export_decoder, has_attention
@@ -269,7 +278,7 @@ def export_and_check(
     if cached:  # a decoder with a KV cache, genai_config.json and tokenizer beside it
         export_decoder(
             model, path.parent, pipeline, filename=path.name,
-            integer_activations=integer_activations, fused=fused_ops,
+            integer_activations=integer_activations, fused=fused_ops, attention=attention,
         )  # fmt: skip
     else:
         path = export_model(model, path, pipeline, integer_activations=integer_activations)
@@ -290,6 +299,7 @@ def export_and_check(
         "ort_ppl": ort_ppl,
         "integer_activations": integer_activations,
         "fused_ops": fused_ops and cached,
+        "attention": (attention if fused_ops else "standard ops") if cached else None,
         "ort_optimized_nodes": sum(ops.values()),
         "ort_optimized_ops": {k: v for k, v in ops.items() if "MatMul" in k or "Dequantize" in k},
     }

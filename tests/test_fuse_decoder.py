@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from helpers import calibrated, fresh_copy, tiny_llama
@@ -18,7 +19,13 @@ import qgraph
 from qgraph.backends.onnx_decoder import export_decoder
 from qgraph.backends.ort_runtime import OrtModel
 from qgraph.fuse_decoder import fuse_decoder
-from qgraph.fused_ops import add_rms_norm, cached_attention, rms_norm, rotary
+from qgraph.fused_ops import (
+    add_rms_norm,
+    cached_attention,
+    group_query_attention,
+    rms_norm,
+    rotary,
+)
 from qgraph.kv_cache import cached_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,37 +44,43 @@ def float_model() -> qgraph.Model:
     return calibrated(tiny_llama(random_norms=True), windows=2, length=16)
 
 
-def _inputs(layout, seed: int = 0):
-    """Batch 2, 3 new tokens after 4 cached ones; row 1 left-padded by one token."""
+def _inputs(layout, seed: int = 0, batch: int = 2, padded: bool = True):
+    """3 new tokens after 4 cached ones; row 1 left-padded by one token if ``padded``."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (2, 3), generator=gen)
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 0] = 0
+    ids = torch.randint(0, 256, (batch, 3), generator=gen)
+    mask = torch.ones(batch, 7, dtype=torch.long)
+    if padded:
+        mask[1, 0] = 0
     past = [
-        torch.randn(2, layout.kv_heads, 4, layout.head_dim, generator=gen) for _ in layout.names()
+        torch.randn(batch, layout.kv_heads, 4, layout.head_dim, generator=gen)
+        for _ in layout.names()
     ]
     return ids, mask, past
 
 
+@pytest.mark.parametrize("attention", ["standard", "gqa"])
 @pytest.mark.parametrize("recipe", RECIPES)
 @torch.no_grad()
-def test_fused_graph_equals_the_traced_one_bit_for_bit(float_model, recipe):
+def test_fused_graph_equals_the_traced_one_bit_for_bit(float_model, recipe, attention):
     model = qgraph.run_pipeline(fresh_copy(float_model), RECIPES[recipe])
     decoder = cached_decoder(model, quantized_cache=False)
     fused = copy.deepcopy(decoder.gm)
-    counts = fuse_decoder(fused)
+    counts = fuse_decoder(fused, attention=attention)
     layers = decoder.layout.layers
     # 2 norms per layer + the final one; all but the first follow a residual add
     assert counts.norms + counts.residual_norms == 2 * layers + 1
     assert counts.residual_norms == 2 * layers
     assert counts.rotaries == 2 * layers  # queries and keys
     assert counts.attentions == counts.flat == layers
+    assert counts.group_query == (layers if attention == "gqa" else 0)
     assert counts.skipped == []
     targets = {n.target for n in fused.graph.nodes if n.op == "call_function"}
     aten = torch.ops.aten
     assert aten.scaled_dot_product_attention.default not in targets
     assert aten.rsqrt.default not in targets and aten.transpose.int not in targets
-    ids, mask, past = _inputs(decoder.layout)
+    # GroupQueryAttention: right padding only, and a chunk after a cache in batch 1 only
+    gqa = attention == "gqa"
+    ids, mask, past = _inputs(decoder.layout, batch=1 if gqa else 2, padded=not gqa)
     want, got = decoder.gm(ids, mask, *past), fused(ids, mask, *past)
     assert len(want) == len(got) == 1 + len(past)
     for a, b in zip(want, got, strict=True):
@@ -159,17 +172,94 @@ def test_cached_attention_matches_float64_softmax_attention():
     assert torch.equal(pk2, present_k)
 
 
+def _gqa_node_session(heads: int, kv: int, d: int, scale: float):
+    """One ``com.microsoft::GroupQueryAttention`` node in ONNX Runtime."""
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    f = TensorProto.FLOAT
+    inputs = [oh.make_tensor_value_info(n, f, ["b", "s", w]) for n, w in (("q", heads * d),)]
+    inputs += [oh.make_tensor_value_info(n, f, ["b", "s", kv * d]) for n in ("k", "v")]
+    inputs += [oh.make_tensor_value_info(n, f, ["b", kv, "p", d]) for n in ("pk", "pv")]
+    inputs += [oh.make_tensor_value_info("seqlens", TensorProto.INT32, ["b"])]
+    inputs += [oh.make_tensor_value_info("total", TensorProto.INT32, [])]
+    outputs = [oh.make_tensor_value_info(n, f, None) for n in ("out", "present_k", "present_v")]
+    node = oh.make_node(
+        "GroupQueryAttention", [i.name for i in inputs], [o.name for o in outputs],
+        domain="com.microsoft", num_heads=heads, kv_num_heads=kv, scale=scale,
+    )  # fmt: skip
+    graph = oh.make_graph([node], "gqa", inputs, outputs)
+    opsets = [oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)]
+    model = oh.make_model(graph, opset_imports=opsets)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_group_query_attention_matches_float64_math_and_onnx_runtime_in_a_shared_buffer():
+    """Two rows of 6 and 3 real tokens (right padding) decode one token each into 10-entry cache
+    buffers: float64 attention over each row's own keys, and ONNX Runtime writing the same
+    buffer in place (bound as past and present) gives the same output and cache."""
+    b, heads, kv, d, buffer, scale = 2, 4, 2, 8, 10, 0.3
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(b, 1, heads * d, generator=gen)
+    k, v = torch.randn(b, 1, kv * d, generator=gen), torch.randn(b, 1, kv * d, generator=gen)
+    pk = torch.randn(b, kv, buffer, d, generator=gen)
+    pv = torch.randn(b, kv, buffer, d, generator=gen)
+    real = [6, 3]
+    seqlens, total = torch.tensor([r - 1 for r in real], dtype=torch.int32), torch.tensor(6)
+    out, present_k, present_v = group_query_attention(
+        q, k, v, pk, pv, seqlens, total.int(), scale, heads, kv
+    )
+    assert present_k.shape == pk.shape  # the buffer is longer than total: written in place
+    for row, n in enumerate(real):
+        keys = torch.cat([pk[row, :, : n - 1], k[row].view(1, kv, d).transpose(0, 1)], 1)
+        values = torch.cat([pv[row, :, : n - 1], v[row].view(1, kv, d).transpose(0, 1)], 1)
+        assert torch.equal(present_k[row, :, :n], keys)
+        assert torch.equal(present_v[row, :, :n], values)
+        weights = (
+            q[row].view(1, heads, d).transpose(0, 1).double()
+            @ keys.double().repeat_interleave(heads // kv, 0).transpose(-1, -2)
+            * scale
+        ).softmax(-1)
+        want = weights @ values.double().repeat_interleave(heads // kv, 0)  # [heads, 1, d]
+        torch.testing.assert_close(out[row].double(), want.reshape(1, -1), rtol=1e-5, atol=1e-6)
+    session = _gqa_node_session(heads, kv, d, scale)
+    buffers = [ort.OrtValue.ortvalue_from_numpy(t.numpy().copy()) for t in (pk, pv)]
+    binding = session.io_binding()
+    for name, t in (("q", q), ("k", k), ("v", v), ("seqlens", seqlens)):
+        binding.bind_cpu_input(name, t.numpy())
+    binding.bind_cpu_input("total", np.array(6, np.int32))
+    binding.bind_ortvalue_input("pk", buffers[0])
+    binding.bind_ortvalue_input("pv", buffers[1])
+    binding.bind_output("out")
+    binding.bind_ortvalue_output("present_k", buffers[0])
+    binding.bind_ortvalue_output("present_v", buffers[1])
+    session.run_with_iobinding(binding)
+    np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], out.numpy(), atol=1e-6)
+    for row, n in enumerate(real):  # written in place, up to each row's length
+        np.testing.assert_array_equal(buffers[0].numpy()[row, :, :n], present_k[row, :, :n])
+        np.testing.assert_array_equal(buffers[1].numpy()[row, :, :n], present_v[row, :, :n])
+
+
 # ------------------------------------------------------------------------- ONNX Runtime
 
 
-@pytest.mark.parametrize("recipe", ["float", "w4a4-r1r4-kv8"])
+@pytest.mark.parametrize(
+    ("recipe", "attention"),
+    [("float", "standard"), ("float", "gqa"), ("w4a4-r1r4-kv8", "gqa")],
+)
 @torch.no_grad()
-def test_fused_export_runs_in_onnx_runtime_like_torch(float_model, recipe, tmp_path):
+def test_fused_export_runs_in_onnx_runtime_like_torch(float_model, recipe, attention, tmp_path):
     model = qgraph.run_pipeline(fresh_copy(float_model), RECIPES[recipe])
-    folder = export_decoder(model, tmp_path / "fused")
+    folder = export_decoder(model, tmp_path / "fused", attention=attention)
     proto = onnx.load(str(folder / "model.onnx"))
     ops = {n.op_type for n in proto.graph.node}
-    assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= ops
+    gqa = attention == "gqa"
+    assert {"RMSNormalization", "RotaryEmbedding"} <= ops
+    assert ("GroupQueryAttention" if gqa else "Attention") in ops
+    # GroupQueryAttention masks by sequence lengths: the boolean mask's ops are gone
+    assert not ops & ({"Attention", "And"} if gqa else {"GroupQueryAttention"})
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is gqa
     assert "SkipSimplifiedLayerNormalization" in ops
     for node in proto.graph.node:  # the unread statistics are not requested (ORT skips them)
         if node.op_type == "SkipSimplifiedLayerNormalization":
@@ -184,7 +274,7 @@ def test_fused_export_runs_in_onnx_runtime_like_torch(float_model, recipe, tmp_p
         assert len(rotations) == 4 * decoder.layout.layers
         folded = [t for t in rotations if t == f"Hadamard{decoder.layout.head_dim}_folded"]
         assert len(folded) == 2 * decoder.layout.layers, rotations  # R3: signs in the matrix
-    ids, mask, past = _inputs(decoder.layout)
+    ids, mask, past = _inputs(decoder.layout, batch=1 if gqa else 2, padded=not gqa)
     want = decoder.gm(ids, mask, *past)
     runner = OrtModel(folder / "model.onnx", threads=1, matmulnbits_accuracy_level=0)
     feeds = {"input_ids": ids, "attention_mask": mask}

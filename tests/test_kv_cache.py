@@ -247,28 +247,63 @@ def test_generate_in_onnx_runtime_genai_matches_torch(w4a4, tmp_path):
     assert ort_out.tokens == torch_out.tokens and ort_out.backend == "ort"
 
 
-def test_genai_left_padded_batch_generates_each_prompt_s_own_tokens(float_model, tmp_path):
-    """ONNX Runtime GenAI pads a batch on the left (pad id = eos here) and masks the padding."""
+def test_genai_batch_decodes_each_row_as_it_decodes_alone(float_model, tmp_path):
+    """A batch of two prompts in ONNX Runtime GenAI (the default GroupQueryAttention file, one
+    shared cache buffer per tensor): each row's logits, at the prompt and at every generated
+    token, are the ones the torch decoder gives that row alone."""
     from qgraph.backends.onnx_decoder import export_decoder
 
     og = pytest.importorskip("onnxruntime_genai")
     folder = export_decoder(float_model, tmp_path / "float")
-    pad = json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
-    long, short = (
-        t.clamp(min=pad + 1) for t in (tokens(256, 1, 7, seed=8), tokens(256, 1, 4, seed=9))
-    )
-    batch = torch.cat([long, torch.cat([torch.full((1, 3), pad), short], 1)])
+    assert json.loads((folder / "genai_config.json").read_text())["search"][
+        "past_present_share_buffer"
+    ]
+    prompts = [tokens(256, 1, 7, seed=8), tokens(256, 1, 7, seed=9)]
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=7 + 6, batch_size=2)
+    params.set_search_options(max_length=7 + 5, batch_size=2)
     generator = og.Generator(model, params)
-    generator.append_tokens(batch.numpy().astype("int32"))
-    while not generator.is_done():
+    generator.append_tokens(torch.cat(prompts).numpy().astype("int32"))
+    decoder = cached_decoder(float_model)
+    pasts = [decoder.layout.empty(1) for _ in prompts]
+    steps = [p for p in prompts]
+    masks = [torch.ones_like(p) for p in prompts]
+    worst = 0.0
+    for _ in range(5):
+        got = torch.from_numpy(generator.get_logits()).reshape(2, -1)
+        for row in range(2):
+            want, pasts[row] = decoder(steps[row], masks[row], pasts[row])
+            worst = max(worst, float((got[row] - want[0, -1]).abs().max()))
         generator.generate_next_token()
-    for row, prompt in enumerate((long, short)):
-        expected = decode(cached_decoder(float_model), prompt[0].tolist(), 6, eos=None)[0]
-        got = [int(t) for t in generator.get_sequence(row)][7:]
-        assert got == expected, row
+        nxt = generator.get_next_tokens()
+        steps = [torch.tensor([[int(t)]]) for t in nxt]
+        masks = [torch.cat([m, torch.ones(1, 1, dtype=torch.long)], 1) for m in masks]
+    assert worst < 1e-4
+
+
+@torch.no_grad()
+def test_standard_attention_file_decodes_left_padded_rows_as_alone(float_model, tmp_path):
+    """The opset-23 ``Attention`` file takes any mask: a prompt left-padded next to a longer one
+    gives, in ONNX Runtime, the logits it gives alone (prompt and a decode step)."""
+    from qgraph.backends.onnx_decoder import export_decoder
+    from qgraph.backends.ort_runtime import OrtModel
+
+    folder = export_decoder(float_model, tmp_path / "std", attention="standard")
+    runner = OrtModel(folder / "model.onnx", threads=1)
+    layout = cached_decoder(float_model).layout
+    long, short = tokens(256, 1, 7, seed=8), tokens(256, 1, 4, seed=9)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    out = runner.run(ids, mask, *layout.empty(2))
+    alone = runner.run(short, torch.ones(1, 4, dtype=torch.long), *layout.empty(1))
+    scale = float(abs(alone[0]).max())
+    assert abs(out[0][1, 3:] - alone[0][0]).max() / scale < 1e-5
+    nxt = torch.tensor([[5], [5]])
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    out = runner.run(nxt, mask, *out[1:])
+    alone = runner.run(nxt[:1], torch.ones(1, 5, dtype=torch.long), *alone[1:])
+    assert abs(out[0][1] - alone[0][0]).max() / scale < 1e-5
 
 
 def test_generate_refuses_bad_requests(float_model, tmp_path):
