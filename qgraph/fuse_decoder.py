@@ -36,6 +36,7 @@ class FusionCounts:
     attentions: int = 0
     flat: int = 0
     group_query: int = 0
+    r3_cancelled: int = 0
     skipped: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -46,6 +47,7 @@ class FusionCounts:
             "attention": self.attentions,
             "heads_flat": self.flat,
             "group_query_attention": self.group_query,
+            "r3_cancelled": self.r3_cancelled,
             "skipped": list(self.skipped),
         }
 
@@ -73,6 +75,8 @@ def fuse_decoder(gm: fx.GraphModule, attention: str = "standard") -> FusionCount
     counts.attentions = _fuse_attentions(graph, counts.skipped)
     graph.eliminate_dead_code()  # the replaced subgraphs, so that user counts are true
     counts.flat = _flatten_heads(graph, counts.skipped)
+    graph.eliminate_dead_code()
+    counts.r3_cancelled = _cancel_unquantized_r3(graph)
     graph.eliminate_dead_code()
     if attention == "gqa":
         counts.group_query = _group_query(graph, counts.skipped)
@@ -346,6 +350,58 @@ def _cache_concat(node: fx.Node):
     if len(parts) != 2 or dim not in (2, -2) or parts[0].op != "placeholder":
         return None
     return parts[0], parts[1]
+
+
+# ------------------------------------------------------------------------------------- R3
+
+
+def _cancel_unquantized_r3(graph: fx.Graph) -> int:
+    """Drop R3 where nothing quantizes queries or keys after it.
+
+    R3 turns every query and key head by one orthogonal ``Q``, and ``(qQ)(kQ)ᵀ = qkᵀ``: it
+    only matters to a quantizer between it and attention (a quantized key cache). Without one,
+    the file attends, and caches keys, in the unrotated basis; the function is the same up to
+    float rounding, and the step saves two Hadamards and four reshapes per layer."""
+    cancelled = 0
+    for att in [n for n in graph.nodes if _is(n, qg.cached_attention.default)]:
+        q, k = (_r3_of(t) for t in att.args[:2])
+        if q is None or k is None:
+            continue
+        (q_src, q_had), (k_src, k_had) = q, k
+        if not _same_rotation(graph, q_had, k_had):
+            continue
+        att.replace_input_with(att.args[0], q_src)
+        att.replace_input_with(att.args[1], k_src)
+        cancelled += 1
+    return cancelled
+
+
+def _same_rotation(graph: fx.Graph, a: fx.Node, b: fx.Node) -> bool:
+    """Whether two ``hadamard`` nodes apply the same normalized, forward rotation (equal signs,
+    which the trace may hold in two attributes)."""
+    (_, sa, *ra), (_, sb, *rb) = a.args, b.args
+    if ra != rb or ra[:1] != [True] or any(ra[1:]):
+        return False
+    if sa is None or sb is None:
+        return sa is sb
+    if sa.op != "get_attr" or sb.op != "get_attr":
+        return sa is sb
+    ta, tb = (get_tensor(graph.owning_module, n.target) for n in (sa, sb))
+    return ta.shape == tb.shape and torch.equal(ta, tb)
+
+
+def _r3_of(t: fx.Node):
+    """``(x, hadamard)`` when ``t = view(hadamard(view(x, [B, S, H, D])), [B, S, H·D])`` with
+    single users throughout (R3 on the flat layout, nothing after it), else None."""
+    if not _is(t, aten.view.default) or len(t.users) != 1:
+        return None
+    had = t.args[0]
+    if not _is(had, qg.hadamard.default) or len(had.users) != 1:
+        return None
+    inner = had.args[0]
+    if not _is(inner, aten.view.default) or len(inner.users) != 1:
+        return None
+    return inner.args[0], had
 
 
 # ------------------------------------------------------------------------------ group query

@@ -87,6 +87,39 @@ def test_fused_graph_equals_the_traced_one_bit_for_bit(float_model, recipe, atte
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("attention", ["standard", "gqa"])
+@torch.no_grad()
+def test_r3_without_a_key_quantizer_is_cancelled_exactly(float_model, attention):
+    """R3 turns queries and keys by the same orthogonal matrix; with nothing quantizing them it
+    cancels in ``qkᵀ``: the fused graph drops it, its logits equal the traced graph's to float
+    rounding, and its cache holds the unrotated keys (the traced one's rotated back)."""
+    model = qgraph.run_pipeline(
+        fresh_copy(float_model), "fuse-norms,rotate{seed=0,online=all},quantize{w=int4:channel}"
+    )
+    decoder = cached_decoder(model)
+    fused = copy.deepcopy(decoder.gm)
+    counts = fuse_decoder(fused, attention=attention)
+    layers = decoder.layout.layers
+    assert counts.r3_cancelled == layers
+    hadamards = [n for n in fused.graph.nodes if n.target is torch.ops.qgraph.hadamard.default]
+    assert len(hadamards) == 2 * layers  # R2's online half and R4 remain
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4))
+    empty = decoder.layout.empty(1)  # each graph caches keys in its own basis
+    want = decoder.gm(ids[:, :5], torch.ones(1, 5, dtype=torch.long), *empty)
+    got = fused(ids[:, :5], torch.ones(1, 5, dtype=torch.long), *empty)
+    want = decoder.gm(ids[:, 5:], torch.ones(1, 7, dtype=torch.long), *want[1:])
+    got = fused(ids[:, 5:], torch.ones(1, 7, dtype=torch.long), *got[1:])
+    scale = float(want[0].abs().max())
+    assert float((got[0] - want[0]).abs().max()) < 1e-5 * scale
+    assert float((got[0] - want[0]).abs().max()) > 0  # a different, equivalent computation
+    signs = next(n for n in decoder.gm.graph.nodes if n.target is torch.ops.qgraph.hadamard.default)
+    r3 = signs.args[1]
+    r3 = getattr(decoder.gm, r3.target) if r3 is not None else None
+    # the traced cache's keys, rotated back by R3ᵀ, are the fused cache's keys
+    back = torch.ops.qgraph.hadamard(want[1], r3, True, True)
+    torch.testing.assert_close(got[1], back, rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()
 def test_unmatched_rotary_is_left_alone_and_reported(float_model):
     """A RoPE table whose halves differ is not the convention ONNX's RotaryEmbedding

@@ -171,6 +171,31 @@ def test_int4_blocked_is_packed_and_fused(tmp_path):
     assert max_rel_err(OrtModel(path, optimization="disable")(x), expected) <= 1e-5
 
 
+def test_symmetric_int4_weights_export_without_zero_points(tmp_path):
+    """All-zero zero points are dropped (the default, same values): ONNX Runtime's MatMulNBits
+    then runs its symmetric kernel. Non-zero ones stay."""
+    module = QLinear(256, 128, 32, 4, bias=False)
+    centred = module.codes - module.zero.repeat_interleave(32, 0)
+    module.codes.copy_(centred.clamp(-8, 7))  # symmetric codes: zero points all 0
+    module.zero.zero_()
+    path = export_onnx(
+        module, (torch.randn(2, 3, 256),), tmp_path / "s.onnx", dynamic_shapes=dyn(3)
+    )
+    dq = [n for n in onnx.load(path).graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 1 and len(dq[0].input) == 2
+    assert optimized_op_histogram(path).get("com.microsoft::MatMulNBits") == 1
+    x = torch.randn(4, 5, 256)
+    with torch.no_grad():
+        expected = module(x).numpy()
+    assert max_rel_err(OrtModel(path, matmulnbits_accuracy_level=0)(x), expected) <= 1e-4
+    asym = export_onnx(
+        QLinear(256, 128, 32, 4, bias=False), (torch.randn(2, 3, 256),), tmp_path / "a.onnx",
+        dynamic_shapes=dyn(3),
+    )  # fmt: skip
+    dq = [n for n in onnx.load(asym).graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq[0].input) == 3
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_postprocess_folds_int4_casts():
     """Without the exporter's optimizer every Cast(to=INT4) is left to postprocess."""
