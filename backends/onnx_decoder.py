@@ -158,14 +158,14 @@ def export_decoder(
     if attention not in ATTENTIONS:
         raise ExportError(f"attention must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
     share_buffer = fused and attention == "gqa"
-    if fused:
-        counts = fuse_decoder(decoder.gm, attention=attention)
+    context = context_length or getattr(model, "context_length", None) or 2048
+    if fused:  # GroupQueryAttention's rotary tables cover every position GenAI may reach
+        counts = fuse_decoder(decoder.gm, attention=attention, rope_positions=context)
         metadata["qgraph.fused_ops"] = json.dumps(counts.as_dict())
         share_buffer = counts.group_query == layout.layers
     example = _example_inputs(layout)
     with torch.no_grad():
         vocab = int(decoder.gm(*example)[0].shape[-1])
-    context = context_length or getattr(model, "context_length", None) or 2048
     dynamic = torch.export.Dim.DYNAMIC
     shapes = (
         {0: dynamic, 1: dynamic},

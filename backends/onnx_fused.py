@@ -9,9 +9,9 @@
 * ``cached_attention`` → ``Attention`` on the same layouts (head counts as attributes for the
   3-D one) with the bool mask and the cache as ``past_key``/``past_value``; its
   ``present_key``/``present_value`` are the grown cache;
-* ``group_query_attention`` → ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (no rotary
-  inside: RoPE and R3 come before it), which writes new keys and values in place when the
-  runtime binds one buffer as past and present.
+* ``group_query_attention`` → ONNX Runtime's ``com.microsoft::GroupQueryAttention``, which
+  writes new keys and values in place when the runtime binds one buffer as past and present;
+  with cos/sin tables it also applies RoPE (``do_rotary=1``), where no R3 sits in between.
 
 A file containing them needs opset 23 (ONNX Runtime ≥ 1.23 runs all three on CPU).
 """
@@ -85,6 +85,7 @@ def _group_query_op() -> values.Op:
     """``com.microsoft::GroupQueryAttention`` with the inputs a decoder uses (schema as for
     :func:`_skip_norm_op`)."""
     param = onnx.defs.OpSchema.FormalParameter
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
     attr = onnx.defs.OpSchema.Attribute
     kind = onnx.defs.OpSchema.AttrType
     names = ("query", "key", "value", "past_key", "past_value")
@@ -93,7 +94,8 @@ def _group_query_op() -> values.Op:
         MS_DOMAIN,
         1,
         inputs=[param(n, "T") for n in names]
-        + [param("seqlens_k", "M"), param("total_sequence_length", "M")],
+        + [param("seqlens_k", "M"), param("total_sequence_length", "M")]
+        + [param(n, "T", param_option=optional) for n in ("cos_cache", "sin_cache")],
         outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
         type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
         attributes=[
@@ -107,12 +109,19 @@ def _group_query_op() -> values.Op:
 
 
 def group_query_attention(
-    q, k, v, past_k, past_v, seqlens_k, total, scale: float, heads: int, kv_heads: int
-):
-    outputs = _group_query_op()(
-        q, k, v, past_k, past_v, seqlens_k, total,
-        num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=0,
-    )  # fmt: skip
+    q, k, v, past_k, past_v, seqlens_k, total, scale: float, heads: int, kv_heads: int,
+    cos_cache=None, sin_cache=None,
+):  # fmt: skip
+    if cos_cache is None:
+        outputs = _group_query_op()(
+            q, k, v, past_k, past_v, seqlens_k, total,
+            num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=0,
+        )  # fmt: skip
+    else:  # rotary inside, non-interleaved ("rotate half", as qgraph.fused_ops.rotary)
+        outputs = _group_query_op()(
+            q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache,
+            num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1,
+        )  # fmt: skip
     return outputs[0], outputs[1], outputs[2]
 
 

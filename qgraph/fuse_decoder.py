@@ -36,6 +36,7 @@ class FusionCounts:
     attentions: int = 0
     flat: int = 0
     group_query: int = 0
+    rotary_in_attention: int = 0
     r3_cancelled: int = 0
     skipped: list[str] = field(default_factory=list)
 
@@ -47,6 +48,7 @@ class FusionCounts:
             "attention": self.attentions,
             "heads_flat": self.flat,
             "group_query_attention": self.group_query,
+            "rotary_in_attention": self.rotary_in_attention,
             "r3_cancelled": self.r3_cancelled,
             "skipped": list(self.skipped),
         }
@@ -58,11 +60,15 @@ ATTENTIONS = ("gqa", "standard")
 qgraph's general boolean mask (any padding)."""
 
 
-def fuse_decoder(gm: fx.GraphModule, attention: str = "standard") -> FusionCounts:
+def fuse_decoder(
+    gm: fx.GraphModule, attention: str = "standard", rope_positions: int | None = None
+) -> FusionCounts:
     """Fuse ``gm`` in place (norms, then rotaries, then attentions); returns the counts.
 
     ``attention="gqa"`` turns each flat attention into :func:`~qgraph.fused_ops.group_query_attention`,
-    whose sequence lengths come from the graph input ``attention_mask`` (computed once)."""
+    whose sequence lengths come from the graph input ``attention_mask`` (computed once). With
+    ``rope_positions`` it also takes over the rotary embedding of queries and keys that feed it
+    directly, from cos/sin tables of that many positions computed by the graph's own RoPE."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     counts = FusionCounts()
@@ -81,6 +87,9 @@ def fuse_decoder(gm: fx.GraphModule, attention: str = "standard") -> FusionCount
     if attention == "gqa":
         counts.group_query = _group_query(graph, counts.skipped)
         graph.eliminate_dead_code()
+        if rope_positions:
+            counts.rotary_in_attention = _rotary_into_attention(gm, rope_positions)
+            graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return counts
@@ -435,6 +444,70 @@ def _group_query(graph: fx.Graph, skipped: list[str]) -> int:
         att.replace_all_uses_with(node)
         graph.erase_node(att)
     return len(atts)
+
+
+def _rotary_into_attention(gm: fx.GraphModule, positions: int) -> int:
+    """``gqa(rotary(q, c, s), rotary(k, c, s), ...)`` → ``gqa(q, k, ..., cos_cache, sin_cache)``.
+
+    ``GroupQueryAttention`` rotates by position from ``[positions, D/2]`` tables; they are the
+    graph's own ``c``/``s`` evaluated for positions ``0 … positions − 1`` (so any RoPE scaling the
+    model computes is kept), taken once per distinct pair."""
+    graph = gm.graph
+    tables: dict[tuple[fx.Node, fx.Node], tuple[fx.Node, fx.Node]] = {}
+    done = 0
+    for att in [n for n in graph.nodes if _is(n, qg.group_query_attention.default)]:
+        q, k = att.args[:2]
+        if len(att.args) > 10 or not all(
+            _is(t, qg.rotary.default) and len(t.users) == 1 for t in (q, k)
+        ):
+            continue
+        if q.args[1:3] != k.args[1:3]:
+            continue
+        pair = (q.args[1], q.args[2])
+        if pair not in tables:
+            values = _evaluate(gm, list(pair), positions)
+            if values is None:
+                return done
+            nodes = []
+            for name, value in zip(("rope_cos_cache", "rope_sin_cache"), values, strict=True):
+                target = new_attr(gm, name, value[0].contiguous())
+                with graph.inserting_before(att):
+                    node = graph.get_attr(target)
+                node.meta["val"] = value[0]
+                nodes.append(node)
+            tables[pair] = (nodes[0], nodes[1])
+        att.args = (q.args[0], k.args[0], *att.args[2:10], *tables[pair])
+        done += 1
+    return done
+
+
+def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], positions: int):
+    """The values of ``nodes`` for a ``positions``-token prompt without cache (they must depend
+    on the graph inputs only through ``input_ids`` and ``attention_mask``), else None."""
+    needed: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    feeds = []
+    for node in gm.graph.nodes:
+        if node not in needed:
+            continue
+        if node.op == "placeholder":
+            if node.name == "input_ids":
+                feeds.append(torch.zeros(1, positions, dtype=torch.long))
+            elif node.name == "attention_mask":
+                feeds.append(torch.ones(1, positions, dtype=torch.long))
+            else:
+                return None
+        env[node] = sub.node_copy(node, lambda n: env[n])
+    sub.output(tuple(env[n] for n in nodes))
+    with torch.no_grad():
+        return fx.GraphModule(gm, sub)(*feeds)
 
 
 # ------------------------------------------------------------------------------- flat heads

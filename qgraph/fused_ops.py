@@ -151,9 +151,15 @@ def group_query_attention(
     scale: float,
     heads: int,
     kv_heads: int,
+    cos_cache: torch.Tensor | None = None,
+    sin_cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ONNX Runtime's ``GroupQueryAttention`` (no rotary inside), on the flat ``[B, S, H·D]``
-    layout: what a decoder exported with ``attention="gqa"`` runs.
+    """ONNX Runtime's ``GroupQueryAttention`` on the flat ``[B, S, H·D]`` layout: what a decoder
+    exported with ``attention="gqa"`` runs.
+
+    With ``cos_cache``/``sin_cache`` (``[positions, D/2]``) it first applies the rotary
+    embedding to queries and keys, as :func:`rotary` does, at the kernel's positions: ``i`` for
+    a first prompt, ``L − S + i`` after a cache.
 
     Unlike :func:`cached_attention` it takes no mask: row ``b`` holds ``L = seqlens_k[b] + 1``
     real tokens, all at the start of the cache (right padding only), and ``total`` (a 0-d
@@ -164,6 +170,11 @@ def group_query_attention(
     """
     b, length, _ = q.shape
     qh, kh, vh = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
+    if cos_cache is not None and sin_cache is not None:
+        positions = _gqa_positions(seqlens_k, length, int(total))
+        cos, sin = cos_cache[positions], sin_cache[positions]  # [B, S, D/2]
+        qh = _rotate(qh, cos, sin, head_dim=1)
+        kh = _rotate(kh, cos, sin, head_dim=1)
     size = max(int(total), past_k.shape[2])
     present_k = past_k.new_zeros(b, kv_heads, size, past_k.shape[3])
     present_v = past_v.new_zeros(b, kv_heads, size, past_v.shape[3])
@@ -189,8 +200,29 @@ def group_query_attention(
     return out.transpose(1, 2).reshape(b, length, -1), present_k, present_v
 
 
+def _gqa_positions(seqlens_k: torch.Tensor, length: int, total: int) -> torch.Tensor:
+    """``[B, S]`` rotary positions as ``GroupQueryAttention`` derives them from ``seqlens_k``."""
+    steps = torch.arange(length)
+    if length == total:  # a first prompt
+        return steps.expand(seqlens_k.shape[0], length)
+    return (seqlens_k.long() + 1 - length)[:, None] + steps
+
+
 @group_query_attention.register_fake
-def _group_query_attention_fake(q, k, v, past_k, past_v, seqlens_k, total, scale, heads, kv_heads):
+def _group_query_attention_fake(
+    q,
+    k,
+    v,
+    past_k,
+    past_v,
+    seqlens_k,
+    total,
+    scale,
+    heads,
+    kv_heads,
+    cos_cache=None,
+    sin_cache=None,
+):
     # traced with a cache grown by concatenation: ``total = P + S``
     k, v = _heads_first(k, kv_heads), _heads_first(v, kv_heads)
     return torch.empty_like(q), torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
