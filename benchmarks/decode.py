@@ -14,7 +14,7 @@ Two phases, so that building can share the machine and timing need not:
    run, and the median speed is recorded. Ratios are only taken between rows of that run.
 
     .venv/bin/python benchmarks/decode.py [--windows 8] [--rows KEY,...] [--repeats 3]
-        [--build-only] [--out DIR]
+        [--build-only] [--reexport] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import qgraph
 from qgraph.backends.onnx_backend import optimized_op_histogram, ort_forward
 from qgraph.evaluate import perplexity
 from qgraph.loaders import load_causal_lm
-from qgraph.workflow import Job, write_json
+from qgraph.workflow import Job, export_and_check, write_json
 
 PROMPT, NEW = 128, 128
 W4 = "quantize{w=int4:channel}"
@@ -95,22 +95,43 @@ def builder_row(folder: Path, windows, precision: str) -> dict:
     }
 
 
-def build(keys: list[str], out: Path, job: Job, done: dict, path: Path) -> None:
-    """Write each row's folder and record its quality (rows already recorded are kept)."""
+def build(
+    keys: list[str], out: Path, job: Job, done: dict, path: Path, reexport: bool = False
+) -> None:
+    """Write each row's folder and record its quality (rows already recorded are kept).
+
+    Each qgraph row's rewritten model is saved beside its folder (``{key}.pt2``); with
+    ``reexport`` every requested row that has one is exported again from it (for changes to the
+    export alone: the rewrite, and its torch perplexity, stay as recorded)."""
     for key in keys:
         folder = out / key
-        if key in done and (folder / "genai_config.json").exists():
+        saved = out / f"{key}.pt2"
+        again = reexport and key in done and saved.exists()
+        if key in done and (folder / "genai_config.json").exists() and not again:
             continue
         folder.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
+        fused = not key.endswith("-std")  # -std: standard ops instead of fused ones
+        attention = "standard" if key.endswith("-attn") else "gqa"
         if key.startswith("builder-"):
             row = builder_row(folder, job.eval, ROWS[key][1])
-        else:
-            fused = not key.endswith("-std")  # -std: standard ops instead of fused ones
-            attention = "standard" if key.endswith("-attn") else "gqa"
-            rep = job.run(
-                ROWS[key][1], export=folder / "model.onnx", fused_ops=fused, attention=attention
+        elif again:
+            model = qgraph.load(saved)
+            exported = export_and_check(
+                model, folder / "model.onnx", ROWS[key][1], job.eval, False,
+                fused_ops=fused, attention=attention,
+            )  # fmt: skip
+            row = dict(done[key])
+            row.update(
+                ort_ppl=exported["ort_ppl"],
+                file_mb=exported["file_mb"],
+                ort_nodes=exported["ort_optimized_nodes"],
             )
+        else:
+            rep = job.run(
+                ROWS[key][1], export=folder / "model.onnx", fused_ops=fused, attention=attention,
+                save=saved,
+            )  # fmt: skip
             row = {
                 "pipeline": ROWS[key][1],
                 "ppl_torch": rep["ppl"],
@@ -147,6 +168,9 @@ def main() -> None:
     ap.add_argument("--rows", type=str, default=",".join(ROWS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument(
+        "--reexport", action="store_true", help="export rows again from their saved models"
+    )
     ap.add_argument("--out", type=Path, default=Path("out/decode"))
     args = ap.parse_args()
     keys = args.rows.split(",")
@@ -155,7 +179,7 @@ def main() -> None:
     path = Path(__file__).parent / "results" / f"decode_w{args.windows}.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     job = Job(None, eval_windows=args.windows, progress=False)
-    build(keys, args.out, job, done, path)
+    build(keys, args.out, job, done, path, args.reexport)
     if args.build_only:
         return
     prompt = job.eval[-1, :PROMPT].tolist()  # held-out text
