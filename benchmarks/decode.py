@@ -53,6 +53,10 @@ ROWS = {
         "fuse-norms,rotate{seed=0}," + W4_HEAD + ",gptq",
     ),
     "w4a16-r1r4-gptq-head": ("W4A16 R1–R4 + GPTQ, lm_head int4", ONLINE + W4_HEAD + ",gptq"),
+    "w4a16-r4-gptq-head": (
+        "W4A16 R1+R2 + online R4 + GPTQ, lm_head int4 (the best W4A16 recipe)",
+        "fuse-norms,rotate{seed=0,online=r4}," + W4_HEAD + ",gptq",
+    ),
     "w4a4-gptq": ("W4A4 R1–R4 + GPTQ", ONLINE + W4A4),
     "w4a4-expand-gptq": ("W4A4 R1–R4 + expand +5 % + GPTQ", ONLINE + "expand{budget=5}," + W4A4),
     "w8a8": ("W8A8 R1+R2", "fuse-norms,rotate{seed=0},quantize{w=int8:channel,a=int8:token}"),
