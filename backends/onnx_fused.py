@@ -88,12 +88,13 @@ def _group_query_op() -> values.Op:
     optional = onnx.defs.OpSchema.FormalParameterOption.Optional
     attr = onnx.defs.OpSchema.Attribute
     kind = onnx.defs.OpSchema.AttrType
-    names = ("query", "key", "value", "past_key", "past_value")
     schema = onnx.defs.OpSchema(
         "GroupQueryAttention",
         MS_DOMAIN,
         1,
-        inputs=[param(n, "T") for n in names]
+        inputs=[param("query", "T")]
+        + [param(n, "T", param_option=optional) for n in ("key", "value")]  # packed QKV: none
+        + [param(n, "T") for n in ("past_key", "past_value")]
         + [param("seqlens_k", "M"), param("total_sequence_length", "M")]
         + [param(n, "T", param_option=optional) for n in ("cos_cache", "sin_cache")],
         outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],

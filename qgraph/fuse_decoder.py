@@ -24,6 +24,7 @@ from .structure import gqa_source
 aten = torch.ops.aten
 qg = torch.ops.qgraph
 SDPA = aten.scaled_dot_product_attention.default
+QLINEAR = qg.qlinear.default
 
 
 @dataclass
@@ -37,6 +38,7 @@ class FusionCounts:
     flat: int = 0
     group_query: int = 0
     rotary_in_attention: int = 0
+    packed_qkv: int = 0
     r3_cancelled: int = 0
     skipped: list[str] = field(default_factory=list)
 
@@ -49,6 +51,7 @@ class FusionCounts:
             "heads_flat": self.flat,
             "group_query_attention": self.group_query,
             "rotary_in_attention": self.rotary_in_attention,
+            "packed_qkv": self.packed_qkv,
             "r3_cancelled": self.r3_cancelled,
             "skipped": list(self.skipped),
         }
@@ -90,6 +93,8 @@ def fuse_decoder(
         if rope_positions:
             counts.rotary_in_attention = _rotary_into_attention(gm, rope_positions)
             graph.eliminate_dead_code()
+        counts.packed_qkv = _pack_qkv(gm)
+        graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return counts
@@ -479,6 +484,49 @@ def _rotary_into_attention(gm: fx.GraphModule, positions: int) -> int:
         att.args = (q.args[0], k.args[0], *att.args[2:10], *tables[pair])
         done += 1
     return done
+
+
+def _pack_qkv(gm: fx.GraphModule) -> int:
+    """One quantized projection for queries, keys and values where all three feed
+    ``group_query_attention`` straight from ``qlinear`` layers on one input with one grid.
+
+    ``x @ [Wq | Wk | Wv]`` is the three products side by side, bit for bit per column, and
+    ``GroupQueryAttention`` takes the packed ``[B, S, (H + 2·KV)·D]`` tensor as its query, so
+    the step runs one ``MatMulNBits`` where it ran three (as the GenAI builder's files do)."""
+    graph = gm.graph
+    packed = 0
+    for att in [n for n in graph.nodes if _is(n, qg.group_query_attention.default)]:
+        projections = att.args[:3]
+        if not all(
+            _is(p, QLINEAR) and len(p.users) == 1 and p.args[0] is projections[0].args[0]
+            for p in projections
+        ):
+            continue
+        if len({tuple(p.args[5:7]) for p in projections}) != 1:
+            continue  # group size and bits must match
+        parts = []
+        for index in (1, 2, 3, 4):  # codes, scale, zero, bias
+            args = [p.args[index] for p in projections]
+            if index == 4 and all(a is None for a in args):
+                parts.append(None)
+                continue
+            if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in args):
+                break
+            tensors = [get_tensor(gm, a.target) for a in args]
+            if len({t.dtype for t in tensors}) != 1:
+                break
+            target = new_attr(gm, f"{args[0].target}_qkv", torch.cat(tensors, dim=-1))
+            with graph.inserting_before(att):
+                node = graph.get_attr(target)
+            node.meta["val"] = get_tensor(gm, target)
+            parts.append(node)
+        else:
+            q = projections[0]
+            with graph.inserting_before(att):
+                qkv = graph.call_function(QLINEAR, (q.args[0], *parts, *q.args[5:7]))
+            att.args = (qkv, None, None, *att.args[3:])
+            packed += 1
+    return packed
 
 
 def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], positions: int):

@@ -142,8 +142,8 @@ def _cached_attention_fake(q, k, v, past_k, past_v, mask, scale, heads=0, kv_hea
 @torch.library.custom_op(f"{LIB}::group_query_attention", mutates_args=())
 def group_query_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
     past_k: torch.Tensor,
     past_v: torch.Tensor,
     seqlens_k: torch.Tensor,
@@ -168,6 +168,7 @@ def group_query_attention(
     entries, so a ``past_*`` buffer longer than ``total`` is written in place by ONNX Runtime
     (``past_present_share_buffer``) and grown by concatenation otherwise.
     """
+    q, k, v = _unpacked(q, k, v, heads, kv_heads)
     b, length, _ = q.shape
     qh, kh, vh = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
     if cos_cache is not None and sin_cache is not None:
@@ -208,6 +209,15 @@ def _gqa_positions(seqlens_k: torch.Tensor, length: int, total: int) -> torch.Te
     return (seqlens_k.long() + 1 - length)[:, None] + steps
 
 
+def _unpacked(q, k, v, heads: int, kv_heads: int):
+    """``(q, k, v)``; with ``k`` and ``v`` None, ``q`` is the packed ``[B, S, (H + 2·KV)·D]``
+    projection and is split (``GroupQueryAttention``'s packed-QKV input)."""
+    if k is not None and v is not None:
+        return q, k, v
+    head = q.shape[-1] // (heads + 2 * kv_heads)
+    return q.split([heads * head, kv_heads * head, kv_heads * head], dim=-1)
+
+
 @group_query_attention.register_fake
 def _group_query_attention_fake(
     q,
@@ -224,5 +234,7 @@ def _group_query_attention_fake(
     sin_cache=None,
 ):
     # traced with a cache grown by concatenation: ``total = P + S``
+    q, k, v = _unpacked(q, k, v, heads, kv_heads)
     k, v = _heads_first(k, kv_heads), _heads_first(v, kv_heads)
-    return torch.empty_like(q), torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    out = q.new_empty(q.shape)
+    return out, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)

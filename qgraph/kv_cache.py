@@ -122,6 +122,7 @@ def cached_decoder(model: Model, quantized_cache: bool | None = None) -> CachedD
     """
     gm = copy.deepcopy(model.gm)
     graph = gm.graph
+    _drop_asserts(graph)
     attentions = [n for n in graph.nodes if n.op == "call_function" and n.target is SDPA]
     if not attentions:
         raise StructureError("no scaled_dot_product_attention in the graph: nothing to cache")
@@ -204,6 +205,21 @@ def cached_decoder(model: Model, quantized_cache: bool | None = None) -> CachedD
     graph._codegen = fx.graph.CodeGen()  # plain positional inputs/outputs, not export's pytrees
     gm.recompile()
     return CachedDecoder(gm, layout)
+
+
+#: side-effect checks torch.export leaves in a graph (a program loaded from a ``.pt2`` keeps
+#: them): they pin traced shapes the cache edits change, and keep dead mask code alive
+ASSERTS = (
+    aten._assert_tensor_metadata.default,
+    aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+)
+
+
+def _drop_asserts(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in ASSERTS and not node.users:
+            graph.erase_node(node)
 
 
 def _layout(attentions: list[fx.Node], sources) -> CacheLayout:

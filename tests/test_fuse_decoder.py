@@ -70,6 +70,9 @@ def test_fused_graph_equals_the_traced_one_bit_for_bit(float_model, recipe, atte
     layers = decoder.layout.layers
     r3 = "online=all" in RECIPES[recipe]
     assert counts.rotary_in_attention == (layers if attention == "gqa" and not r3 else 0)
+    # and one packed q/k/v projection, where all three are quantized layers straight into it
+    packs = attention == "gqa" and recipe == "w4a16"
+    assert counts.packed_qkv == (layers if packs else 0)
     # 2 norms per layer + the final one; all but the first follow a residual add
     assert counts.norms + counts.residual_norms == 2 * layers + 1
     assert counts.residual_norms == 2 * layers

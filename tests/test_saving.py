@@ -51,6 +51,18 @@ def test_reloaded_model_is_identical(rewritten, tmp_path):
     assert len(expanded) == 4
 
 
+def test_reloaded_model_decodes_with_a_cache_like_the_original(rewritten, tmp_path):
+    """A program loaded from a ``.pt2`` keeps torch.export's shape asserts, which pinned the
+    traced mask code and broke cached decoding (``qgraph generate --model saved.pt2``)."""
+    from qgraph.generation import decode
+    from qgraph.kv_cache import cached_decoder
+
+    back = qgraph.load(qgraph.save(rewritten, tmp_path / "model.pt2"))
+    prompt = tokens(128, 1, 6, seed=4)[0].tolist()
+    want = decode(cached_decoder(rewritten), prompt, 5)[0]
+    assert decode(cached_decoder(back), prompt, 5)[0] == want
+
+
 def test_reloaded_float_model_can_be_rewritten_further(llama_exact, tmp_path):
     hf = llama_exact
     model = traced_copy(hf)
