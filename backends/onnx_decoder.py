@@ -128,6 +128,7 @@ def export_decoder(
     integer_activations: bool = False,
     fused: bool = True,
     attention: str = "gqa",
+    pack_qkv: bool = False,
 ) -> Path:
     """Write ``model`` as a cached decoder folder for ONNX Runtime GenAI; returns the folder.
 
@@ -137,7 +138,9 @@ def export_decoder(
     writing into a cache buffer that GenAI shares between past and present (the fastest step;
     padding must be on the right, or none, as in the GenAI builder's files), or
     ``"standard"``, the opset-23 ``Attention`` with a general mask (left padding too) and a
-    cache grown by concatenation.
+    cache grown by concatenation. ``pack_qkv`` (with ``"gqa"``) runs quantized q/k/v
+    projections as one packed layer (one ``MatMulNBits`` instead of three); off by default
+    because the file then has no separate q/k/v nodes for provenance and per-layer reports.
 
     ``filename`` names the model file (``genai_config.json`` points at it); the config and the
     tokenizer files always keep their fixed names, so one folder holds one model.
@@ -160,7 +163,9 @@ def export_decoder(
     share_buffer = fused and attention == "gqa"
     context = context_length or getattr(model, "context_length", None) or 2048
     if fused:  # GroupQueryAttention's rotary tables cover every position GenAI may reach
-        counts = fuse_decoder(decoder.gm, attention=attention, rope_positions=context)
+        counts = fuse_decoder(
+            decoder.gm, attention=attention, rope_positions=context, pack_qkv=pack_qkv
+        )
         metadata["qgraph.fused_ops"] = json.dumps(counts.as_dict())
         share_buffer = counts.group_query == layout.layers
     example = _example_inputs(layout)

@@ -64,14 +64,18 @@ qgraph's general boolean mask (any padding)."""
 
 
 def fuse_decoder(
-    gm: fx.GraphModule, attention: str = "standard", rope_positions: int | None = None
+    gm: fx.GraphModule,
+    attention: str = "standard",
+    rope_positions: int | None = None,
+    pack_qkv: bool = False,
 ) -> FusionCounts:
     """Fuse ``gm`` in place (norms, then rotaries, then attentions); returns the counts.
 
     ``attention="gqa"`` turns each flat attention into :func:`~qgraph.fused_ops.group_query_attention`,
     whose sequence lengths come from the graph input ``attention_mask`` (computed once). With
     ``rope_positions`` it also takes over the rotary embedding of queries and keys that feed it
-    directly, from cos/sin tables of that many positions computed by the graph's own RoPE."""
+    directly, from cos/sin tables of that many positions computed by the graph's own RoPE.
+    ``pack_qkv`` merges quantized q/k/v projections into one layer (:func:`_pack_qkv`)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     counts = FusionCounts()
@@ -93,8 +97,9 @@ def fuse_decoder(
         if rope_positions:
             counts.rotary_in_attention = _rotary_into_attention(gm, rope_positions)
             graph.eliminate_dead_code()
-        counts.packed_qkv = _pack_qkv(gm)
-        graph.eliminate_dead_code()
+        if pack_qkv:
+            counts.packed_qkv = _pack_qkv(gm)
+            graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return counts

@@ -155,7 +155,8 @@ def group_query_attention(
     sin_cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX Runtime's ``GroupQueryAttention`` on the flat ``[B, S, H·D]`` layout: what a decoder
-    exported with ``attention="gqa"`` runs.
+    exported with ``attention="gqa"`` runs. With ``k`` and ``v`` None, ``q`` is the packed
+    ``[B, S, (H + 2·KV)·D]`` output of one q/k/v projection.
 
     With ``cos_cache``/``sin_cache`` (``[positions, D/2]``) it first applies the rotary
     embedding to queries and keys, as :func:`rotary` does, at the kernel's positions: ``i`` for

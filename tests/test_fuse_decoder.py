@@ -66,7 +66,7 @@ def test_fused_graph_equals_the_traced_one_bit_for_bit(float_model, recipe, atte
     decoder = cached_decoder(model, quantized_cache=False)
     fused = copy.deepcopy(decoder.gm)
     # GroupQueryAttention also takes over RoPE where nothing (R3) sits between them
-    counts = fuse_decoder(fused, attention=attention, rope_positions=32)
+    counts = fuse_decoder(fused, attention=attention, rope_positions=32, pack_qkv=True)
     layers = decoder.layout.layers
     r3 = "online=all" in RECIPES[recipe]
     assert counts.rotary_in_attention == (layers if attention == "gqa" and not r3 else 0)
@@ -249,6 +249,11 @@ def test_group_query_attention_matches_float64_math_and_onnx_runtime_in_a_shared
         q, k, v, pk, pv, seqlens, total.int(), scale, heads, kv
     )
     assert present_k.shape == pk.shape  # the buffer is longer than total: written in place
+    packed = group_query_attention(
+        torch.cat([q, k, v], -1), None, None, pk, pv, seqlens, total.int(), scale, heads, kv
+    )
+    for a, b_ in zip(packed, (out, present_k, present_v), strict=True):
+        assert torch.equal(a, b_)  # the packed q/k/v input is the same computation
     for row, n in enumerate(real):
         keys = torch.cat([pk[row, :, : n - 1], k[row].view(1, kv, d).transpose(0, 1)], 1)
         values = torch.cat([pv[row, :, : n - 1], v[row].view(1, kv, d).transpose(0, 1)], 1)
@@ -334,3 +339,29 @@ def test_fused_export_runs_in_onnx_runtime_like_torch(float_model, recipe, atten
     plain_nodes = len(onnx.load(str(unfused / "model.onnx")).graph.node)
     assert plain_nodes > len(proto.graph.node) + 30 * decoder.layout.layers
     np.testing.assert_allclose(got[1], plain_out[1], rtol=0, atol=1e-5)  # the cache itself
+
+
+@torch.no_grad()
+def test_packed_qkv_export_runs_in_onnx_runtime_like_torch(float_model, tmp_path):
+    """``pack_qkv``: one quantized q/k/v layer per attention, fed to GroupQueryAttention as its
+    packed query; ONNX Runtime decodes like the torch decoder."""
+    from qgraph.backends.ort_runtime import optimized_op_histogram
+
+    model = qgraph.run_pipeline(fresh_copy(float_model), RECIPES["w4a16"])
+    folder = export_decoder(model, tmp_path / "packed", pack_qkv=True)
+    proto = onnx.load(str(folder / "model.onnx"))
+    fused_ops = json.loads({p.key: p.value for p in proto.metadata_props}["qgraph.fused_ops"])
+    decoder = cached_decoder(model, quantized_cache=False)
+    layers = decoder.layout.layers
+    assert fused_ops["packed_qkv"] == layers
+    hist = optimized_op_histogram(folder / "model.onnx")
+    assert hist.get("com.microsoft::MatMulNBits") == 5 * layers  # qkv, o, gate, up, down
+    ids, mask, past = _inputs(decoder.layout, batch=1, padded=False)
+    want = decoder.gm(ids, mask, *past)
+    runner = OrtModel(folder / "model.onnx", threads=1, matmulnbits_accuracy_level=0)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    feeds.update(zip(decoder.layout.names(), past, strict=True))
+    got = runner.session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    scale = float(want[0].abs().max())
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a.numpy(), rtol=0, atol=1e-4 * max(scale, 1.0))
