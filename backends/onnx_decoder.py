@@ -160,7 +160,7 @@ def export_decoder(
     metadata = export_metadata(model, pipeline)
     if attention not in ATTENTIONS:
         raise ExportError(f"attention must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
-    share_buffer = fused and attention == "gqa"
+    share_buffer = False  # only a fused file's GroupQueryAttention writes in place
     context = context_length or getattr(model, "context_length", None) or 2048
     if fused:  # GroupQueryAttention's rotary tables cover every position GenAI may reach
         counts = fuse_decoder(

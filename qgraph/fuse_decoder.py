@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from . import fused_ops  # noqa: F401  (registers torch.ops.qgraph.rms_norm, ...)
-from .graph_edits import get_tensor, new_attr
+from .graph_edits import get_attr_node, get_tensor, new_attr
 from .structure import gqa_source
 
 aten = torch.ops.aten
@@ -478,14 +478,11 @@ def _rotary_into_attention(gm: fx.GraphModule, positions: int) -> int:
             values = _evaluate(gm, list(pair), positions)
             if values is None:
                 return done
-            nodes = []
-            for name, value in zip(("rope_cos_cache", "rope_sin_cache"), values, strict=True):
-                target = new_attr(gm, name, value[0].contiguous())
-                with graph.inserting_before(att):
-                    node = graph.get_attr(target)
-                node.meta["val"] = value[0]
-                nodes.append(node)
-            tables[pair] = (nodes[0], nodes[1])
+            cos, sin = (
+                get_attr_node(gm, att, new_attr(gm, name, value[0].contiguous()))
+                for name, value in zip(("rope_cos_cache", "rope_sin_cache"), values, strict=True)
+            )
+            tables[pair] = (cos, sin)
         att.args = (q.args[0], k.args[0], *att.args[2:10], *tables[pair])
         done += 1
     return done
@@ -509,29 +506,35 @@ def _pack_qkv(gm: fx.GraphModule) -> int:
             continue
         if len({tuple(p.args[5:7]) for p in projections}) != 1:
             continue  # group size and bits must match
-        parts = []
-        for index in (1, 2, 3, 4):  # codes, scale, zero, bias
-            args = [p.args[index] for p in projections]
-            if index == 4 and all(a is None for a in args):
-                parts.append(None)
-                continue
-            if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in args):
-                break
-            tensors = [get_tensor(gm, a.target) for a in args]
-            if len({t.dtype for t in tensors}) != 1:
-                break
-            target = new_attr(gm, f"{args[0].target}_qkv", torch.cat(tensors, dim=-1))
-            with graph.inserting_before(att):
-                node = graph.get_attr(target)
-            node.meta["val"] = get_tensor(gm, target)
-            parts.append(node)
-        else:
-            q = projections[0]
-            with graph.inserting_before(att):
-                qkv = graph.call_function(QLINEAR, (q.args[0], *parts, *q.args[5:7]))
-            att.args = (qkv, None, None, *att.args[3:])
-            packed += 1
+        q = projections[0]
+        names = ["codes", "scale", "zero", "bias"]
+        stored = [[p.args[i] for p in projections] for i in (1, 2, 3, 4)]
+        if all(b is None for b in stored[3]):  # no biases: the packed layer has none either
+            names, stored = names[:3], stored[:3]
+        merged = [_concatenated(gm, args) for args in stored]
+        if any(m is None for m in merged):
+            continue
+        parts = [
+            get_attr_node(gm, att, new_attr(gm, f"{q.args[1].target}_qkv_{name}", value))
+            for name, value in zip(names, merged, strict=True)
+        ]
+        parts += [None] * (4 - len(parts))
+        with graph.inserting_before(att):
+            qkv = graph.call_function(QLINEAR, (q.args[0], *parts, *q.args[5:7]))
+        att.args = (qkv, None, None, *att.args[3:])
+        packed += 1
     return packed
+
+
+def _concatenated(gm: fx.GraphModule, args: list) -> torch.Tensor | None:
+    """The stored tensors behind ``args`` (get_attr nodes of one dtype) side by side along
+    their last (output) axis, else None."""
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in args):
+        return None
+    tensors = [get_tensor(gm, a.target) for a in args]
+    if len({t.dtype for t in tensors}) != 1:
+        return None
+    return torch.cat(tensors, dim=-1)
 
 
 def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], positions: int):

@@ -182,6 +182,7 @@ def group_query_attention(
     present_v = past_v.new_zeros(b, kv_heads, size, past_v.shape[3])
     first_prompt = length == int(total)
     out = torch.zeros_like(qh)
+    groups = heads // kv_heads
     for row in range(b):
         real = int(seqlens_k[row]) + 1
         past = 0 if first_prompt else real - length
@@ -191,7 +192,6 @@ def group_query_attention(
         present_v[row, :, past : past + length] = vh[row]
         keys = torch.arange(past + length)
         mask = keys[None, :] <= past + torch.arange(length)[:, None]
-        groups = heads // kv_heads
         out[row] = torch.nn.functional.scaled_dot_product_attention(
             qh[row : row + 1],
             _repeat_heads(present_k[row : row + 1, :, : past + length], groups),

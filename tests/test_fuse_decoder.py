@@ -287,6 +287,14 @@ def test_group_query_attention_matches_float64_math_and_onnx_runtime_in_a_shared
 # ------------------------------------------------------------------------- ONNX Runtime
 
 
+def _ort_outputs(folder, layout, ids, mask, past) -> list[np.ndarray]:
+    """All outputs of the folder's ``model.onnx`` in ONNX Runtime (exact MatMulNBits)."""
+    runner = OrtModel(folder / "model.onnx", threads=1, matmulnbits_accuracy_level=0)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    feeds.update(zip(layout.names(), past, strict=True))
+    return runner.run(*feeds.values())
+
+
 @pytest.mark.parametrize(
     ("recipe", "attention"),
     [("float", "standard"), ("float", "gqa"), ("w4a4-r1r4-kv8", "gqa")],
@@ -322,10 +330,7 @@ def test_fused_export_runs_in_onnx_runtime_like_torch(float_model, recipe, atten
         assert len(folded) == 2 * decoder.layout.layers, rotations  # R3: signs in the matrix
     ids, mask, past = _inputs(decoder.layout, batch=1 if gqa else 2, padded=not gqa)
     want = decoder.gm(ids, mask, *past)
-    runner = OrtModel(folder / "model.onnx", threads=1, matmulnbits_accuracy_level=0)
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    feeds.update(zip(decoder.layout.names(), past, strict=True))
-    got = runner.session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    got = _ort_outputs(folder, decoder.layout, ids, mask, past)
     scale = float(want[0].abs().max())
     if recipe == "float":
         for a, b in zip(want, got, strict=True):
@@ -334,8 +339,7 @@ def test_fused_export_runs_in_onnx_runtime_like_torch(float_model, recipe, atten
         close = np.isclose(got[0], want[0].numpy(), rtol=0, atol=1e-4 * scale)
         assert close.mean() > 0.9
     unfused = export_decoder(model, tmp_path / "plain", fused=False)
-    plain = OrtModel(unfused / "model.onnx", threads=1, matmulnbits_accuracy_level=0)
-    plain_out = plain.session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    plain_out = _ort_outputs(unfused, decoder.layout, ids, mask, past)
     plain_nodes = len(onnx.load(str(unfused / "model.onnx")).graph.node)
     assert plain_nodes > len(proto.graph.node) + 30 * decoder.layout.layers
     np.testing.assert_allclose(got[1], plain_out[1], rtol=0, atol=1e-5)  # the cache itself
@@ -358,10 +362,7 @@ def test_packed_qkv_export_runs_in_onnx_runtime_like_torch(float_model, tmp_path
     assert hist.get("com.microsoft::MatMulNBits") == 5 * layers  # qkv, o, gate, up, down
     ids, mask, past = _inputs(decoder.layout, batch=1, padded=False)
     want = decoder.gm(ids, mask, *past)
-    runner = OrtModel(folder / "model.onnx", threads=1, matmulnbits_accuracy_level=0)
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    feeds.update(zip(decoder.layout.names(), past, strict=True))
-    got = runner.session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    got = _ort_outputs(folder, decoder.layout, ids, mask, past)
     scale = float(want[0].abs().max())
     for a, b in zip(want, got, strict=True):
         np.testing.assert_allclose(b, a.numpy(), rtol=0, atol=1e-4 * max(scale, 1.0))
