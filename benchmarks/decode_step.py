@@ -9,8 +9,14 @@ within every block of steps, and each folder's best block is reported next to it
 that ratios between folders (e.g. what online rotations cost) come from one run and the least
 disturbed measurements.
 
+Two different files differ in more than their rotations (and this machine's noise is as large as
+what rotations cost), so ``--bypass-rotations`` also times each folder's own file with its online
+rotations (the ``qgraph``-domain Hadamard nodes) cut out of the graph, written beside it as
+``model.norot.onnx`` over the same weights file: same weights, same layout, wrong outputs, and
+the difference between the two is what the rotations cost.
+
     .venv/bin/python benchmarks/decode_step.py out/decode/a out/decode/b ... [--past 255]
-        [--blocks 15] [--steps 40]
+        [--blocks 15] [--steps 40] [--bypass-rotations]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from common import header
 
@@ -32,13 +39,13 @@ from qgraph.backends.ort_runtime import session_options
 class Step:
     """A session of one folder's ``model.onnx`` with its inputs bound for one decode step."""
 
-    def __init__(self, folder: Path, past: int, threads: int) -> None:
+    def __init__(self, folder: Path, past: int, threads: int, filename: str | None = None) -> None:
         config = json.loads((folder / "genai_config.json").read_text())
         decoder = config["model"]["decoder"]
         shared = bool(config["search"].get("past_present_share_buffer"))
         kv, head = decoder["num_key_value_heads"], decoder["head_size"]
         self.session = ort.InferenceSession(
-            str(folder / decoder["filename"]), session_options(threads=threads)
+            str(folder / (filename or decoder["filename"])), session_options(threads=threads)
         )
         self.binding = self.session.io_binding()
         self.binding.bind_cpu_input("input_ids", np.array([[42]], np.int64))
@@ -65,6 +72,27 @@ class Step:
         return (time.perf_counter() - start) / steps
 
 
+def without_rotations(folder: Path) -> tuple[str, int]:
+    """Write ``model.norot.onnx`` beside the folder's model: every ``qgraph``-domain node (the
+    online Hadamards) replaced by its input, the weights file shared. Returns its name and how
+    many nodes were cut."""
+    config = json.loads((folder / "genai_config.json").read_text())
+    model = onnx.load(folder / config["model"]["decoder"]["filename"], load_external_data=False)
+    renames, kept = {}, []
+    for node in model.graph.node:
+        if node.domain == "qgraph":
+            renames[node.output[0]] = renames.get(node.input[0], node.input[0])
+        else:
+            kept.append(node)
+    for node in kept:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    name = "model.norot.onnx"
+    onnx.save(model, folder / name)
+    return name, len(renames)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folders", nargs="+", type=Path)
@@ -72,8 +100,14 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=15)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bypass-rotations", action="store_true")
     args = ap.parse_args()
     steps = {f: Step(f, args.past, args.threads) for f in args.folders}
+    cut: dict[Path, int] = {}
+    if args.bypass_rotations:
+        for folder in args.folders:
+            name, cut[folder] = without_rotations(folder)
+            steps[folder / "(no rotations)"] = Step(folder, args.past, args.threads, name)
     for step in steps.values():
         step.run(20)  # warm up
     blocks: dict[Path, list[float]] = {f: [] for f in steps}
@@ -89,6 +123,13 @@ def main() -> None:
     for folder, times in blocks.items():
         best, median = min(times), statistics.median(times)
         print(f"| {folder} | {best * 1e3:.2f} | {median * 1e3:.2f} | {best / best0:.3f} |")
+    for folder, nodes in cut.items():
+        bare = blocks[folder / "(no rotations)"]
+        share = [1 - b / w for w, b in zip(blocks[folder], bare, strict=True)]  # same block
+        print(
+            f"\n{folder}: {nodes} rotation nodes; they take {1 - min(bare) / min(blocks[folder]):.1%}"
+            f" of the best step, {statistics.median(share):.1%} of a step (median over blocks)"
+        )
 
 
 if __name__ == "__main__":

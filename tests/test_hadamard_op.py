@@ -20,10 +20,13 @@ import qgraph.ops  # noqa: F401  (registers torch.ops.qgraph.*)
 from qgraph.backends.onnx_export import export_onnx, op_histogram, postprocess
 from qgraph.backends.onnx_hadamard import (
     DENSE_MAX,
+    LEFT_MAX,
     QGRAPH_DOMAIN,
     HadamardVariant,
     add_hadamard_functions,
     build_function,
+    export_factorization,
+    left_base_matrix,
 )
 from qgraph.backends.onnx_hadamard_fold import (
     FoldedHadamard,
@@ -41,7 +44,7 @@ from qgraph.kernels.hadamard import (
 
 ops = torch.ops.qgraph
 
-SIZES = [1, 2, 12, 20, 112, 256, 576, 1536]  # 112 = 28·4, 576 = 36·16, 1536 = 12·128
+SIZES = [1, 2, 12, 20, 112, 256, 576, 1536]  # 112 = 28·4, 576 = 36·16, 1536 = 24·64
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -174,7 +177,7 @@ def test_function_body_matches_dense_in_ort(n, with_signs, normalize, transpose,
     assert_close(y, expected, 1e-5 if dtype == np.float32 else 1e-12)
 
 
-@pytest.mark.parametrize("n", [1, 12, 576, 14336])
+@pytest.mark.parametrize("n", [1, 12, 576, 14336, 2**16])
 def test_function_uses_standard_ops_only(n):
     function = build_function(HadamardVariant(n, True, True, True))
     domains = {node.domain for node in function}
@@ -182,14 +185,33 @@ def test_function_uses_standard_ops_only(n):
     ops_used = {node.op_type for node in function}
     assert ops_used <= {"Constant", "CastLike", "Mul", "Reshape", "Shape", "MatMul", "Split",
                         "Add", "Sub", "Concat"}  # fmt: skip
-    k, m = hadamard_factorization(n)
+    k, m = export_factorization(n)
     stages = sum(node.op_type == "Split" for node in function)
     matmuls = sum(node.op_type == "MatMul" for node in function)
     if n <= DENSE_MAX:  # small sizes: one dense MatMul, fewer nodes for ORT to run
         assert (stages, matmuls) == (0, 1)
         return
-    assert stages == max(0, int(math.log2(m)) - 4)  # the 4 lowest stages are one 16×16 MatMul
+    staged = m > DENSE_MAX  # else one [m, m] MatMul; staged, the 4 lowest stages are one
+    assert stages == (int(math.log2(m)) - 4 if staged else 0)  # 16×16 MatMul
     assert matmuls == (k > 1) + (m > 1)
+    assert staged == (n == 2**16)  # K would exceed LEFT_MAX: the kernel's (1, 2^16)
+
+
+@pytest.mark.parametrize("n", [144, 256, 576, 1536, 4096, 11008, 14336, 2**16])
+def test_export_factorization_is_the_kernel_s_matrix(n):
+    """Regrouped factors of two: ``left ⊗ H_m`` is exactly ``hadamard_matrix(n)``."""
+    k, m = export_factorization(n)
+    assert k * m == n and k <= LEFT_MAX
+    if m > DENSE_MAX:
+        assert (k, m) == hadamard_factorization(n)  # nothing to regroup within LEFT_MAX
+        return
+    product = np.kron(left_base_matrix(n, k), hadamard_matrix(m).numpy())
+    np.testing.assert_array_equal(product, hadamard_matrix(n).numpy())
+
+
+def test_export_factorization_picks_the_cheaper_split():
+    got = {n: export_factorization(n) for n in (576, 1536, 4096, 14336)}
+    assert got == {576: (36, 16), 1536: (24, 64), 4096: (32, 128), 14336: (112, 128)}
 
 
 def test_variant_names_round_trip():
@@ -225,9 +247,11 @@ class Rotated(torch.nn.Module):
 def exported_op_type(n: int, signs, normalize: bool, transpose: bool, rank: int) -> str:
     """The op type export gives: folded when the signs fold (any signs at n ≤ DENSE_MAX)."""
     matrices = folded_matrices(n, None if signs is None else signs.numpy(), normalize, transpose)
-    if matrices is None:
+    if matrices is not None:
+        return FoldedHadamard(n, rank if len(matrices) == 2 else None).op_type
+    if folded_matrices(n, None, normalize, transpose) is None:  # staged butterflies
         return HadamardVariant(n, transpose, normalize, signs is not None).op_type
-    return FoldedHadamard(n, rank if len(matrices) == 2 else None).op_type
+    return FoldedHadamard(n, rank, "last" if transpose else "first").op_type
 
 
 def load_functions(path) -> dict[str, onnx.FunctionProto]:
@@ -329,7 +353,7 @@ def test_unsupported_size_fails_at_export(tmp_path):
 
 def kronecker_signs(n: int, seed: int) -> torch.Tensor:
     """Signs of rank one over the transform's ``(K, m)`` grid: ``s[k·m + j] = a_k b_j``."""
-    k, m = hadamard_factorization(n)
+    k, m = export_factorization(n)
     return torch.kron(signs_of(k, seed), signs_of(m, seed + 1))
 
 
@@ -356,7 +380,8 @@ def test_signs_fold_only_when_rank_one_over_the_grid():
     assert folded_matrices(64, signs_of(64).numpy(), True, False) is not None  # dense: any
     assert folded_matrices(1536, signs_of(1536).numpy(), True, False) is None
     assert folded_matrices(1536, None, True, False) is not None
-    assert folded_matrices(256, None, True, False) is None  # K = 1: staged butterflies
+    assert folded_matrices(256, None, True, False) is not None  # regrouped as 4 · 64
+    assert folded_matrices(2**16, None, True, False) is None  # K = 1: staged butterflies
     s = kronecker_signs(1536, 0)
     assert not torch.equal(s, s.reshape(12, 128)[0].repeat(12))  # both factors are random
     assert set(s.tolist()) == {-1.0, 1.0}
@@ -379,8 +404,11 @@ def _rank3_model(n: int, signs: np.ndarray, transpose: bool) -> ir.Model:
 
 @pytest.mark.parametrize("n", [64, 576, 1536])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_folding_is_bit_exact_in_ort(n, transpose):
-    signs = kronecker_signs(n, 1).numpy()
+@pytest.mark.parametrize("rank_one", [True, False])
+def test_folding_is_bit_exact_in_ort(n, transpose, rank_one):
+    """Rank-one signs fold into the matrices; others keep a Mul. Either way no Shape node and
+    the output equals the general function's bit for bit."""
+    signs = (kronecker_signs(n, 1) if rank_one else signs_of(n, 1)).numpy()
     general, folded = _rank3_model(n, signs, transpose), _rank3_model(n, signs, transpose)
     assert fold_hadamard_signs(folded) == 1
     assert add_hadamard_functions(general) == 1 and add_hadamard_functions(folded) == 0
@@ -394,15 +422,19 @@ def test_folding_is_bit_exact_in_ort(n, transpose):
         outputs.append(session.run(None, {"x": x})[0])
     np.testing.assert_array_equal(outputs[1], outputs[0])
     assert_close(outputs[1], dense(x, signs, True, transpose), 1e-5)
-    kinds = {node.op_type for node in folded.functions.values().__iter__().__next__()}
-    assert "Mul" not in kinds and "Shape" not in kinds
+    kinds = [node.op_type for node in folded.functions.values().__iter__().__next__()]
+    assert "Shape" not in kinds
+    assert kinds.count("Mul") == (0 if rank_one or n <= DENSE_MAX else 1)
 
 
-def test_non_constant_or_unfoldable_signs_keep_the_general_function():
-    model = _rank3_model(1536, signs_of(1536).numpy(), False)  # not rank-one
-    assert fold_hadamard_signs(model) == 0
+def test_signs_fed_at_run_time_keep_a_mul_and_unknown_rank_the_general_function():
     model = _rank3_model(576, kronecker_signs(576, 0).numpy(), False)
     model.graph.initializers.pop("s")
     model.graph.inputs.append(model.graph.node(0).inputs[1])  # signs fed at run time
     model.graph.node(0).inputs[1].const_value = None
+    assert fold_hadamard_signs(model) == 1
+    assert model.graph.node(0).op_type == "Hadamard576_folded_rank3_signsfirst"
+    assert [i.name for i in model.graph.node(0).inputs[:2]] == ["x", "s"]
+    model = _rank3_model(1536, signs_of(1536).numpy(), False)
+    model.graph.inputs[0].shape = None  # rank unknown: the reshapes cannot be static
     assert fold_hadamard_signs(model) == 0
