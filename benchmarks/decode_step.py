@@ -12,8 +12,8 @@ disturbed measurements.
 Two different files differ in more than their rotations (and this machine's noise is as large as
 what rotations cost), so ``--bypass-rotations`` also times each folder's own file with its online
 rotations (the ``qgraph``-domain Hadamard nodes) cut out of the graph, written beside it as
-``model.norot.onnx`` over the same weights file: same weights, same layout, wrong outputs, and
-the difference between the two is what the rotations cost.
+``model.norot.onnx`` over the same weights file (removed once loaded): same weights, same
+layout, wrong outputs, and the difference between the two is what the rotations cost.
 
     .venv/bin/python benchmarks/decode_step.py out/decode/a out/decode/b ... [--past 255]
         [--blocks 15] [--steps 40] [--bypass-rotations]
@@ -108,6 +108,7 @@ def main() -> None:
         for folder in args.folders:
             name, cut[folder] = without_rotations(folder)
             steps[folder / "(no rotations)"] = Step(folder, args.past, args.threads, name)
+            (folder / name).unlink()  # loaded: the session no longer needs the file
     for step in steps.values():
         step.run(20)  # warm up
     blocks: dict[Path, list[float]] = {f: [] for f in steps}
