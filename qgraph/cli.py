@@ -198,6 +198,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         integer_activations=args.integer_activations,
         fused_ops=not args.standard_ops,
         attention=args.attention,
+        pack_qkv=args.pack_qkv,
         save=args.save,
         save_float_weights=args.save_float_weights,
         verify_each=args.verify_each,
@@ -482,6 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
         "preallocates and shares between past and present (the fastest decode step); "
         "'standard' to opset-23 Attention, which grows the cache by concatenation and takes "
         "any attention mask",
+    )
+    run.add_argument(
+        "--pack-qkv",
+        action="store_true",
+        help="with --export of a language model and --attention gqa: quantized q/k/v "
+        "projections on one input become one MatMulNBits feeding GroupQueryAttention packed, as "
+        "the GenAI model builder's files do (fewer nodes per step; the file then has no "
+        "separate q/k/v nodes, so --trace-layers and the node provenance skip them)",
     )
     run.add_argument("--report", default=None, help="write a JSON report here")
     run.add_argument(

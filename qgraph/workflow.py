@@ -177,6 +177,7 @@ class Job:
         integer_activations: bool = False,
         fused_ops: bool = True,
         attention: str = "gqa",
+        pack_qkv: bool = False,
         save: str | os.PathLike | None = None,
         save_float_weights: bool = False,
         verify_each: bool = False,
@@ -251,6 +252,7 @@ class Job:
                 integer_activations,
                 fused_ops,
                 attention,
+                pack_qkv,
             )
             if analysis:
                 report["onnx_trace"] = analysis.onnx(model, report["export"]["path"])
@@ -268,6 +270,7 @@ def export_and_check(
     integer_activations: bool = False,
     fused_ops: bool = True,
     attention: str = "gqa",
+    pack_qkv: bool = False,
 ) -> dict:
     from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
     from qgraph.backends.onnx_decoder import export_decoder, has_attention
@@ -279,6 +282,7 @@ def export_and_check(
         export_decoder(
             model, path.parent, pipeline, filename=path.name,
             integer_activations=integer_activations, fused=fused_ops, attention=attention,
+            pack_qkv=pack_qkv,
         )  # fmt: skip
     else:
         path = export_model(model, path, pipeline, integer_activations=integer_activations)
@@ -300,6 +304,7 @@ def export_and_check(
         "integer_activations": integer_activations,
         "fused_ops": fused_ops and cached,
         "attention": (attention if fused_ops else "standard ops") if cached else None,
+        "pack_qkv": pack_qkv and cached and fused_ops and attention == "gqa",
         "ort_optimized_nodes": sum(ops.values()),
         "ort_optimized_ops": {k: v for k, v in ops.items() if "MatMul" in k or "Dequantize" in k},
     }

@@ -407,6 +407,25 @@ def test_run_export_writes_a_decoder_folder_and_checks_it(float_model, tmp_path)
     assert plain["ort_ppl"] == pytest.approx(info["ort_ppl"], rel=1e-4)
 
 
+def test_run_export_packs_qkv_when_asked(float_model, tmp_path):
+    """`qgraph run --export ... --pack-qkv`: one quantized q/k/v layer per attention (two nodes
+    fewer per layer in ONNX Runtime), the same perplexity as the unpacked file."""
+    from qgraph.workflow import export_and_check
+
+    windows = tokens(256, 2, 32, seed=13)
+    model = qgraph.run_pipeline(fresh_copy(float_model), "quantize{w=int4:channel}")
+    infos = {}
+    for pack in (False, True):
+        out = tmp_path / str(pack)
+        out.mkdir()
+        infos[pack] = export_and_check(model, out / "m.onnx", "", windows, False, pack_qkv=pack)
+    assert infos[True]["pack_qkv"] and not infos[False]["pack_qkv"]
+    layers = cached_decoder(model, quantized_cache=False).layout.layers
+    saved = infos[False]["ort_optimized_nodes"] - infos[True]["ort_optimized_nodes"]
+    assert saved == 2 * layers
+    assert infos[True]["ort_ppl"] == pytest.approx(infos[False]["ort_ppl"], rel=1e-4)
+
+
 def test_ort_forward_reads_symbolic_cache_dims_from_the_config(float_model, tmp_path):
     """ONNX Runtime GenAI's builder leaves the head size symbolic; genai_config.json says it."""
     import onnx
