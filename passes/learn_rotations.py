@@ -32,7 +32,7 @@ from qgraph.graph_edits import finish, get_tensor
 from qgraph.kernels.rotation import Rotation
 from qgraph.kernels.stiefel import CayleySGD
 from qgraph.model import Model
-from qgraph.pass_manager import Option, Pass, register
+from qgraph.pass_manager import Option, Pass, next_pass, register
 from qgraph.selection import LayerSelector, selector_options
 
 from . import online_rotation
@@ -121,18 +121,34 @@ class RotatedForward(fx.Interpreter):
         return y @ self.u if p.writer and not fold else y
 
 
+AUTO_W, AUTO_A = "int4:channel", "int4:token"  # auto without a quantize pass right after
+
+
 @register
 class LearnRotations(Pass):
     name = "learn-rotations"
     help = (
         "Learn the residual rotation R1 and each attention's value rotation R2 on top of "
         "rotate's Hadamards (SpinQuant): Cayley SGD on the calibration text's next-token loss "
-        "with weights and activations fake-quantized as they will be. Exact (folded into the "
-        "weights like rotate). Run after rotate, before quantize, with the same w= and a=."
+        "with weights and activations fake-quantized as they will be (by default as the quantize "
+        "pass right after it sets them). Exact (folded into the weights like rotate). Run after "
+        "rotate, right before quantize."
     )
     options = (
-        Option("w", str, "int4:channel", "weight spec trained against (none: float weights)"),
-        Option("a", str, "int4:token", "activation spec trained against: none | int<b>:token"),
+        Option(
+            "w",
+            str,
+            "auto",
+            "weight spec trained against: auto (the next pass's, when it is quantize; else "
+            "int4:channel) | none (float weights) | a spec",
+        ),
+        Option(
+            "a",
+            str,
+            "auto",
+            "activation spec trained against: auto (the next quantize's; int<b>:tensor is "
+            "trained as int<b>:token; else int4:token) | none | int<b>:token",
+        ),
         Option("iters", int, 24, "Cayley SGD steps (one calibration window each)"),
         Option("lr", float, 0.02, "rotation angle of a step (the step size × ‖generator‖)"),
         Option("momentum", float, 0.9, "momentum of the Cayley SGD generator"),
@@ -147,16 +163,8 @@ class LearnRotations(Pass):
     exact = True
 
     def validate(self) -> None:
-        try:
-            self.wspec = None if self.opt("w") == "none" else parse_weight_spec(self.opt("w"))
-            self.aspec = parse_act_spec(self.opt("a"))
-        except PipelineError as exc:
-            raise PipelineError(f"learn-rotations: {exc}") from None
-        if self.aspec is not None and self.aspec.mode != "token":
-            raise PipelineError(
-                f"learn-rotations: a={self.opt('a')}: train against dynamic per-token "
-                "activations (int<b>:token); static ranges are calibrated after the rotation"
-            )
+        self.wspec, self.aspec = self._specs(self.opt("w"), self.opt("a"), strict=True)
+        self.specs_from = "options"
         validate_schedule(self)
         if not 0 <= self.opt("momentum") < 1:
             raise PipelineError(
@@ -168,8 +176,46 @@ class LearnRotations(Pass):
         check_token_calibration(self, model, "next-token loss")
         check_r1(model)
 
+    def _specs(self, w: str, a: str, strict: bool) -> tuple[WeightSpec | None, ActSpec | None]:
+        """Parsed ``w``/``a`` (``auto`` as the defaults int4:channel / int4:token). ``strict``
+        (the user's own ``a``) refuses a static spec; a following quantize's is trained per
+        token: its ranges are calibrated after the rotation anyway."""
+        w = AUTO_W if w == "auto" else w
+        a = AUTO_A if a == "auto" else a
+        try:
+            wspec = None if w == "none" else parse_weight_spec(w)
+            aspec = parse_act_spec(a)
+        except PipelineError as exc:
+            raise PipelineError(f"learn-rotations: {exc}") from None
+        if aspec is not None and aspec.mode != "token":
+            if strict:
+                raise PipelineError(
+                    f"learn-rotations: a={a}: train against dynamic per-token activations "
+                    "(int<b>:token); static ranges are calibrated after the rotation"
+                )
+            aspec = parse_act_spec(f"int{aspec.bits}:token")
+        return wspec, aspec
+
+    def _resolve_auto(self) -> None:
+        """``auto`` options take the specs of the quantize pass that runs next, so the rotation
+        is trained against the quantizers the model will have (W4A16: float activations)."""
+        w, a = self.opt("w"), self.opt("a")
+        if "auto" not in (w, a):
+            return
+        nxt = next_pass()
+        if nxt is None or nxt.name != "quantize":
+            self.specs_from = "defaults (no quantizer pass next)"
+            return
+        wspec, aspec = self._specs(
+            nxt.opt("w") if w == "auto" else w, nxt.opt("a") if a == "auto" else a, strict=False
+        )
+        self.wspec = wspec if w == "auto" else self.wspec
+        self.aspec = aspec if a == "auto" else self.aspec
+        self.specs_from = "the next quantize pass"
+
     def run(self, model: Model) -> dict[str, Any]:
         start = time.perf_counter()
+        self._resolve_auto()
         gm, sv = model.gm, model.structure
         hidden = int(sv.residual.hidden)
         # a fused q/k/v projection's V rows are rotated by `rotate`, not learned here
@@ -210,6 +256,7 @@ class LearnRotations(Pass):
                 "w": self.wspec.text() if self.wspec else "none",
                 "a": self.aspec.text() if self.aspec else "none",
                 "layers": sum(p.quantized for p in plans.values()),
+                "from": self.specs_from,
             },
             "loss_before": round(before, 5),
             "loss_after": round(after, 5),

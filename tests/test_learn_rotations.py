@@ -14,7 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROT = "fuse-norms,rotate{seed=0,online=r2+r4}"
 LEARN = "learn-rotations{iters=30,length=0,lr=0.05}"
 # learn-rotations trains against min/max (RTN) weight grids, so its claim is checked on those
-# learn-rotations trains against min/max (RTN) weight grids, so its claim is checked on those
 QUANT = "quantize{w=int4:channel,a=int4:token,clip=none}"
 
 
@@ -73,6 +72,23 @@ def test_spinquant_layout_learns_r2_offline(base, held_out):
     )
     assert max_rel_err(model(held_out), base(held_out)) < 1e-5
     assert _summary(model)["fake_quant"]["w"] == "none"
+
+
+@pytest.mark.parametrize(
+    ("quantize", "w", "a"),
+    [
+        ("quantize{w=int4:channel}", "int4:channel", "none"),  # W4A16: float activations
+        ("quantize{w=int8:channel,a=int8:tensor}", "int8:channel", "int8:token"),
+        ("fuse-norms", "int4:channel", "int4:token"),  # no quantize right after: the defaults
+    ],
+)
+def test_auto_specs_follow_the_next_quantize_pass(base, quantize, w, a):
+    model = qgraph.run_pipeline(
+        fresh_copy(base), f"{ROT},learn-rotations{{iters=1,length=16}},{quantize}"
+    )
+    trained = _summary(model)["fake_quant"]
+    assert trained["w"].startswith(w) and trained["a"].startswith(a), trained
+    assert (trained["from"] == "the next quantize pass") == quantize.startswith("quantize")
 
 
 def test_refuses_without_calibration_or_rotation(base):
