@@ -128,7 +128,7 @@ def export_decoder(
     integer_activations: bool = False,
     fused: bool = True,
     attention: str = "gqa",
-    pack_qkv: bool = False,
+    pack_qkv: bool = True,
 ) -> Path:
     """Write ``model`` as a cached decoder folder for ONNX Runtime GenAI; returns the folder.
 
@@ -139,8 +139,9 @@ def export_decoder(
     padding must be on the right, or none, as in the GenAI builder's files), or
     ``"standard"``, the opset-23 ``Attention`` with a general mask (left padding too) and a
     cache grown by concatenation. ``pack_qkv`` (with ``"gqa"``) runs quantized q/k/v
-    projections as one packed layer (one ``MatMulNBits`` instead of three); off by default
-    because the file then has no separate q/k/v nodes for provenance and per-layer reports.
+    projections on one input as one packed layer (one ``MatMulNBits`` instead of three, as the
+    GenAI builder's files do); its weight nodes name the three layers and their output columns
+    (``qgraph.packed_layers``), so provenance and the per-layer ONNX report still see each.
 
     ``filename`` names the model file (``genai_config.json`` points at it); the config and the
     tokenizer files always keep their fixed names, so one folder holds one model.
@@ -192,7 +193,7 @@ def export_decoder(
             external_data=external_data,
             dim_names={**in_dims, **out_dims},
             integer_activations=integer_activations,
-            node_metadata=provenance(model),
+            node_metadata=_with_packed(provenance(model), counts.packed if fused else {}),
             opset=FUSED_OPSET if fused else 21,
         )
         config = genai_config(model, layout, vocab, context, filename, share_buffer)
@@ -203,6 +204,27 @@ def export_decoder(
         for path in files:  # the model file last: it is what makes the folder usable
             os.replace(path, target / path.name)
     return target
+
+
+def _with_packed(
+    metadata: dict[str, dict[str, str]], packed: dict[str, list[tuple[str, int, int]]]
+) -> dict[str, dict[str, str]]:
+    """``metadata`` (:func:`provenance`) plus an entry for each packed q/k/v layer: the passes
+    of its parts, ``qgraph.layer`` their names joined by ``+`` (for people) and
+    ``qgraph.packed_layers`` each part's ``[layer, first column, end column]`` (for
+    :mod:`~qgraph.backends.onnx_layer_capture`, which splits the packed output)."""
+    out = dict(metadata)
+    for codes, parts in packed.items():
+        props = [metadata.get(part.replace(".", "_"), {}) for part, _, _ in parts]
+        layers = [p.get("qgraph.layer") for p in props]
+        passes = [x for p in props for x in p.get("qgraph.passes", "").split(",") if x]
+        entry = {"qgraph.passes": ",".join(dict.fromkeys(passes))}
+        if all(layers):
+            entry["qgraph.layer"] = "+".join(layers)
+            spans = [[layer, a, b] for layer, (_, a, b) in zip(layers, parts, strict=True)]
+            entry["qgraph.packed_layers"] = json.dumps(spans)
+        out[codes.replace(".", "_")] = entry
+    return out
 
 
 def has_attention(model: Model) -> bool:

@@ -10,6 +10,7 @@ copy of the file and runs it: the layer as ONNX Runtime computes it, to put besi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,7 @@ class LayerValues:
     name: str
     inputs: str  # the float input (before the activation quantizer)
     outputs: list[str]  # summed: the dense part, then the sparse branch when split
+    columns: tuple[int, int] | None = None  # a part of a packed layer: its output columns
 
 
 def _fx_of(node: onnx.NodeProto) -> tuple[str, str, str] | None:
@@ -48,6 +50,12 @@ def _fx_of(node: onnx.NodeProto) -> tuple[str, str, str] | None:
 
 def _layer_of(node: onnx.NodeProto) -> str | None:
     return next((p.value for p in node.metadata_props if p.key == "qgraph.layer"), None)
+
+
+def _packed_of(node: onnx.NodeProto) -> list[tuple[str, int, int]]:
+    """``[(layer, first column, end column)]`` of a packed q/k/v node, else []."""
+    text = next((p.value for p in node.metadata_props if p.key == "qgraph.packed_layers"), None)
+    return [(str(n), int(a), int(b)) for n, a, b in json.loads(text)] if text else []
 
 
 def find_layer_values(
@@ -63,7 +71,7 @@ def find_layer_values(
     made_by: dict[str, tuple[str, str]] = {}  # fx value -> (qgraph op, its first argument)
     onnx_in: dict[str, set[str]] = {}  # fx value -> inputs of the ONNX nodes made from it
     onnx_out: dict[str, set[str]] = {}  # ... and their outputs
-    owners: dict[str, str] = {}  # fx value of a layer op -> layer
+    owners: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}  # fx value -> its layers
     sparse: dict[str, str] = {}  # layer -> its sparse branch's value
     for node in proto.graph.node:
         fx = _fx_of(node)
@@ -74,8 +82,11 @@ def find_layer_values(
         onnx_in.setdefault(value, set()).update(node.input)
         onnx_out.setdefault(value, set()).update(node.output)
         layer = _layer_of(node)
-        if layer and op in _LAYER_OPS:
-            owners[value] = layer
+        packed = _packed_of(node)
+        if packed and op in _LAYER_OPS:  # one node, several layers' columns
+            owners[value] = [(name, (a, b)) for name, a, b in packed]
+        elif layer and op in _LAYER_OPS:
+            owners[value] = [(layer, None)]
         elif layer and op == "sparse_matmul":
             sparse[layer] = value
 
@@ -84,19 +95,20 @@ def find_layer_values(
 
     wanted = set(layers) if layers is not None else None
     out: dict[str, LayerValues] = {}
-    for value, layer in owners.items():
-        if (wanted is not None and layer not in wanted) or layer in out:
-            continue
-        reader, x = value, made_by[value][1]
-        while x in made_by and made_by[x][0] in ACT_QUANTIZERS:
-            reader, x = x, made_by[x][1]
-        if x not in produced:  # the model's input, under its ONNX name
-            x = only(onnx_in.get(reader, set()) & graph_inputs)
-        outputs = []
-        for v in [value] + ([sparse[layer]] if layer in sparse else []):
-            outputs.append(v if v in produced else only(onnx_out.get(v, set()) & graph_outputs))
-        if x is not None and all(v is not None for v in outputs):
-            out[layer] = LayerValues(layer, x, outputs)
+    for value, parts in owners.items():
+        for layer, columns in parts:
+            if (wanted is not None and layer not in wanted) or layer in out:
+                continue
+            reader, x = value, made_by[value][1]
+            while x in made_by and made_by[x][0] in ACT_QUANTIZERS:
+                reader, x = x, made_by[x][1]
+            if x not in produced:  # the model's input, under its ONNX name
+                x = only(onnx_in.get(reader, set()) & graph_inputs)
+            outputs = []
+            for v in [value] + ([sparse[layer]] if layer in sparse else []):
+                outputs.append(v if v in produced else only(onnx_out.get(v, set()) & graph_outputs))
+            if x is not None and all(v is not None for v in outputs):
+                out[layer] = LayerValues(layer, x, outputs, columns)
     return out
 
 
@@ -148,10 +160,10 @@ def iter_captures(
         else:
             feed = {s.name: _decoder_feed(s, row, cache_dims) for s in specs}
         values = dict(zip(wanted, session.run(wanted, feed), strict=True))
-        yield {
-            layer: (
-                values[lv.inputs],
-                sum(values[v] for v in lv.outputs[1:]) + values[lv.outputs[0]],
-            )
-            for layer, lv in found.items()
-        }
+        yield {layer: (values[lv.inputs], _summed(values, lv)) for layer, lv in found.items()}
+
+
+def _summed(values: dict[str, np.ndarray], lv: LayerValues) -> np.ndarray:
+    """The layer's output: its parts summed, the packed layer's columns cut out."""
+    total = sum(values[v] for v in lv.outputs[1:]) + values[lv.outputs[0]]
+    return total if lv.columns is None else total[..., lv.columns[0] : lv.columns[1]]

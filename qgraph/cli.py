@@ -198,7 +198,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         integer_activations=args.integer_activations,
         fused_ops=not args.standard_ops,
         attention=args.attention,
-        pack_qkv=args.pack_qkv,
+        pack_qkv=not args.no_pack_qkv,
         save=args.save,
         save_float_weights=args.save_float_weights,
         verify_each=args.verify_each,
@@ -485,12 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         "any attention mask",
     )
     run.add_argument(
-        "--pack-qkv",
+        "--no-pack-qkv",
         action="store_true",
-        help="with --export of a language model and --attention gqa: quantized q/k/v "
-        "projections on one input become one MatMulNBits feeding GroupQueryAttention packed, as "
-        "the GenAI model builder's files do (fewer nodes per step; the file then has no "
-        "separate q/k/v nodes, so --trace-layers and the node provenance skip them)",
+        help="with --export of a language model and --attention gqa: keep q/k/v as three "
+        "quantized layers; by default they run as one MatMulNBits feeding GroupQueryAttention "
+        "packed, as the GenAI model builder's files do (the packed node names all three layers "
+        "and their columns, for provenance and --trace-layers)",
     )
     run.add_argument("--report", default=None, help="write a JSON report here")
     run.add_argument(

@@ -41,6 +41,9 @@ class FusionCounts:
     packed_qkv: int = 0
     r3_cancelled: int = 0
     skipped: list[str] = field(default_factory=list)
+    packed: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    """Packed q/k/v layers: the packed codes' attribute -> ``(part's codes attribute, first
+    column, end column)`` per part, so the export can say which layers a packed node holds."""
 
     def as_dict(self) -> dict:
         return {
@@ -98,7 +101,7 @@ def fuse_decoder(
             counts.rotary_in_attention = _rotary_into_attention(gm, rope_positions)
             graph.eliminate_dead_code()
         if pack_qkv:
-            counts.packed_qkv = _pack_qkv(gm)
+            counts.packed_qkv = _pack_qkv(gm, counts.packed)
             graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -488,13 +491,14 @@ def _rotary_into_attention(gm: fx.GraphModule, positions: int) -> int:
     return done
 
 
-def _pack_qkv(gm: fx.GraphModule) -> int:
+def _pack_qkv(gm: fx.GraphModule, packed_parts: dict | None = None) -> int:
     """One quantized projection for queries, keys and values where all three feed
     ``group_query_attention`` straight from ``qlinear`` layers on one input with one grid.
 
     ``x @ [Wq | Wk | Wv]`` is the three products side by side, bit for bit per column, and
     ``GroupQueryAttention`` takes the packed ``[B, S, (H + 2·KV)·D]`` tensor as its query, so
-    the step runs one ``MatMulNBits`` where it ran three (as the GenAI builder's files do)."""
+    the step runs one ``MatMulNBits`` where it ran three (as the GenAI builder's files do).
+    ``packed_parts`` receives each packed layer's parts (:attr:`FusionCounts.packed`)."""
     graph = gm.graph
     packed = 0
     for att in [n for n in graph.nodes if _is(n, qg.group_query_attention.default)]:
@@ -519,6 +523,13 @@ def _pack_qkv(gm: fx.GraphModule) -> int:
             for name, value in zip(names, merged, strict=True)
         ]
         parts += [None] * (4 - len(parts))
+        if packed_parts is not None:
+            widths = [get_tensor(gm, p.args[2].target).shape[-1] for p in projections]
+            ends = [sum(widths[: i + 1]) for i in range(3)]
+            packed_parts[parts[0].target] = [
+                (p.args[1].target, end - width, end)
+                for p, width, end in zip(projections, widths, ends, strict=True)
+            ]
         with graph.inserting_before(att):
             qkv = graph.call_function(QLINEAR, (q.args[0], *parts, *q.args[5:7]))
         att.args = (qkv, None, None, *att.args[3:])

@@ -177,7 +177,7 @@ class Job:
         integer_activations: bool = False,
         fused_ops: bool = True,
         attention: str = "gqa",
-        pack_qkv: bool = False,
+        pack_qkv: bool = True,
         save: str | os.PathLike | None = None,
         save_float_weights: bool = False,
         verify_each: bool = False,
@@ -270,7 +270,7 @@ def export_and_check(
     integer_activations: bool = False,
     fused_ops: bool = True,
     attention: str = "gqa",
-    pack_qkv: bool = False,
+    pack_qkv: bool = True,
 ) -> dict:
     from qgraph.backends.onnx_backend import export_model, optimized_op_histogram, ort_forward
     from qgraph.backends.onnx_decoder import export_decoder, has_attention

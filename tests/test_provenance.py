@@ -3,6 +3,8 @@ nodes carry the pass and the layer in their metadata, which ``qgraph inspect`` s
 
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 
@@ -57,7 +59,26 @@ def test_exported_nodes_name_their_pass_and_layer(rewritten, tmp_path):
 
 
 def test_the_decoder_folder_carries_provenance_too(rewritten, tmp_path):
-    folder = export_decoder(rewritten, tmp_path / "dec")
+    """Unpacked, one weight node per layer; packed (the default), q/k/v share one weight node
+    that names all three, with each one's output columns."""
+    records = set(rewritten.quant)
+    folder = export_decoder(rewritten, tmp_path / "plain", pack_qkv=False)
     proto = onnx.load(str(folder / "model.onnx"))
     tagged = [n for n in proto.graph.node if "qgraph.passes" in _props(n)]
     assert sum(n.op_type == "DequantizeLinear" for n in tagged) == 14
+    folder = export_decoder(rewritten, tmp_path / "packed")
+    proto = onnx.load(str(folder / "model.onnx"))
+    weights = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(weights) == 14 - 2 * 2 and all("qgraph.passes" in _props(n) for n in weights)
+    named = set()
+    for node in weights:
+        props = _props(node)
+        if "qgraph.packed_layers" not in props:
+            named.add(props["qgraph.layer"])
+            continue
+        spans = json.loads(props["qgraph.packed_layers"])
+        assert [s[0] for s in spans] == props["qgraph.layer"].split("+")
+        assert [name.rsplit(".", 1)[1] for name, _, _ in spans] == ["q_proj", "k_proj", "v_proj"]
+        assert spans[0][1] == 0 and spans[0][2] == spans[1][1] and spans[1][2] == spans[2][1]
+        named.update(s[0] for s in spans)
+    assert named == records
