@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         "W4A4: 'fuse-norms,rotate{seed=0,online=r2+r4},quantize{w=int4:channel,a=int4:token},gptq' "
         "(4-bit activations need the online rotations). Slower and better: append ',qat' to "
         "fine-tune scales and codes on the calibration text; add 'learn-rotations' after "
-        "rotate for W4A4 (benchmarks/README.md). 'qgraph passes' lists every option",
+        "rotate (with online=r4 for W4A16: 1.077x float against 1.098x; benchmarks/README.md). "
+        "'qgraph passes' lists every option",
     )
     run.add_argument(
         "--calib-text",
