@@ -94,8 +94,9 @@ def export_factorization(n: int) -> tuple[int, int]:
     H_{m₀/2^j}``: the same matrix (:func:`left_base_matrix` builds the left factor). ``j`` makes
     both parts dense MatMuls (``m ≤ DENSE_MAX``, ``K ≤ LEFT_MAX``) at the least cost
     ``2K + m`` per value (the unpacked left operand counts double; ties keep the larger ``m``).
-    Measured on a 2-core EPYC, one rotation of a 1536 vector takes 7.5 µs as ``24 · 64``
-    against 14 µs as the kernel's ``12 · 128``. Without such a ``j`` it is the kernel's pair.
+    Measured on a 2-core EPYC (``benchmarks/hadamard_split.py``), one rotation of a 1536 vector
+    takes 6.5–7.5 µs as ``24 · 64`` against 7.8–14 µs as the kernel's ``12 · 128``. Without
+    such a ``j`` it is the kernel's pair.
     Raises :class:`NoHadamardError` for an unsupported size.
     """
     fact = hadamard_factorization(n)
