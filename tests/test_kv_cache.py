@@ -407,9 +407,9 @@ def test_run_export_writes_a_decoder_folder_and_checks_it(float_model, tmp_path)
     assert plain["ort_ppl"] == pytest.approx(info["ort_ppl"], rel=1e-4)
 
 
-def test_run_export_packs_qkv_when_asked(float_model, tmp_path):
-    """`qgraph run --export ... --pack-qkv`: one quantized q/k/v layer per attention (two nodes
-    fewer per layer in ONNX Runtime), the same perplexity as the unpacked file."""
+def test_run_export_packs_qkv_unless_told_not_to(float_model, tmp_path):
+    """`qgraph run --export ...` packs q/k/v into one quantized layer per attention (two nodes
+    fewer per layer in ONNX Runtime than with `--no-pack-qkv`), at the same perplexity."""
     from qgraph.workflow import export_and_check
 
     windows = tokens(256, 2, 32, seed=13)
