@@ -185,7 +185,8 @@ def fold_hadamard_signs(model: ir.Model) -> int:
         key = (variant, side, None if signs is None else signs.tobytes(), x.dtype)
         if key not in shared:
             dtype = x.dtype.numpy()
-            stem = f"hadamard{variant.n}_{'_'.join(v.name for v in node.inputs[1:]) or 'plain'}"
+            folded_signs = "_".join(v.name for v in node.inputs[1:]) if signs is not None else ""
+            stem = f"hadamard{variant.n}_{folded_signs or 'plain'}"  # side Mul: sign-free
             parts = ("matrix",) if len(matrices) == 1 else ("left", "right")
             shared[key] = [_initializer(graph, f"{stem}_{part}", array.astype(dtype))
                            for part, array in zip(parts, matrices, strict=True)]  # fmt: skip

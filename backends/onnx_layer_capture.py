@@ -96,17 +96,17 @@ def find_layer_values(
     wanted = set(layers) if layers is not None else None
     out: dict[str, LayerValues] = {}
     for value, parts in owners.items():
+        reader, x = value, made_by[value][1]  # the float input, one activation quantizer up
+        while x in made_by and made_by[x][0] in ACT_QUANTIZERS:
+            reader, x = x, made_by[x][1]
+        if x not in produced:  # the model's input, under its ONNX name
+            x = only(onnx_in.get(reader, set()) & graph_inputs)
         for layer, columns in parts:
             if (wanted is not None and layer not in wanted) or layer in out:
                 continue
-            reader, x = value, made_by[value][1]
-            while x in made_by and made_by[x][0] in ACT_QUANTIZERS:
-                reader, x = x, made_by[x][1]
-            if x not in produced:  # the model's input, under its ONNX name
-                x = only(onnx_in.get(reader, set()) & graph_inputs)
-            outputs = []
-            for v in [value] + ([sparse[layer]] if layer in sparse else []):
-                outputs.append(v if v in produced else only(onnx_out.get(v, set()) & graph_outputs))
+            outputs = [value] + ([sparse[layer]] if layer in sparse else [])
+            outputs = [v if v in produced else only(onnx_out.get(v, set()) & graph_outputs)
+                       for v in outputs]  # fmt: skip
             if x is not None and all(v is not None for v in outputs):
                 out[layer] = LayerValues(layer, x, outputs, columns)
     return out

@@ -163,8 +163,7 @@ class LearnRotations(Pass):
     exact = True
 
     def validate(self) -> None:
-        self.wspec, self.aspec = self._specs(self.opt("w"), self.opt("a"), strict=True)
-        self.specs_from = "options"
+        self._specs(self.opt("w"), self.opt("a"), strict=True)  # bad specs fail at parse time
         validate_schedule(self)
         if not 0 <= self.opt("momentum") < 1:
             raise PipelineError(
@@ -196,26 +195,23 @@ class LearnRotations(Pass):
             aspec = parse_act_spec(f"int{aspec.bits}:token")
         return wspec, aspec
 
-    def _resolve_auto(self) -> None:
-        """``auto`` options take the specs of the quantize pass that runs next, so the rotation
-        is trained against the quantizers the model will have (W4A16: float activations)."""
+    def _trained_specs(self) -> tuple[WeightSpec | None, ActSpec | None, str]:
+        """The specs to train against and where they came from: ``auto`` options take those of
+        the quantize pass that runs next, so the rotation is trained against the quantizers the
+        model will have (W4A16: float activations)."""
         w, a = self.opt("w"), self.opt("a")
         if "auto" not in (w, a):
-            return
+            return (*self._specs(w, a, strict=True), "options")
         nxt = next_pass()
         if nxt is None or nxt.name != "quantize":
-            self.specs_from = "defaults (no quantizer pass next)"
-            return
-        wspec, aspec = self._specs(
-            nxt.opt("w") if w == "auto" else w, nxt.opt("a") if a == "auto" else a, strict=False
-        )
-        self.wspec = wspec if w == "auto" else self.wspec
-        self.aspec = aspec if a == "auto" else self.aspec
-        self.specs_from = "the next quantize pass"
+            return (*self._specs(w, a, strict=True), "defaults (no quantizer pass next)")
+        w = nxt.opt("w") if w == "auto" else w
+        a = nxt.opt("a") if a == "auto" else a
+        return (*self._specs(w, a, strict=False), "the next quantize pass")
 
     def run(self, model: Model) -> dict[str, Any]:
         start = time.perf_counter()
-        self._resolve_auto()
+        wspec, aspec, specs_from = self._trained_specs()
         gm, sv = model.gm, model.structure
         hidden = int(sv.residual.hidden)
         # a fused q/k/v projection's V rows are rotated by `rotate`, not learned here
@@ -226,7 +222,7 @@ class LearnRotations(Pass):
         u = torch.eye(hidden, requires_grad=True)
         vs = [torch.eye(a.head_dim, requires_grad=True) for a in attention]
         embeddings = {e.node for e in sv.residual.embeddings}
-        forward = RotatedForward(gm, plans, embeddings, u, vs, self.wspec, self.aspec)
+        forward = RotatedForward(gm, plans, embeddings, u, vs, wspec, aspec)
         length = self.opt("length") or model.calibration.shape[1]
         windows = model.calibration[: self.opt("calib-windows"), :length]
 
@@ -253,10 +249,10 @@ class LearnRotations(Pass):
             "windows": len(windows),
             "tokens_per_step": length,
             "fake_quant": {
-                "w": self.wspec.text() if self.wspec else "none",
-                "a": self.aspec.text() if self.aspec else "none",
+                "w": wspec.text() if wspec else "none",
+                "a": aspec.text() if aspec else "none",
                 "layers": sum(p.quantized for p in plans.values()),
-                "from": self.specs_from,
+                "from": specs_from,
             },
             "loss_before": round(before, 5),
             "loss_after": round(after, 5),

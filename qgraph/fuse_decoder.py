@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import accumulate
 from operator import getitem
 
 import torch
@@ -524,11 +525,10 @@ def _pack_qkv(gm: fx.GraphModule, packed_parts: dict | None = None) -> int:
         ]
         parts += [None] * (4 - len(parts))
         if packed_parts is not None:
-            widths = [get_tensor(gm, p.args[2].target).shape[-1] for p in projections]
-            ends = [sum(widths[: i + 1]) for i in range(3)]
+            ends = list(accumulate(get_tensor(gm, p.args[2].target).shape[-1] for p in projections))
             packed_parts[parts[0].target] = [
-                (p.args[1].target, end - width, end)
-                for p, width, end in zip(projections, widths, ends, strict=True)
+                (p.args[1].target, start, end)
+                for p, start, end in zip(projections, [0, *ends[:2]], ends, strict=True)
             ]
         with graph.inserting_before(att):
             qkv = graph.call_function(QLINEAR, (q.args[0], *parts, *q.args[5:7]))
